@@ -1,0 +1,148 @@
+"""The Redis Streams bus: where frames go, consumer groups, acks and claims.
+
+Stages never touch this directly: the worker runtime (``s2s.worker``) and the
+gateway do.  Every stream entry has one field, ``f``, holding one encoded frame.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterable
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from . import keys
+from .config import Settings
+from .frames import (Audio, Frame, Notice, ReplyAudio, ReplyText, SessionEnd, SessionOpen,
+                     SpeechStarted, Transcript, Utterance, encode)
+
+FIELD = b"f"
+Entry = tuple[bytes, bytes]  # (entry id, encoded frame)
+
+
+def routes(frame: Frame) -> list[str]:
+    """Streams a frame is written to (the flow in DESIGN.md, in one place)."""
+    sid = frame.sid
+    if isinstance(frame, SessionOpen):
+        return [keys.SESSIONS]
+    if isinstance(frame, (Audio, SessionEnd)):
+        return [keys.audio(sid)]
+    if isinstance(frame, Utterance):
+        return [keys.STAGE_STREAMS["stt"]]
+    if isinstance(frame, Transcript):
+        return [keys.STAGE_STREAMS["llm"], keys.out(sid)]
+    if isinstance(frame, ReplyText):
+        return [keys.STAGE_STREAMS["tts"], keys.out(sid)]
+    if isinstance(frame, (SpeechStarted, ReplyAudio, Notice)):
+        return [keys.out(sid)]
+    raise TypeError(f"no route for frame kind {type(frame).__name__}")
+
+
+def entry_ms(entry_id: bytes | str) -> int:
+    """Milliseconds since the epoch at which Redis stored the entry."""
+    if isinstance(entry_id, bytes):
+        entry_id = entry_id.decode()
+    return int(entry_id.split("-", 1)[0])
+
+
+class Bus:
+    def __init__(self, settings: Settings, client: aioredis.Redis | None = None):
+        self.settings = settings
+        self.redis = client or aioredis.from_url(
+            settings.redis(), decode_responses=False, socket_connect_timeout=2,
+            socket_keepalive=True, health_check_interval=10)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    # --- writing ---------------------------------------------------------------------
+    async def emit(self, *frames: Frame) -> list[bytes]:
+        """XADD each frame to its streams (bounded); refresh per-session TTLs."""
+        s = self.settings
+        pipe = self.redis.pipeline(transaction=False)
+        for frame in frames:
+            data = encode(frame)
+            for stream in routes(frame):
+                shared = "{" not in stream
+                pipe.xadd(stream, {FIELD: data},
+                          maxlen=s.stream_maxlen if shared else s.session_maxlen, approximate=True)
+                if not shared:
+                    pipe.expire(stream, s.session_ttl_s)
+        results = await pipe.execute()
+        return [r for r in results if isinstance(r, bytes)]
+
+    # --- consumer groups -------------------------------------------------------------
+    async def ensure_group(self, stream: str, group: str) -> None:
+        """Create the group (and stream) if missing; safe to call any number of times."""
+        try:
+            await self.redis.xgroup_create(stream, group, id="0", mkstream=True)
+        except ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    async def read_group(self, stream: str, group: str, consumer: str, count: int,
+                         block_ms: int) -> list[Entry]:
+        res = await self.redis.xreadgroup(group, consumer, {stream: ">"}, count=count,
+                                          block=block_ms)
+        return [(eid, fields.get(FIELD, b"")) for _, entries in (res or []) for eid, fields in entries
+                if fields is not None]
+
+    async def claim_idle(self, stream: str, group: str, consumer: str, min_idle_ms: int,
+                         count: int = 10) -> list[Entry]:
+        """Take over entries another (dead) consumer left pending for min_idle_ms."""
+        res = await self.redis.xautoclaim(stream, group, consumer, min_idle_time=min_idle_ms,
+                                          start_id="0-0", count=count)
+        claimed = res[1] if res else []
+        return [(eid, fields.get(FIELD, b"")) for eid, fields in claimed if fields is not None]
+
+    async def keep_alive(self, stream: str, group: str, consumer: str,
+                         entry_ids: Iterable[bytes]) -> None:
+        """Reset the idle time of entries we still work on, so nobody claims them."""
+        ids = list(entry_ids)
+        if ids:
+            await self.redis.xclaim(stream, group, consumer, min_idle_time=0, message_ids=ids,
+                                    justid=True)
+
+    async def ack(self, stream: str, group: str, entry_id: bytes) -> None:
+        await self.redis.xack(stream, group, entry_id)
+
+    # --- turns -----------------------------------------------------------------------
+    async def current_turn(self, sid: str) -> int:
+        value = await self.redis.get(keys.turn(sid))
+        return int(value) if value else 0
+
+    async def advance_turn(self, sid: str) -> int:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.incr(keys.turn(sid))
+        pipe.expire(keys.turn(sid), self.settings.session_ttl_s)
+        return int((await pipe.execute())[0])
+
+    async def close_session(self, sid: str) -> None:
+        """Per-session keys expire shortly after the session ends."""
+        pipe = self.redis.pipeline(transaction=False)
+        for key in keys.session_keys(sid):
+            pipe.expire(key, self.settings.closed_ttl_s)
+        await pipe.execute()
+
+    # --- liveness --------------------------------------------------------------------
+    async def heartbeat(self, stage: str, worker_id: str, metrics_url: str) -> None:
+        now = time.time()
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(keys.WORKERS, {f"{stage}|{worker_id}|{metrics_url}": now})
+        pipe.zremrangebyscore(keys.WORKERS, 0, now - 60)
+        await pipe.execute()
+
+    async def live_workers(self, max_age_s: float = 5.0) -> dict[str, list[dict]]:
+        now = time.time()
+        members = await self.redis.zrangebyscore(keys.WORKERS, now - max_age_s, "+inf",
+                                                 withscores=True)
+        out: dict[str, list[dict]] = {}
+        for member, score in members:
+            stage, worker_id, url = member.decode().split("|", 2)
+            out.setdefault(stage, []).append(
+                {"id": worker_id, "metrics": url, "age_s": round(now - score, 2)})
+        return out
+
+    async def forget_worker(self, stage: str, worker_id: str, metrics_url: str) -> None:
+        await self.redis.zrem(keys.WORKERS, f"{stage}|{worker_id}|{metrics_url}")

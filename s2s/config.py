@@ -1,0 +1,173 @@
+"""One typed settings object for every process.
+
+Each field is read from the environment as ``S2S_<FIELD>`` (upper case) and can
+be overridden by the matching CLI flag ``--<field-with-dashes>``.  The help
+text here is the single source for ``--help`` and the README table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+ENV_PREFIX = "S2S_"
+
+
+def opt(default: Any, help: str, group: str = "core") -> Any:
+    return field(default=default, metadata={"help": help, "group": group})
+
+
+@dataclass
+class Settings:
+    # --- core: Redis, runtime, observability -------------------------------------
+    redis_url: str = opt("", "Redis URL (redis://host:port/db). Empty: `s2s up` starts a private "
+                             "redis-server on a free loopback port; workers then require it.")
+    log_level: str = opt("INFO", "Log level: DEBUG, INFO, WARNING, ERROR.")
+    log_json: bool = opt(False, "Write logs as one JSON object per line (for log collectors).")
+    metrics_host: str = opt("0.0.0.0", "Address a worker's /metrics and /healthz server binds to.")
+    metrics_port: int = opt(9100, "Port of a worker's /metrics and /healthz server (0: any free port).")
+    concurrency: int = opt(0, "Items one worker processes at once (0: the stage's own default).")
+    claim_idle_s: float = opt(3.0, "Seconds an entry (or a session) may sit unacknowledged by a dead "
+                                   "worker before another worker claims it.")
+    block_ms: int = opt(500, "How long one blocking stream read waits, in milliseconds.")
+    stream_maxlen: int = opt(10000, "Approximate MAXLEN of shared stage streams (XADD MAXLEN ~).")
+    session_maxlen: int = opt(2000, "Approximate MAXLEN of per-session streams.")
+    session_ttl_s: int = opt(3600, "TTL of per-session keys, refreshed on every write.")
+    closed_ttl_s: int = opt(60, "TTL given to a session's keys once the session closes.")
+    max_frame_bytes: int = opt(4 * 1024 * 1024, "Largest frame a decoder accepts, in bytes.")
+    shutdown_grace_s: float = opt(10.0, "On SIGTERM, seconds to let in-flight work finish before "
+                                        "leaving it pending for another worker.")
+    device: str = opt("auto", "Compute device for models: auto, cpu or cuda.")
+
+    # --- vad ------------------------------------------------------------------------
+    vad_threshold: float = opt(0.5, "Speech probability above which a 32 ms chunk counts as speech.",
+                               "vad")
+    vad_min_silence_ms: int = opt(300, "Silence that ends an utterance, in ms.", "vad")
+    vad_min_speech_ms: int = opt(200, "Shortest speech that opens a turn (shorter blips are ignored).",
+                                 "vad")
+    vad_speech_pad_ms: int = opt(100, "Audio kept before and after the speech in an utterance, ms.",
+                                 "vad")
+    vad_max_utterance_s: float = opt(20.0, "An utterance longer than this is cut and sent.", "vad")
+
+    # --- stt ------------------------------------------------------------------------
+    stt_model: str = opt("", "faster-whisper model: a CTranslate2 folder or a model name. "
+                             "Empty: the bundled tiny.en.", "stt")
+    stt_compute_type: str = opt("auto", "CTranslate2 compute type (auto: int8 on CPU, float16 on CUDA).",
+                                "stt")
+    stt_beam_size: int = opt(1, "Beam size for decoding (1 is greedy and fastest).", "stt")
+    stt_language: str = opt("en", "Language of the speech (empty: detect).", "stt")
+    stt_batch_size: int = opt(8, "On CUDA, utterances transcribed together as one batch.", "stt")
+
+    # --- llm ------------------------------------------------------------------------
+    llm_backend: str = opt("transformers", "LLM backend: transformers, vllm or openai.", "llm")
+    llm_model: str = opt("", "Model folder, GGUF file or hub id. Empty: the bundled "
+                             "SmolLM2-135M-Instruct.", "llm")
+    llm_system_prompt: str = opt(
+        "You are a friendly voice assistant. Answer in one or two short spoken sentences. "
+        "Never use lists, markdown, code or emoji.",
+        "System prompt of every conversation.", "llm")
+    llm_max_tokens: int = opt(80, "Most tokens in one reply.", "llm")
+    llm_temperature: float = opt(0.0, "Sampling temperature (0: greedy, so a re-run after a crash "
+                                      "repeats the same reply).", "llm")
+    llm_history_turns: int = opt(6, "User/assistant exchanges kept as context.", "llm")
+    llm_turn_hold_ms: int = opt(1200, "A transcript that does not end a sentence is answered only "
+                                      "after this much silence since the speech ended (ms), so a "
+                                      "pause mid-thought does not start a reply.", "llm")
+    llm_cache_dir: str = opt("", "Where converted models are cached (empty: ~/.cache/s2s).", "llm")
+    llm_openai_base_url: str = opt("http://127.0.0.1:8001/v1", "Base URL of an OpenAI-compatible "
+                                   "server (backend openai).", "llm")
+    llm_openai_api_key: str = opt("", "API key for the OpenAI-compatible server.", "llm")
+    llm_openai_model: str = opt("", "Model name sent to the OpenAI-compatible server "
+                                    "(empty: the first one it lists).", "llm")
+
+    # --- tts ------------------------------------------------------------------------
+    tts_voice: str = opt("", "Piper voice .onnx file (its .onnx.json beside it). Empty: the "
+                             "bundled en_US-joe-medium.", "tts")
+
+    # --- gateway ----------------------------------------------------------------------
+    host: str = opt("127.0.0.1", "Address the gateway listens on.", "gateway")
+    port: int = opt(8000, "Port the gateway listens on.", "gateway")
+    max_message_bytes: int = opt(256 * 1024, "Largest WebSocket message a client may send.",
+                                 "gateway")
+    max_audio_rate: float = opt(4.0, "Most seconds of audio a client may send per second of wall "
+                                     "time (averaged over 2 s); above it messages are rejected.",
+                                "gateway")
+    max_sessions: int = opt(200, "Most concurrent client sessions per gateway.", "gateway")
+
+    def redis(self) -> str:
+        if not self.redis_url:
+            raise SystemExit(
+                "S2S_REDIS_URL is not set: start the whole stack with `s2s up` (it runs its own "
+                "Redis), or point this process at a Redis server with --redis-url / S2S_REDIS_URL.")
+        return self.redis_url
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def _parse(kind: Any, raw: str) -> Any:
+    kind = {"bool": bool, "int": int, "float": float, "str": str}.get(kind, kind)
+    if kind is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"not a boolean: {raw!r}")
+    return kind(raw)
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def load(overrides: dict[str, Any] | None = None, environ: dict[str, str] | None = None) -> Settings:
+    """Settings from defaults < environment < explicit overrides (CLI flags)."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for name, f in FIELDS.items():
+        raw = environ.get(env_name(name))
+        if raw is not None:
+            try:
+                values[name] = _parse(f.type, raw)
+            except ValueError as e:
+                raise SystemExit(f"invalid {env_name(name)}={raw!r}: {e}") from None
+    for name, value in (overrides or {}).items():
+        if value is not None and name in FIELDS:
+            values[name] = value
+    return Settings(**values)
+
+
+def add_flags(parser: argparse.ArgumentParser, groups: Iterable[str]) -> None:
+    """Add one --flag per setting of the given groups; defaults stay None so the
+    environment still applies when a flag is not given."""
+    groups = set(groups)
+    for name, f in FIELDS.items():
+        if f.metadata["group"] not in groups:
+            continue
+        flag = "--" + name.replace("_", "-")
+        helptext = f"{f.metadata['help']} [env {env_name(name)}, default {f.default!r}]"
+        kind = {"bool": bool, "int": int, "float": float, "str": str}.get(f.type, f.type)
+        if kind is bool:
+            parser.add_argument(flag, dest=name, default=None,
+                                action=argparse.BooleanOptionalAction, help=helptext)
+        else:
+            parser.add_argument(flag, dest=name, default=None, type=kind, help=helptext,
+                                metavar=name.split("_")[-1].upper())
+
+
+def from_args(ns: argparse.Namespace) -> Settings:
+    return load({k: v for k, v in vars(ns).items() if k in FIELDS})
+
+
+def markdown_table() -> str:
+    rows = ["| variable | flag | default | meaning |", "|---|---|---|---|"]
+    for name, f in FIELDS.items():
+        default = repr(f.default).replace("|", "\\|")
+        if len(default) > 40:
+            default = default[:37] + "…'"
+        rows.append(f"| `{env_name(name)}` | `--{name.replace('_', '-')}` | `{default}` | "
+                    f"{f.metadata['help']} |")
+    return "\n".join(rows)

@@ -1,0 +1,31 @@
+"""Redis key names. Keys of one session share the hash tag ``{sid}`` so they can
+live on one Redis Cluster slot."""
+
+SESSIONS = "s2s:vad:sessions"  # group "vad": one entry per open session
+WORKERS = "s2s:workers"        # sorted set: member "stage|worker_id|metrics_url", score heartbeat
+STAGE_STREAMS = {"stt": "s2s:stt", "llm": "s2s:llm", "tts": "s2s:tts", "vad": SESSIONS}
+
+
+def audio(sid: str) -> str:
+    return f"s2s:audio:{{{sid}}}"
+
+
+def out(sid: str) -> str:
+    return f"s2s:out:{{{sid}}}"
+
+
+def turn(sid: str) -> str:
+    return f"s2s:turn:{{{sid}}}"
+
+
+def ctx(sid: str) -> str:
+    return f"s2s:ctx:{{{sid}}}"
+
+
+def vad_pos(sid: str) -> str:
+    """Last audio entry id the session's VAD owner has processed (for takeover)."""
+    return f"s2s:vadpos:{{{sid}}}"
+
+
+def session_keys(sid: str) -> list[str]:
+    return [audio(sid), out(sid), turn(sid), ctx(sid), vad_pos(sid)]

@@ -1,0 +1,41 @@
+"""Structured logs: ``key=value`` lines for people, JSON lines with S2S_LOG_JSON=1."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+_RESERVED = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+
+
+class _Plain(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        extra = " ".join(f"{k}={v}" for k, v in vars(record).items() if k not in _RESERVED)
+        ts = time.strftime("%H:%M:%S", time.localtime(record.created))
+        line = f"{ts}.{int(record.msecs):03d} {record.levelname:<5} {record.name}: " \
+               f"{record.getMessage()}" + (f"  {extra}" if extra else "")
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class _Json(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        payload = {"ts": round(record.created, 3), "level": record.levelname,
+                   "logger": record.name, "msg": record.getMessage()}
+        payload.update({k: v for k, v in vars(record).items() if k not in _RESERVED})
+        if record.exc_info:
+            payload["exc"] = self.formatException(record.exc_info)
+        return json.dumps(payload, default=str)
+
+
+def setup(level: str = "INFO", as_json: bool = False) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Json() if as_json else _Plain())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("httpx", "httpcore", "urllib3", "asyncio", "faster_whisper"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -1,0 +1,89 @@
+"""What a stage author writes: a small class with ``setup`` and ``process``.
+
+    class SttStage(Stage):
+        name = "stt"
+        def setup(self):                      # load the model (runs in a thread)
+            ...
+        async def process(self, frame):       # one input frame -> output frames
+            text = await self.run_blocking(self.model.transcribe, frame.pcm)
+            yield Transcript(...)
+
+The runtime (``s2s.worker``) does everything else: reading, acking, claiming,
+dropping stale turns, metrics, health and shutdown.  Frames are routed by kind
+(``s2s.bus.routes``), so a stage only says *what* it produced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, AsyncIterator, Callable, TypeVar
+
+from . import keys
+from .config import Settings
+from .frames import Frame, SessionOpen
+
+T = TypeVar("T")
+
+
+class SessionState:
+    """The per-session state a stage may keep in Redis (so any worker can serve any
+    turn), behind plain methods: stages never see Redis commands."""
+
+    def __init__(self, bus: Any):
+        self._bus = bus
+
+    async def current_turn(self, sid: str) -> int:
+        return await self._bus.current_turn(sid)
+
+    async def advance_turn(self, sid: str) -> int:
+        return await self._bus.advance_turn(sid)
+
+    async def load(self, sid: str, default: Any = None) -> Any:
+        raw = await self._bus.redis.get(keys.ctx(sid))
+        return json.loads(raw) if raw else default
+
+    async def save(self, sid: str, value: Any) -> None:
+        await self._bus.redis.set(keys.ctx(sid), json.dumps(value),
+                                  ex=self._bus.settings.session_ttl_s)
+
+
+class Stage:
+    name: str = "stage"
+    #: items one worker processes at once unless S2S_CONCURRENCY says otherwise
+    concurrency: int = 1
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.state: SessionState  # set by the runtime before process() is called
+
+    def setup(self) -> None:
+        """Load models. Blocking is fine here: the runtime runs it in a thread."""
+
+    def describe(self) -> str:
+        """One line for logs and /healthz: which model/backend is loaded."""
+        return self.name
+
+    async def process(self, frame: Frame) -> AsyncIterator[Frame]:
+        raise NotImplementedError
+        yield  # pragma: no cover  (makes this an async generator)
+
+    async def run_blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a blocking model call in a thread, keeping the event loop free."""
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+class SessionStage(Stage):
+    """A stage that owns whole sessions (VAD): all audio of a session reaches the one
+    worker that owns it.  ``open_session`` makes the per-session object that
+    ``process`` receives with every audio frame."""
+
+    #: sessions one worker owns at once
+    concurrency = 64
+
+    def open_session(self, frame: SessionOpen) -> Any:
+        raise NotImplementedError
+
+    async def process(self, frame: Frame, session: Any = None) -> AsyncIterator[Frame]:  # type: ignore[override]
+        raise NotImplementedError
+        yield  # pragma: no cover

@@ -1,0 +1,402 @@
+"""The worker runtime, written once for every stage.
+
+It loads the stage's model, then reads its stream through the stage's consumer
+group, runs ``process`` with a concurrency limit, writes the outputs and only
+then acknowledges the input (at-least-once).  Entries that a dead worker left
+pending are claimed after ``claim_idle_s``; entries still being worked on are
+kept fresh so nobody steals them.  When a session's turn advances, work of the
+old turn is cancelled and acknowledged as stale.  SIGTERM/SIGINT stop reading,
+let in-flight work finish for ``shutdown_grace_s`` and leave the rest pending
+for another worker.  Redis going away is retried with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from typing import Any
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from . import keys, metrics
+from .bus import Bus, entry_ms
+from .config import Settings
+from .frames import Frame, FrameError, Notice, SessionEnd, SessionOpen, decode
+from .stage import SessionStage, SessionState, Stage
+
+log = logging.getLogger("s2s.worker")
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+TURN_POLL_S = 0.05  # how often in-flight work checks whether its turn was superseded
+
+
+class Stale(Exception):
+    """The item's turn was superseded while it was being processed."""
+
+
+class Runtime:
+    def __init__(self, stage: Stage, settings: Settings):
+        self.stage = stage
+        self.settings = settings
+        self.name = stage.name
+        self.group = stage.name
+        self.stream = keys.STAGE_STREAMS[stage.name]
+        self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.concurrency = settings.concurrency or stage.concurrency
+        self.bus = Bus(settings)
+        stage.state = SessionState(self.bus)
+        self.inflight: dict[bytes, asyncio.Task] = {}
+        self.stopping = asyncio.Event()
+        self.loaded = False
+        self.redis_ok = False
+        self.metrics_url = ""
+
+    # --- life cycle ----------------------------------------------------------------------
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        server = await metrics.serve_http(self.settings.metrics_host, self.settings.metrics_port,
+                                          self._health)
+        port = server.sockets[0].getsockname()[1]
+        self.metrics_url = f"http://127.0.0.1:{port}"
+        log.info("%s worker starting", self.name,
+                 extra={"consumer": self.consumer, "metrics": self.metrics_url})
+        t0 = time.perf_counter()
+        log.info("loading %s model…", self.name)
+        await asyncio.to_thread(self.stage.setup)
+        load_s = time.perf_counter() - t0
+        metrics.MODEL_LOAD.labels(self.name).set(load_s)
+        self.loaded = True
+        log.info("%s model ready in %.1fs: %s", self.name, load_s, self.stage.describe())
+        background = [asyncio.create_task(self._heartbeat()),
+                      asyncio.create_task(self._keep_alive()),
+                      asyncio.create_task(self._watch_stream())]
+        try:
+            await self._read_loop()
+            await self._drain()
+        finally:
+            for task in background:
+                task.cancel()
+            try:
+                await asyncio.wait_for(self.bus.forget_worker(self.name, self.consumer,
+                                                              self.metrics_url), 1)
+            except Exception:
+                pass
+            server.close()
+            await self.bus.close()
+            log.info("%s worker stopped", self.name)
+
+    def _on_signal(self, sig: int) -> None:
+        if self.stopping.is_set():
+            log.warning("second signal: cancelling in-flight work (it stays claimable)")
+            for task in self.inflight.values():
+                task.cancel()
+        log.info("received %s: finishing in-flight work, then exiting", signal.Signals(sig).name)
+        self.stopping.set()
+
+    async def _drain(self) -> None:
+        if self.inflight:
+            log.info("waiting for %d in-flight item(s)", len(self.inflight))
+            done, pending = await asyncio.wait(list(self.inflight.values()),
+                                               timeout=self.settings.shutdown_grace_s)
+            for task in pending:  # left pending in Redis: another worker claims them
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _health(self) -> tuple[int, dict[str, Any]]:
+        ok = self.loaded and self.redis_ok and not self.stopping.is_set()
+        return (200 if ok else 503), {
+            "stage": self.name, "consumer": self.consumer, "model_loaded": self.loaded,
+            "redis": self.redis_ok, "stopping": self.stopping.is_set(),
+            "in_flight": len(self.inflight), "model": self.stage.describe() if self.loaded else None}
+
+    # --- reading ---------------------------------------------------------------------------
+    async def _read_loop(self) -> None:
+        backoff = 0.1
+        last_claim = 0.0
+        await self._ensure_groups()
+        while not self.stopping.is_set():
+            try:
+                free = self.concurrency - len(self.inflight)
+                if free <= 0:
+                    await asyncio.wait(list(self.inflight.values()), timeout=0.5,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                entries = []
+                if time.monotonic() - last_claim > self.settings.claim_idle_s / 2:
+                    last_claim = time.monotonic()
+                    entries = await self.bus.claim_idle(
+                        self.stream, self.group, self.consumer,
+                        int(self.settings.claim_idle_s * 1000), count=free)
+                    entries = [e for e in entries if e[0] not in self.inflight]
+                    if entries:
+                        metrics.CLAIMED.labels(self.name).inc(len(entries))
+                        log.warning("claimed %d entr%s left by a dead worker", len(entries),
+                                    "y" if len(entries) == 1 else "ies")
+                if not entries:
+                    entries = await self.bus.read_group(self.stream, self.group, self.consumer,
+                                                        free, self.settings.block_ms)
+                self._redis_up()
+                backoff = 0.1
+                for entry_id, data in entries:
+                    self.inflight[entry_id] = asyncio.create_task(self._handle(entry_id, data))
+                    self.inflight[entry_id].add_done_callback(
+                        lambda _t, eid=entry_id: self.inflight.pop(eid, None))
+                metrics.IN_FLIGHT.labels(self.name).set(len(self.inflight))
+            except REDIS_DOWN as e:
+                backoff = await self._redis_down(e, backoff)
+            except ResponseError as e:
+                if "NOGROUP" in str(e):  # Redis restarted empty: recreate and go on
+                    log.warning("consumer group missing (Redis restarted?): recreating")
+                    await self._ensure_groups()
+                else:
+                    log.exception("unexpected Redis error")
+                    await asyncio.sleep(1)
+
+    async def _ensure_groups(self) -> None:
+        backoff = 0.1
+        while not self.stopping.is_set():
+            try:
+                await self.bus.ensure_group(self.stream, self.group)
+                self._redis_up()
+                return
+            except REDIS_DOWN as e:
+                backoff = await self._redis_down(e, backoff)
+
+    def _redis_up(self) -> None:
+        if not self.redis_ok:
+            log.info("connected to Redis")
+        self.redis_ok = True
+
+    async def _redis_down(self, error: Exception, backoff: float) -> float:
+        metrics.REDIS_ERRORS.labels(self.name).inc()
+        if self.redis_ok or backoff >= 2:
+            log.warning("Redis unavailable (%s); retrying in %.1fs", error, backoff)
+        self.redis_ok = False
+        try:
+            await asyncio.wait_for(self.stopping.wait(), backoff)
+        except asyncio.TimeoutError:
+            pass
+        return min(backoff * 2, 2.0)
+
+    # --- one item --------------------------------------------------------------------------
+    async def _handle(self, entry_id: bytes, data: bytes) -> None:
+        picked = time.time()
+        try:
+            frame = decode(data, self.settings.max_frame_bytes)
+        except FrameError as e:
+            metrics.BAD_FRAMES.labels(self.name, "malformed").inc()
+            metrics.ITEMS.labels(self.name, "error").inc()
+            log.warning("rejected malformed frame %s: %s", entry_id.decode(), e)
+            await self._ack(entry_id)
+            return
+        metrics.QUEUE_WAIT.labels(self.name).observe(max(0.0, picked - entry_ms(entry_id) / 1000))
+        try:
+            outcome = await self.run_item(frame, picked)
+        except REDIS_DOWN as e:  # not acked: the entry stays pending and is re-run
+            log.warning("Redis lost mid-item (%s); the entry will be retried", e)
+            return
+        metrics.ITEMS.labels(self.name, outcome).inc()
+        metrics.PROCESSING.labels(self.name).observe(time.time() - picked)
+        await self._ack(entry_id)
+
+    async def run_item(self, frame: Frame, picked: float, *extra: Any) -> str:
+        """Process one frame, emit its outputs, cancel it if its turn goes stale."""
+        try:
+            if frame.turn < await self.bus.current_turn(frame.sid):
+                return "stale"
+            work = asyncio.create_task(self._produce(frame, picked, *extra))
+            watch = asyncio.create_task(self._watch_turn(frame))
+            try:
+                done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not work.done() and watch.done():
+                    work.cancel()
+                watch.cancel()
+            if work in done:
+                work.result()
+                return "ok"
+            await asyncio.gather(work, return_exceptions=True)
+            log.info("turn superseded: dropped work", extra={"sid": frame.sid, "turn": frame.turn})
+            return "stale"
+        except asyncio.CancelledError:
+            raise
+        except REDIS_DOWN:
+            raise
+        except Exception as e:
+            log.exception("processing failed", extra={"sid": frame.sid, "turn": frame.turn})
+            try:
+                await self.bus.emit(Notice(sid=frame.sid, turn=frame.turn, event="error",
+                                           message=f"{self.name} failed: {e}"))
+            except Exception:
+                pass
+            return "error"
+
+    async def _produce(self, frame: Frame, picked: float, *extra: Any) -> None:
+        first = True
+        async for out in self.stage.process(frame, *extra):
+            await self.bus.emit(out)
+            if first:
+                metrics.STAGE_LATENCY.labels(self.name).observe(time.time() - picked)
+                first = False
+
+    async def _watch_turn(self, frame: Frame) -> None:
+        """Returns once the frame's turn is superseded (never, for turnless frames)."""
+        while True:
+            await asyncio.sleep(TURN_POLL_S)
+            try:
+                if frame.turn < await self.bus.current_turn(frame.sid):
+                    return
+            except REDIS_DOWN:
+                pass
+
+    async def _ack(self, entry_id: bytes) -> None:
+        backoff = 0.1
+        while True:  # an ack lost to a Redis blip would re-run the item: retry a while
+            try:
+                await self.bus.ack(self.stream, self.group, entry_id)
+                return
+            except REDIS_DOWN as e:
+                if backoff > 2:
+                    log.warning("could not ack %s (%s): it will be re-run", entry_id, e)
+                    return
+                await asyncio.sleep(backoff)
+                backoff *= 2
+
+    # --- background ------------------------------------------------------------------------
+    async def _heartbeat(self) -> None:
+        while True:
+            try:
+                if not self.stopping.is_set():
+                    await self.bus.heartbeat(self.name, self.consumer, self.metrics_url)
+            except REDIS_DOWN:
+                pass
+            await asyncio.sleep(1)
+
+    async def _keep_alive(self) -> None:
+        """Reset the idle time of in-flight entries so live work is never claimed."""
+        while True:
+            await asyncio.sleep(self.settings.claim_idle_s / 3)
+            try:
+                await self.bus.keep_alive(self.stream, self.group, self.consumer,
+                                          self.owned_ids())
+            except REDIS_DOWN:
+                pass
+            except ResponseError as e:
+                log.debug("keep-alive: %s", e)
+
+    def owned_ids(self) -> list[bytes]:
+        return list(self.inflight)
+
+    async def _watch_stream(self) -> None:
+        """Export the stage stream's lag and pending count."""
+        while True:
+            try:
+                for group in await self.bus.redis.xinfo_groups(self.stream):
+                    if group["name"].decode() == self.group:
+                        metrics.STREAM_PENDING.labels(self.name).set(group.get("pending") or 0)
+                        metrics.STREAM_LAG.labels(self.name).set(group.get("lag") or 0)
+            except Exception:
+                pass
+            await asyncio.sleep(2)
+
+
+class SessionRuntime(Runtime):
+    """Runtime of a session-owning stage (VAD).  The entry of a session in
+    ``s2s:vad:sessions`` stays pending while its owner lives (kept fresh); if the
+    owner dies another worker claims it and resumes from the last audio entry the
+    dead owner processed (``s2s:vadpos:{sid}``)."""
+
+    stage: SessionStage
+
+    async def _handle(self, entry_id: bytes, data: bytes) -> None:
+        try:
+            opened = decode(data, self.settings.max_frame_bytes)
+            if not isinstance(opened, SessionOpen):
+                raise FrameError(f"expected an 'open' frame, got {type(opened).__name__}")
+        except FrameError as e:
+            metrics.BAD_FRAMES.labels(self.name, "malformed").inc()
+            log.warning("rejected malformed session entry %s: %s", entry_id.decode(), e)
+            await self._ack(entry_id)
+            return
+        sid = opened.sid
+        session = self.stage.open_session(opened)
+        position = (await self.bus.redis.get(keys.vad_pos(sid))) or b"0-0"
+        log.info("owning session", extra={"sid": sid, "resume_from": position.decode()})
+        idle_since = time.monotonic()
+        while not self.stopping.is_set():
+            try:
+                res = await self.bus.redis.xread({keys.audio(sid): position}, count=50,
+                                                 block=self.settings.block_ms)
+            except REDIS_DOWN as e:
+                await self._redis_down(e, 0.5)
+                continue
+            if not res:
+                if time.monotonic() - idle_since > self.settings.session_ttl_s:
+                    log.info("session idle too long: releasing", extra={"sid": sid})
+                    break
+                continue
+            idle_since = time.monotonic()
+            ended = False
+            try:
+                for audio_id, fields in res[0][1]:
+                    ended = await self._handle_audio(sid, session, audio_id,
+                                                     fields.get(b"f", b""))
+                    position = audio_id
+                    if ended:
+                        break
+                await self.bus.redis.set(keys.vad_pos(sid), position,
+                                         ex=self.settings.session_ttl_s)
+            except REDIS_DOWN as e:
+                await self._redis_down(e, 0.5)
+                continue
+            if ended:
+                log.info("session ended", extra={"sid": sid})
+                break
+        else:
+            return  # shutting down: leave the session entry pending for another owner
+        await self._ack(entry_id)
+
+    async def _handle_audio(self, sid: str, session: Any, audio_id: bytes, data: bytes) -> bool:
+        picked = time.time()
+        try:
+            frame = decode(data, self.settings.max_frame_bytes)
+            if frame.sid != sid:
+                raise FrameError(f"frame for session {frame.sid!r} in the stream of {sid!r}")
+        except FrameError as e:
+            metrics.BAD_FRAMES.labels(self.name, "malformed").inc()
+            metrics.ITEMS.labels(self.name, "error").inc()
+            log.warning("rejected malformed audio frame: %s", e, extra={"sid": sid})
+            return False
+        if isinstance(frame, SessionEnd):
+            return True
+        metrics.QUEUE_WAIT.labels(self.name).observe(max(0.0, picked - entry_ms(audio_id) / 1000))
+        try:
+            async for out in self.stage.process(frame, session):
+                await self.bus.emit(out)
+            outcome = "ok"
+        except REDIS_DOWN:
+            raise
+        except Exception as e:
+            log.warning("audio frame rejected: %s", e, extra={"sid": sid})
+            metrics.BAD_FRAMES.labels(self.name, "invalid_audio").inc()
+            outcome = "error"
+        metrics.ITEMS.labels(self.name, outcome).inc()
+        metrics.PROCESSING.labels(self.name).observe(time.time() - picked)
+        return False
+
+
+def run_stage(stage: Stage, settings: Settings) -> None:
+    """Entry point of a worker process."""
+    runtime_cls = SessionRuntime if isinstance(stage, SessionStage) else Runtime
+    try:
+        asyncio.run(runtime_cls(stage, settings).run())
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,114 @@
+"""Shared fixtures: a real redis-server started by the tests, settings pointing at
+it, worker processes, and the real speech in tests/data."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+import soundfile as sf
+
+from s2s import config
+from s2s.redis_server import RedisServer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data"
+JFK_TEXT = ("And so my fellow Americans, ask not what your country can do for you, "
+            "ask what you can do for your country.")
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    """A clean database on the shared test server."""
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+@pytest.fixture
+def settings(redis_url):
+    return config.load({"redis_url": redis_url, "claim_idle_s": 1.0, "block_ms": 200,
+                        "metrics_port": 0}, environ={})
+
+
+def load_pcm16(path: Path, sr: int = 16000) -> np.ndarray:
+    """A WAV as int16 mono at ``sr``."""
+    import soxr
+
+    data, file_sr = sf.read(str(path), dtype="float32", always_2d=True)
+    data = data.mean(axis=1)
+    if file_sr != sr:
+        data = soxr.resample(data, file_sr, sr)
+    return (np.clip(data, -1, 1) * 32767).astype(np.int16)
+
+
+class Workers:
+    """Worker processes started as `python -m s2s worker STAGE`, stopped at teardown."""
+
+    def __init__(self, redis_url: str, tmp: Path):
+        self.redis_url = redis_url
+        self.tmp = tmp
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, stage: str, *flags: str, env: dict | None = None) -> subprocess.Popen:
+        full_env = {**os.environ, "S2S_REDIS_URL": self.redis_url, "S2S_METRICS_PORT": "0",
+                    "S2S_CLAIM_IDLE_S": "1.0", "PYTHONUNBUFFERED": "1", **(env or {})}
+        logfile = open(self.tmp / f"{stage}-{len(self.procs)}.log", "wb")
+        proc = subprocess.Popen([sys.executable, "-m", "s2s", "worker", stage, *flags],
+                                env=full_env, stdout=logfile, stderr=subprocess.STDOUT,
+                                cwd=ROOT)
+        proc.logfile = logfile.name  # type: ignore[attr-defined]
+        self.procs.append(proc)
+        return proc
+
+    def log(self, proc: subprocess.Popen) -> str:
+        return Path(proc.logfile).read_text(errors="replace")  # type: ignore[attr-defined]
+
+    def wait_ready(self, stage: str, count: int = 1, timeout: float = 120) -> None:
+        """Until `count` workers of `stage` heartbeat (their model is loaded)."""
+        client = redis.Redis.from_url(self.redis_url)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            members = client.zrangebyscore("s2s:workers", time.time() - 3, "+inf")
+            if sum(m.decode().startswith(stage + "|") for m in members) >= count:
+                return
+            for p in self.procs:
+                if p.poll() is not None:
+                    raise RuntimeError(f"worker exited with {p.returncode}:\n{self.log(p)}")
+            time.sleep(0.2)
+        raise TimeoutError(f"{stage} worker not ready in {timeout}s")
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+@pytest.fixture
+def workers(redis_url, tmp_path):
+    w = Workers(redis_url, tmp_path)
+    yield w
+    w.stop_all()
