@@ -83,6 +83,7 @@ class Utterance(_Pcm, tag="utt"):
     the speech, ``marks['speech_end']`` the wall time the speech really ended."""
     start_s: float = 0.0
     end_s: float = 0.0
+    out_sr: int = 0  # reply audio rate the client asked for (0: the voice's own)
 
 
 # --- STT -> out / LLM ----------------------------------------------------------------
@@ -93,6 +94,7 @@ class Transcript(Frame, tag="transcript"):
     start_s: float = 0.0
     end_s: float = 0.0
     complete: bool = True  # ends like a finished sentence (not mid-thought)
+    out_sr: int = 0
 
 
 # --- LLM -> out / TTS ----------------------------------------------------------------
