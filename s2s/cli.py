@@ -32,12 +32,18 @@ COMMANDS = {
 
 
 def load_stage(name: str):
-    module, cls = STAGES[name].split(":")
+    """A built-in stage by name, or any Stage class as ``package.module:Class``."""
+    if name not in STAGES and ":" not in name:
+        raise SystemExit(f"unknown stage {name!r}: use one of {', '.join(STAGES)} "
+                         f"or module:Class for a custom stage")
+    module, cls = STAGES.get(name, name).split(":")
     return getattr(importlib.import_module(module), cls)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:  # `s2s worker`
-    parser.add_argument("stage", choices=sorted(STAGES), help="which stage this worker runs")
+    parser.add_argument("stage", metavar="STAGE",
+                        help=f"which stage this worker runs: {', '.join(STAGES)}, or "
+                             f"module:Class for a custom Stage subclass")
     config.add_flags(parser, ["core", "vad", "stt", "llm", "tts"])
 
 

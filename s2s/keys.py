@@ -6,6 +6,11 @@ WORKERS = "s2s:workers"        # sorted set: member "stage|worker_id|metrics_url
 STAGE_STREAMS = {"stt": "s2s:stt", "llm": "s2s:llm", "tts": "s2s:tts", "vad": SESSIONS}
 
 
+def stage_stream(stage: str) -> str:
+    """The shared input stream of a stage (custom stages get ``s2s:<name>``)."""
+    return STAGE_STREAMS.get(stage, f"s2s:{stage}")
+
+
 def audio(sid: str) -> str:
     return f"s2s:audio:{{{sid}}}"
 

@@ -14,6 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .proc import die_with_parent
+
 
 def find_redis_server() -> str:
     path = shutil.which("redis-server")
@@ -55,7 +57,7 @@ class RedisServer:
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", self.dir, "--protected-mode", "yes",
              "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=die_with_parent)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

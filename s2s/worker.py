@@ -46,7 +46,7 @@ class Runtime:
         self.settings = settings
         self.name = stage.name
         self.group = stage.name
-        self.stream = keys.STAGE_STREAMS[stage.name]
+        self.stream = keys.stage_stream(stage.name)
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.concurrency = settings.concurrency or stage.concurrency
         self.bus = Bus(settings)

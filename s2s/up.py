@@ -1,0 +1,227 @@
+"""``s2s up``: the whole stack on one machine.
+
+Starts a private Redis (unless S2S_REDIS_URL is set), the gateway and one worker
+per stage as child processes, shows progress while models load, prints
+``ready: http://…`` once every stage has a live worker, restarts a worker that
+dies, and on Ctrl-C/SIGTERM stops everything, leaving no process behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+from . import config
+from .bus import Bus
+from .cli import STAGES
+from .proc import die_with_parent
+from .redis_server import RedisServer
+
+MAX_RESTARTS = 5  # per child and minute; beyond that the stack is considered broken
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workers", default=os.environ.get("S2S_WORKERS", ""),
+                        metavar="STAGE=N,…",
+                        help="workers per stage, e.g. `stt=2,tts=2` (default one each) "
+                             "[env S2S_WORKERS]")
+    parser.add_argument("--stages", default=os.environ.get("S2S_STAGES", ",".join(STAGES)),
+                        help="stages to run (default all that are installed) [env S2S_STAGES]")
+    parser.add_argument("--no-gateway", action="store_true",
+                        help="run only the stage workers (e.g. when a gateway runs elsewhere)")
+    parser.add_argument("--ready-timeout", type=float, default=300.0,
+                        help="seconds to wait for every stage to load before giving up")
+    config.add_flags(parser, ["core", "gateway", "vad", "stt", "llm", "tts"])
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    proc: asyncio.subprocess.Process | None = None
+    restarts: list[float] = field(default_factory=list)
+
+
+class Stack:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.settings = config.from_args(args)
+        self.redis: RedisServer | None = None
+        self.children: list[Child] = []
+        self.stopping = asyncio.Event()
+        self.env = dict(os.environ)
+        # flags given on the command line reach the children as S2S_* variables
+        for name in config.FIELDS:
+            value = getattr(args, name, None)
+            if value is not None:
+                self.env[config.env_name(name)] = str(value)
+        self.env.setdefault("HF_HUB_OFFLINE", "1")
+        self.env["PYTHONUNBUFFERED"] = "1"
+
+    def say(self, msg: str) -> None:
+        print(f"[s2s] {msg}", flush=True)
+
+    def plan(self) -> list[Child]:
+        counts = {s.strip(): 1 for s in self.args.stages.split(",") if s.strip()}
+        for item in filter(None, (p.strip() for p in self.args.workers.split(","))):
+            stage, _, n = item.partition("=")
+            if stage not in STAGES or not n.isdigit():
+                raise SystemExit(f"--workers: expected STAGE=N with STAGE in {sorted(STAGES)}, "
+                                 f"got {item!r}")
+            counts[stage] = int(n)
+        children = []
+        for stage, n in counts.items():
+            if stage not in STAGES:
+                raise SystemExit(f"--stages: unknown stage {stage!r}; known: {sorted(STAGES)}")
+            module = STAGES[stage].split(":")[0]
+            if importlib.util.find_spec(module) is None:
+                self.say(f"stage {stage} is not installed here ({module}); skipping it")
+                continue
+            for i in range(n):
+                children.append(Child(f"{stage}-{i + 1}" if n > 1 else stage,
+                                      [sys.executable, "-m", "s2s", "worker", stage,
+                                       "--metrics-port", "0"]))
+        if not self.args.no_gateway:
+            children.append(Child("gateway", [sys.executable, "-m", "s2s", "gateway",
+                                              "--host", self.settings.host,
+                                              "--port", str(self.settings.port)]))
+        return children
+
+    async def start_child(self, child: Child) -> None:
+        child.proc = await asyncio.create_subprocess_exec(
+            *child.argv, env=self.env, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, preexec_fn=die_with_parent)
+        asyncio.create_task(self.relay(child, child.proc))
+
+    async def relay(self, child: Child, proc: asyncio.subprocess.Process) -> None:
+        """Prefix each child's log lines with its name."""
+        assert proc.stdout
+        async for line in proc.stdout:
+            sys.stdout.write(f"{child.name:>8} | {line.decode(errors='replace')}")
+            sys.stdout.flush()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.stopping.set)
+        try:
+            if not self.settings.redis_url:
+                self.redis = RedisServer().start()
+                self.env["S2S_REDIS_URL"] = self.settings.redis_url = self.redis.url
+                self.say(f"started a private Redis at {self.redis.url}")
+            else:
+                self.say(f"using Redis at {self.settings.redis_url}")
+            self.children = self.plan()
+            if not self.children:
+                self.say("nothing to run")
+                return 1
+            for child in self.children:
+                await self.start_child(child)
+            self.say("starting " + ", ".join(c.name for c in self.children) +
+                     " (models load in the background)…")
+            if not await self.wait_ready():
+                return 1
+            return await self.supervise()
+        finally:
+            await self.shutdown()
+
+    def wanted_stages(self) -> set[str]:
+        return {c.argv[4] for c in self.children if c.name != "gateway"}
+
+    async def wait_ready(self) -> bool:
+        bus = Bus(self.settings)
+        started = time.monotonic()
+        last_msg = ""
+        url = f"http://{self.settings.host}:{self.settings.port}"
+        try:
+            async with httpx.AsyncClient(timeout=1.0) as http:
+                while not self.stopping.is_set():
+                    for child in self.children:
+                        if child.proc and child.proc.returncode is not None:
+                            self.say(f"{child.name} exited with code {child.proc.returncode} "
+                                     f"while starting; stopping (see its log above)")
+                            return False
+                    try:
+                        live = await bus.live_workers()
+                    except Exception:
+                        live = {}
+                    waiting = sorted(s for s in self.wanted_stages() if not live.get(s))
+                    if not self.args.no_gateway:
+                        try:
+                            ok = (await http.get(url + "/healthz")).status_code == 200
+                        except httpx.HTTPError:
+                            ok = False
+                        if not ok:
+                            waiting.append("gateway")
+                    elapsed = time.monotonic() - started
+                    if not waiting:
+                        target = url if not self.args.no_gateway else self.settings.redis_url
+                        self.say(f"all stages live after {elapsed:.1f}s")
+                        print(f"ready: {target}", flush=True)
+                        return True
+                    msg = "loading: " + ", ".join(waiting)
+                    if msg != last_msg or int(elapsed) % 10 == 0 and elapsed - int(elapsed) < 0.5:
+                        self.say(f"{msg} ({elapsed:.0f}s)")
+                        last_msg = msg
+                    if elapsed > self.args.ready_timeout:
+                        self.say(f"gave up: {', '.join(waiting)} not ready after {elapsed:.0f}s")
+                        return False
+                    try:
+                        await asyncio.wait_for(self.stopping.wait(), 0.5)
+                    except asyncio.TimeoutError:
+                        pass
+        finally:
+            await bus.close()
+        return False
+
+    async def supervise(self) -> int:
+        """Restart a child that dies (a worker's in-flight entries are claimed by the
+        others meanwhile); give up if one keeps dying."""
+        while not self.stopping.is_set():
+            for child in self.children:
+                if child.proc and child.proc.returncode is not None and not self.stopping.is_set():
+                    now = time.monotonic()
+                    child.restarts = [t for t in child.restarts if now - t < 60] + [now]
+                    if len(child.restarts) > MAX_RESTARTS:
+                        self.say(f"{child.name} keeps dying; stopping the stack")
+                        return 1
+                    self.say(f"{child.name} exited with code {child.proc.returncode}; restarting")
+                    await self.start_child(child)
+            try:
+                await asyncio.wait_for(self.stopping.wait(), 0.5)
+            except asyncio.TimeoutError:
+                pass
+        return 0
+
+    async def shutdown(self) -> None:
+        running = [c for c in self.children if c.proc and c.proc.returncode is None]
+        if running:
+            self.say("stopping " + ", ".join(c.name for c in running) + "…")
+        for child in running:
+            child.proc.send_signal(signal.SIGTERM)
+        deadline = self.settings.shutdown_grace_s + 5
+        for child in running:
+            try:
+                await asyncio.wait_for(child.proc.wait(), max(0.1, deadline))
+            except asyncio.TimeoutError:
+                self.say(f"{child.name} did not stop in time; killing it")
+                child.proc.kill()
+                await child.proc.wait()
+        if self.redis:
+            self.redis.stop()
+        self.say("stopped")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(Stack(args).run())
+    except KeyboardInterrupt:
+        return 130
