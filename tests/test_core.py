@@ -18,6 +18,8 @@ from s2s.frames import (SAMPLE_RATES, Audio, FrameError, Notice, ReplyAudio, Rep
                         Transcript, Utterance, decode, encode)
 from s2s.redis_server import RedisServer, free_port
 
+from .conftest import ROOT
+
 ECHO = "tests.stages:EchoStage"
 sids = st.from_regex(r"[A-Za-z0-9_.-]{1,64}", fullmatch=True)
 pcm = st.binary(max_size=400).map(lambda b: b[: len(b) // 2 * 2])
@@ -214,3 +216,8 @@ def test_worker_survives_redis_restart(workers, tmp_path):
         assert proc.poll() is None
     finally:
         server.stop()
+
+
+def test_readme_configuration_table_is_current():
+    readme = (ROOT / "README.md").read_text()
+    assert config.markdown_table() in readme, "run `s2s config --markdown` and update README.md"
