@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 
-_RESERVED = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+_RESERVED = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime", "color_message"}
 
 
 class _Plain(logging.Formatter):

@@ -1,0 +1,211 @@
+"""VAD stage: owns sessions, finds where the user speaks, cuts utterances.
+
+Silero VAD (v5, ONNX) runs on onnxruntime directly over 32 ms chunks (512 samples
+at 16 kHz).  Each session carries the model's recurrent state and the last 64
+samples of the previous chunk (the "context" silero's own OnnxWrapper prepends),
+so streaming gives the same probabilities as running the whole file at once.
+
+Endpointing follows silero's hysteresis: a chunk at or above ``vad_threshold``
+starts (or continues) speech, one below ``threshold - 0.15`` counts as silence.
+After ``vad_min_speech_ms`` of speech the turn advances and SpeechStarted goes out
+(the barge-in signal); after ``vad_min_silence_ms`` of silence (or at
+``vad_max_utterance_s``) the utterance goes to STT with ``vad_speech_pad_ms`` of
+audio on each side.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from s2s.audio import StreamResampler, pcm16_to_float, to_int16
+from s2s.frames import Audio, SessionOpen, SpeechStarted, Utterance
+from s2s.stage import SessionStage
+
+SR = 16000          # the model's rate; utterances go to STT at this rate too
+CHUNK = 512         # samples per model call (32 ms)
+CONTEXT = 64        # samples of the previous chunk the v5 model sees again
+NEG_OFFSET = 0.15   # speech ends only below threshold - 0.15 (silero's hysteresis)
+MAX_FRAME_S = 10.0  # live audio comes in pieces of tens of ms; a longer frame is abuse
+
+
+def silero_model_path() -> Path:
+    """The ONNX file shipped in the silero-vad wheel (without importing its torch code)."""
+    spec = importlib.util.find_spec("silero_vad")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("silero-vad is not installed (pip install --no-deps silero-vad)")
+    return Path(list(spec.submodule_search_locations)[0]) / "data" / "silero_vad.onnx"
+
+
+class SileroVad:
+    """The ONNX model (shared by all sessions; onnxruntime's run() is thread-safe)."""
+
+    def __init__(self, path: Path | None = None):
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1  # engines share 2 cores: one thread each
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self.path = path or silero_model_path()
+        # A 2 MB model on 32 ms chunks: the CPU is faster than a GPU round trip.
+        self.session = ort.InferenceSession(str(self.path), sess_options=opts,
+                                            providers=["CPUExecutionProvider"])
+        names = {i.name for i in self.session.get_inputs()}
+        if names != {"input", "state", "sr"}:
+            raise RuntimeError(f"{self.path} is not a silero v5 model (inputs {sorted(names)})")
+        self._sr = np.array(SR, dtype=np.int64)
+
+    @staticmethod
+    def new_state() -> tuple[np.ndarray, np.ndarray]:
+        return np.zeros((2, 1, 128), np.float32), np.zeros(CONTEXT, np.float32)
+
+    def probs(self, audio: np.ndarray, state: tuple[np.ndarray, np.ndarray]
+              ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        """Speech probability of each whole 512-sample chunk of ``audio`` (float32,
+        16 kHz, length a multiple of 512), carrying (rnn state, context) along."""
+        rnn, context = state
+        out = np.empty(len(audio) // CHUNK, np.float32)
+        for i in range(len(out)):
+            chunk = audio[i * CHUNK:(i + 1) * CHUNK]
+            x = np.concatenate([context, chunk])[None, :]
+            prob, rnn = self.session.run(None, {"input": x, "state": rnn, "sr": self._sr})
+            out[i] = prob[0, 0]
+            context = chunk[-CONTEXT:]
+        return out, (rnn, context)
+
+
+class VadSession:
+    """One session: resampler, model state, recent audio and the endpointing state.
+    Positions are sample indices at 16 kHz from the start of the session."""
+
+    def __init__(self, opened: SessionOpen, settings):
+        self.sid, self.in_sr, self.out_sr = opened.sid, opened.in_sr, opened.out_sr
+        self.resample = StreamResampler(opened.in_sr, SR)
+        self.model_state = SileroVad.new_state()
+        self.buf = np.zeros(0, np.int16)  # recent 16 kHz audio, buf[0] is sample buf_start
+        self.buf_start = 0
+        self.n_vad = 0       # next chunk to run through the model
+        self.in_samples = 0  # input samples received (at in_sr), to map audio -> wall time
+        s = settings
+        self.threshold = s.vad_threshold
+        self.neg_threshold = max(s.vad_threshold - NEG_OFFSET, 0.01)
+        self.min_silence = int(s.vad_min_silence_ms * SR / 1000)
+        self.min_speech = int(s.vad_min_speech_ms * SR / 1000)
+        self.pad = int(s.vad_speech_pad_ms * SR / 1000)
+        self.max_len = int(s.vad_max_utterance_s * SR)
+        self.triggered = False  # inside speech (maybe not yet long enough to count)
+        self.started = False    # SpeechStarted sent for this speech
+        self.start = 0          # first chunk of the speech
+        self.temp_end = 0       # first silent chunk of a pause that may end the speech
+        self.turn = 0
+
+    @property
+    def now_s(self) -> float:
+        """Session audio position of the last sample received, in seconds."""
+        return self.in_samples / self.in_sr
+
+    def feed(self, pcm: bytes, vad: SileroVad) -> list[tuple[int, float]]:
+        """Blocking: append audio, run every new whole chunk; [(chunk start, prob)]."""
+        samples = pcm16_to_float(pcm)
+        self.in_samples += len(samples)
+        audio = self.resample(samples)
+        self.buf = np.concatenate([self.buf, to_int16(audio)])
+        end = self.buf_start + len(self.buf)
+        n = (end - self.n_vad) // CHUNK
+        if n <= 0:
+            return []
+        lo = self.n_vad - self.buf_start
+        new = self.buf[lo:lo + n * CHUNK].astype(np.float32) / 32768.0
+        probs, self.model_state = vad.probs(new, self.model_state)
+        starts = [self.n_vad + i * CHUNK for i in range(n)]
+        self.n_vad += n * CHUNK
+        return list(zip(starts, probs.tolist()))
+
+    def step(self, at: int, prob: float) -> list[tuple]:
+        """Endpointing for the chunk starting at ``at``: ("speech", start) when the
+        speech has lasted min_speech, ("utt", start, end) when it is over."""
+        events: list[tuple] = []
+        now = at + CHUNK
+        if prob >= self.threshold:
+            self.temp_end = 0
+            if not self.triggered:
+                self.triggered, self.started, self.start = True, False, at
+        elif prob < self.neg_threshold and self.triggered:
+            self.temp_end = self.temp_end or at
+            if now - self.temp_end >= self.min_silence:
+                events += self._close(self.temp_end)
+        if self.triggered and not self.started and not self.temp_end \
+                and now - self.start >= self.min_speech:
+            self.started = True
+            events.append(("speech", self.start))
+        if self.triggered and now + CHUNK - self.start > self.max_len:  # cut a monologue
+            events += self._close(self.temp_end or now)
+        return events
+
+    def _close(self, end: int) -> list[tuple]:
+        # speech shorter than min_speech never opened a turn: a blip, dropped
+        event = [("utt", self.start, end)] if self.started else []
+        self.triggered = self.started = False
+        self.temp_end = 0
+        return event
+
+    def cut(self, start: int, end: int) -> bytes:
+        lo = max(start - self.pad - self.buf_start, 0)
+        hi = max(end + self.pad - self.buf_start, 0)
+        return self.buf[lo:hi].astype("<i2").tobytes()
+
+    def trim(self) -> None:
+        """Keep only what a coming utterance may still need (its start pad)."""
+        keep_from = (self.start if self.triggered else self.n_vad) - self.pad - CHUNK
+        drop = keep_from - self.buf_start
+        if drop > 0:
+            self.buf = self.buf[drop:]
+            self.buf_start += drop
+
+
+class VadStage(SessionStage):
+    name = "vad"
+
+    def setup(self) -> None:
+        self.vad = SileroVad()
+
+    def describe(self) -> str:
+        return f"silero-vad v5 onnx ({self.vad.path.name}) cpu, 1 thread"
+
+    def open_session(self, frame: SessionOpen) -> VadSession:
+        return VadSession(frame, self.settings)
+
+    async def process(self, frame: Audio, session: VadSession = None):  # type: ignore[override]
+        if not isinstance(frame, Audio):
+            raise ValueError(f"expected audio, got a {type(frame).__name__} frame")
+        if frame.sr != session.in_sr:
+            raise ValueError(f"audio at {frame.sr} Hz in a session opened at {session.in_sr} Hz")
+        if len(frame.pcm) % 2 or frame.seconds > MAX_FRAME_S:
+            raise ValueError(f"bad audio frame: {len(frame.pcm)} bytes at {frame.sr} Hz")
+        recv = frame.marks.get("recv") or time.time()  # wall time of the frame's last sample
+        chunks = await self.run_blocking(session.feed, frame.pcm, self.vad)
+        for at, prob in chunks:
+            for event in session.step(at, prob):
+                if event[0] == "speech":
+                    session.turn = await self.state.advance_turn(session.sid)
+                    yield SpeechStarted(sid=session.sid, turn=session.turn, at_s=event[1] / SR,
+                                        marks={"speech_start": self._wall(session, recv,
+                                                                          event[1])})
+                else:
+                    yield self._utterance(session, recv, event[1], event[2])
+        session.trim()
+
+    def _utterance(self, session: VadSession, recv: float, start: int, end: int) -> Utterance:
+        utt = Utterance(sid=session.sid, turn=session.turn, pcm=session.cut(start, end), sr=SR,
+                        start_s=start / SR, end_s=end / SR, out_sr=session.out_sr,
+                        marks={"speech_end": self._wall(session, recv, end)})
+        utt.stamp("vad_sent")
+        return utt
+
+    @staticmethod
+    def _wall(session: VadSession, recv: float, sample: int) -> float:
+        """Wall time of a session sample: the frame's last sample arrived at ``recv``."""
+        return recv - (session.now_s - sample / SR)

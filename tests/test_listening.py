@@ -1,0 +1,169 @@
+"""VAD and STT worker processes over a real Redis: sessions in, transcripts out, bad
+input rejected and counted, and a VAD worker's sessions survive its SIGKILL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import time
+import urllib.request
+
+import msgspec
+import numpy as np
+import pytest
+import redis
+
+from s2s import keys
+from s2s.bus import Bus
+from s2s.frames import Audio, FrameError, SessionEnd, SessionOpen, SpeechStarted, Transcript, Utterance, decode
+from tests.conftest import DATA, load_pcm16
+
+pytestmark = pytest.mark.slow
+
+LAST_WORDS = "ask what you can do for your country"
+
+
+def frames_in(client: redis.Redis, stream: str) -> list:
+    """The valid frames of a stream (the tests plant bad ones too)."""
+    out = []
+    for _, fields in client.xrange(stream):
+        try:
+            out.append(decode(fields[b"f"]))
+        except FrameError:
+            pass
+    return out
+
+
+def transcripts(client: redis.Redis, sid: str) -> list[Transcript]:
+    return [f for f in frames_in(client, keys.out(sid)) if isinstance(f, Transcript)]
+
+
+async def wait_until(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"not within {timeout}s: {what}")
+
+
+async def send_live(bus: Bus, sid: str, pcm: np.ndarray, sr: int, speed: float = 1.0) -> None:
+    """Send audio as a client would: 20 ms frames, in real time (5 frames per write)."""
+    step, t0 = sr // 50, time.monotonic()
+    for i in range(0, len(pcm), 5 * step):
+        await bus.emit(*[Audio(sid=sid, pcm=pcm[j:j + step].tobytes(), sr=sr,
+                               marks={"recv": time.time()})
+                         for j in range(i, min(i + 5 * step, len(pcm)), step)])
+        await asyncio.sleep(max(0.0, t0 + (i + 5 * step) / sr / speed - time.monotonic()))
+
+
+def metric(client: redis.Redis, stage: str, name: str, **labels) -> float:
+    """A counter of the (live) worker of ``stage``, read from its /metrics."""
+    total = 0.0
+    for member in client.zrangebyscore(keys.WORKERS, time.time() - 5, "+inf"):
+        kind, _, url = member.decode().split("|", 2)
+        if kind != stage:
+            continue
+        text = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
+        want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        for line in text.splitlines():
+            if line.startswith(name + "{") and want in line:
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def jfk_with_tail(sr: int) -> np.ndarray:
+    return np.concatenate([load_pcm16(DATA / "jfk.wav", sr), np.zeros(sr, np.int16)])
+
+
+async def test_sessions_through_redis_and_bad_input(workers, settings):
+    client = redis.Redis.from_url(settings.redis_url)
+    vad = workers.start("vad")
+    workers.start("stt")
+    workers.wait_ready("vad")
+    workers.wait_ready("stt")
+    bus = Bus(settings)
+    try:
+        await bus.emit(SessionOpen(sid="a", in_sr=16000, out_sr=24000),
+                       SessionOpen(sid="b", in_sr=48000))
+        # bad input, in the stream of session a and in the shared streams
+        raw = {"kind": "audio", "sid": "a", "pcm": b"\0\0", "sr": 16000}
+        bad = [b"\x00garbage", msgspec.msgpack.encode({**raw, "pcm": b"\0\0\0"}),
+               msgspec.msgpack.encode({**raw, "sr": 12345}),
+               msgspec.msgpack.encode({**raw, "sid": "b"}),
+               msgspec.msgpack.encode({**raw, "pcm": bytes(5 * 1024 * 1024)})]
+        for data in bad:
+            client.xadd(keys.audio("a"), {b"f": data})
+        await bus.emit(Audio(sid="a", pcm=bytes(320), sr=8000))  # not the session's rate
+        client.xadd(keys.SESSIONS, {b"f": b"\x93garbage"})
+        client.xadd(keys.STAGE_STREAMS["stt"], {b"f": msgspec.msgpack.encode(
+            {"kind": "utt", "sid": "a", "pcm": b"\0", "sr": 16000})})
+
+        await asyncio.gather(send_live(bus, "a", jfk_with_tail(16000), 16000),
+                             send_live(bus, "b", jfk_with_tail(48000), 48000))
+        for sid in ("a", "b"):
+            done = await wait_until(
+                lambda: [t for t in transcripts(client, sid) if "country" in t.text.lower()
+                         and t.end_s > 10], 15, f"last transcript of session {sid}")
+            t = done[-1]
+            assert LAST_WORDS in re.sub(r"[^a-z ]", "", t.text.lower()), t.text
+            assert t.marks["stt_done"] >= t.marks["vad_sent"] >= t.marks["speech_end"]
+            assert t.marks["vad_sent"] - t.marks["speech_end"] < 1.0
+            speech = [f for f in frames_in(client, keys.out(sid)) if isinstance(f, SpeechStarted)]
+            assert len(speech) == 4 and t.turn == speech[-1].turn
+        utts = [f for f in frames_in(client, keys.STAGE_STREAMS["stt"]) if isinstance(f, Utterance)]
+        assert {u.sid for u in utts} == {"a", "b"}
+        assert all(u.sr == 16000 for u in utts)
+        assert {u.out_sr for u in utts if u.sid == "a"} == {24000}
+        # every bad frame was counted, and the workers are still alive
+        assert metric(client, "vad", "s2s_bad_frames_total", reason="malformed") == len(bad) + 1
+        assert metric(client, "vad", "s2s_bad_frames_total", reason="invalid_audio") == 1
+        assert metric(client, "stt", "s2s_bad_frames_total", reason="malformed") == 1
+        assert vad.poll() is None
+        await bus.emit(SessionEnd(sid="a"))
+        await wait_until(lambda: client.xpending(keys.SESSIONS, "vad")["pending"] == 1, 5,
+                         "session a released")
+    finally:
+        await bus.close()
+        client.close()
+
+
+async def test_vad_worker_killed_mid_session_is_replaced(workers, settings):
+    client = redis.Redis.from_url(settings.redis_url)
+    procs = [workers.start("vad"), workers.start("vad"), workers.start("stt")]
+    workers.wait_ready("vad", count=2)
+    workers.wait_ready("stt")
+    bus = Bus(settings)
+    try:
+        await bus.emit(SessionOpen(sid="k"))
+        pcm = jfk_with_tail(16000)
+        cut = int(3.0 * 16000)  # after "and so my fellow Americans"
+        await send_live(bus, "k", pcm[:cut], 16000)
+        await wait_until(lambda: transcripts(client, "k"), 10, "first transcript")
+
+        pending = client.xpending_range(keys.SESSIONS, "vad", "-", "+", 10)
+        owner_pid = int(pending[0]["consumer"].decode().split("-")[-2])
+        owner = next(p for p in procs if p.pid == owner_pid)
+        os.kill(owner.pid, signal.SIGKILL)
+        owner.wait()
+        killed_at = time.monotonic()
+
+        sending = asyncio.create_task(send_live(bus, "k", pcm[cut:], 16000))
+
+        def owner_now() -> str:
+            entries = client.xpending_range(keys.SESSIONS, "vad", "-", "+", 10)
+            return entries[0]["consumer"].decode() if entries else ""
+        await wait_until(lambda: f"-{owner_pid}-" not in owner_now(), 5, "takeover")
+        assert time.monotonic() - killed_at < 5  # claim_idle_s is 1.0 here
+        await sending
+        done = await wait_until(
+            lambda: [t for t in transcripts(client, "k") if t.end_s > 6], 10,
+            "a transcript after the takeover")
+        assert any(LAST_WORDS in re.sub(r"[^a-z ]", "", t.text.lower()) for t in done), done
+        assert metric(client, "vad", "s2s_stage_claimed_total") >= 1
+    finally:
+        await bus.close()
+        client.close()
