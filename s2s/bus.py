@@ -89,20 +89,46 @@ class Bus:
                 if fields is not None]
 
     async def claim_idle(self, stream: str, group: str, consumer: str, min_idle_ms: int,
-                         count: int = 10) -> list[Entry]:
-        """Take over entries another (dead) consumer left pending for min_idle_ms."""
+                         count: int = 10, start_id: bytes | str = b"0-0"
+                         ) -> tuple[bytes, list[Entry]]:
+        """Take over entries another (dead) consumer left pending for min_idle_ms.
+
+        Returns (cursor, entries): pass the cursor back as ``start_id`` next time.  Always
+        scanning from 0-0 would only ever look at the head of the pending list (XAUTOCLAIM
+        claims at most COUNT, and Redis 7 scans at most COUNT*10 entries), so with enough
+        live in-flight entries (or, on Redis 6.2, trimmed entries that stay pending) at the
+        head, a dead worker's entries further on would never be claimed."""
         res = await self.redis.xautoclaim(stream, group, consumer, min_idle_time=min_idle_ms,
-                                          start_id="0-0", count=count)
+                                          start_id=start_id, count=count)
+        cursor = res[0] if res else b"0-0"
         claimed = res[1] if res else []
-        return [(eid, fields.get(FIELD, b"")) for eid, fields in claimed if fields is not None]
+        return cursor, [(eid, fields.get(FIELD, b"")) for eid, fields in claimed
+                        if eid is not None and fields is not None]
 
     async def keep_alive(self, stream: str, group: str, consumer: str,
-                         entry_ids: Iterable[bytes]) -> None:
-        """Reset the idle time of entries we still work on, so nobody claims them."""
+                         entry_ids: Iterable[bytes]) -> list[bytes]:
+        """Reset the idle time of entries we still work on, so nobody claims them.
+
+        Returns the ids another consumer owns by now (it claimed them while this one
+        looked dead, e.g. a stalled event loop): those are *not* refreshed, since an
+        XCLAIM with min-idle 0 would silently steal them back and both consumers would
+        then work on (and, for a VAD session, own) the same entry."""
         ids = list(entry_ids)
-        if ids:
-            await self.redis.xclaim(stream, group, consumer, min_idle_time=0, message_ids=ids,
+        if not ids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for eid in ids:
+            pipe.xpending_range(stream, group, min=eid, max=eid, count=1)
+        owners = await pipe.execute()
+        mine, lost = [], []
+        for eid, rows in zip(ids, owners):
+            if not rows:
+                continue  # acked meanwhile (or Redis restarted empty): nothing to refresh
+            (mine if rows[0]["consumer"] == consumer.encode() else lost).append(eid)
+        if mine:  # JUSTID: does not count as a new delivery
+            await self.redis.xclaim(stream, group, consumer, min_idle_time=0, message_ids=mine,
                                     justid=True)
+        return lost
 
     async def ack(self, stream: str, group: str, entry_id: bytes) -> None:
         await self.redis.xack(stream, group, entry_id)

@@ -21,7 +21,7 @@ import httpx
 
 from . import config
 from .bus import Bus
-from .cli import STAGES
+from .cli import STAGES, load_stage
 from .proc import die_with_parent
 from .redis_server import RedisServer
 
@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="workers per stage, e.g. `stt=2,tts=2` (default one each) "
                              "[env S2S_WORKERS]")
     parser.add_argument("--stages", default=os.environ.get("S2S_STAGES", ",".join(STAGES)),
-                        help="stages to run (default all that are installed) [env S2S_STAGES]")
+                        help="stages to run (default all that are installed); an entry may also "
+                             "be module:Class for a custom Stage subclass [env S2S_STAGES]")
     parser.add_argument("--no-gateway", action="store_true",
                         help="run only the stage workers (e.g. when a gateway runs elsewhere)")
     parser.add_argument("--ready-timeout", type=float, default=300.0,
@@ -46,8 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class Child:
     name: str
     argv: list[str]
+    stage: str = ""  # the Stage's name (what its workers heartbeat as); "" for the gateway
     proc: asyncio.subprocess.Process | None = None
     restarts: list[float] = field(default_factory=list)
+    relay: asyncio.Task | None = None
 
 
 class Stack:
@@ -72,23 +75,33 @@ class Stack:
     def plan(self) -> list[Child]:
         counts = {s.strip(): 1 for s in self.args.stages.split(",") if s.strip()}
         for item in filter(None, (p.strip() for p in self.args.workers.split(","))):
-            stage, _, n = item.partition("=")
-            if stage not in STAGES or not n.isdigit():
+            stage, _, n = item.rpartition("=")
+            if (stage not in STAGES and ":" not in stage) or not n.isdigit():
                 raise SystemExit(f"--workers: expected STAGE=N with STAGE in {sorted(STAGES)}, "
                                  f"got {item!r}")
             counts[stage] = int(n)
         children = []
         for stage, n in counts.items():
-            if stage not in STAGES:
-                raise SystemExit(f"--stages: unknown stage {stage!r}; known: {sorted(STAGES)}")
-            module = STAGES[stage].split(":")[0]
-            if importlib.util.find_spec(module) is None:
+            if stage not in STAGES and ":" not in stage:
+                raise SystemExit(f"--stages: unknown stage {stage!r}; known: {sorted(STAGES)} "
+                                 f"or module:Class")
+            module = STAGES.get(stage, stage).split(":")[0]
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except ImportError:  # a missing parent package of a dotted custom module
+                found = False
+            if not found:
+                if stage not in STAGES:
+                    raise SystemExit(f"--stages: cannot find module {module!r} of {stage!r}")
                 self.say(f"stage {stage} is not installed here ({module}); skipping it")
                 continue
+            # A custom stage heartbeats under its class's `name`, not under its spec, so
+            # readiness needs that name (importing the class here is the price of a spec).
+            name = stage if stage in STAGES else load_stage(stage).name
             for i in range(n):
-                children.append(Child(f"{stage}-{i + 1}" if n > 1 else stage,
+                children.append(Child(f"{name}-{i + 1}" if n > 1 else name,
                                       [sys.executable, "-m", "s2s", "worker", stage,
-                                       "--metrics-port", "0"]))
+                                       "--metrics-port", "0"], stage=name))
         if not self.args.no_gateway:
             children.append(Child("gateway", [sys.executable, "-m", "s2s", "gateway",
                                               "--host", self.settings.host,
@@ -99,7 +112,7 @@ class Stack:
         child.proc = await asyncio.create_subprocess_exec(
             *child.argv, env=self.env, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT, preexec_fn=die_with_parent)
-        asyncio.create_task(self.relay(child, child.proc))
+        child.relay = asyncio.create_task(self.relay(child, child.proc))
 
     async def relay(self, child: Child, proc: asyncio.subprocess.Process) -> None:
         """Prefix each child's log lines with its name."""
@@ -111,10 +124,14 @@ class Stack:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self.stopping.set)
+            loop.add_signal_handler(sig, self._on_signal, sig)
         try:
             if not self.settings.redis_url:
-                self.redis = RedisServer().start()
+                try:
+                    self.redis = RedisServer().start()
+                except RuntimeError as e:  # no binary, or it would not start: say so plainly
+                    self.say(f"cannot start a private Redis: {e}")
+                    return 1
                 self.env["S2S_REDIS_URL"] = self.settings.redis_url = self.redis.url
                 self.say(f"started a private Redis at {self.redis.url}")
             else:
@@ -128,13 +145,22 @@ class Stack:
             self.say("starting " + ", ".join(c.name for c in self.children) +
                      " (models load in the background)…")
             if not await self.wait_ready():
-                return 1
+                # asked to stop while loading (Ctrl-C/SIGTERM) is a clean stop, not a failure
+                return 0 if self.stopping.is_set() else 1
             return await self.supervise()
         finally:
             await self.shutdown()
 
+    def _on_signal(self, sig: int) -> None:
+        if self.stopping.is_set():  # a second Ctrl-C: do not wait for the grace period
+            self.say(f"second {signal.Signals(sig).name}: killing every child now")
+            for child in self.children:
+                if child.proc and child.proc.returncode is None:
+                    child.proc.kill()
+        self.stopping.set()
+
     def wanted_stages(self) -> set[str]:
-        return {c.argv[4] for c in self.children if c.name != "gateway"}
+        return {c.stage for c in self.children if c.stage}
 
     async def wait_ready(self) -> bool:
         bus = Bus(self.settings)
@@ -146,6 +172,8 @@ class Stack:
                 while not self.stopping.is_set():
                     for child in self.children:
                         if child.proc and child.proc.returncode is not None:
+                            if child.relay:  # its last lines (the reason) first
+                                await asyncio.wait({child.relay}, timeout=2)
                             self.say(f"{child.name} exited with code {child.proc.returncode} "
                                      f"while starting; stopping (see its log above)")
                             return False
@@ -207,14 +235,20 @@ class Stack:
             self.say("stopping " + ", ".join(c.name for c in running) + "…")
         for child in running:
             child.proc.send_signal(signal.SIGTERM)
-        deadline = self.settings.shutdown_grace_s + 5
+        # one deadline for all (before, each child got the whole grace period in turn)
+        deadline = time.monotonic() + self.settings.shutdown_grace_s + 5
         for child in running:
             try:
-                await asyncio.wait_for(child.proc.wait(), max(0.1, deadline))
+                await asyncio.wait_for(child.proc.wait(),
+                                       max(0.1, deadline - time.monotonic()))
             except asyncio.TimeoutError:
                 self.say(f"{child.name} did not stop in time; killing it")
                 child.proc.kill()
                 await child.proc.wait()
+        # let the relays print the children's last lines (e.g. why one failed at start)
+        relays = [c.relay for c in self.children if c.relay and not c.relay.done()]
+        if relays:
+            await asyncio.wait(relays, timeout=2)
         if self.redis:
             self.redis.stop()
         self.say("stopped")

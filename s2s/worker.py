@@ -56,6 +56,7 @@ class Runtime:
         self.loaded = False
         self.redis_ok = False
         self.metrics_url = ""
+        self.claim_cursor: bytes = b"0-0"
 
     # --- life cycle ----------------------------------------------------------------------
     async def run(self) -> None:
@@ -132,9 +133,11 @@ class Runtime:
                 entries = []
                 if time.monotonic() - last_claim > self.settings.claim_idle_s / 2:
                     last_claim = time.monotonic()
-                    entries = await self.bus.claim_idle(
+                    # resume the scan where the last one stopped (see Bus.claim_idle)
+                    self.claim_cursor, entries = await self.bus.claim_idle(
                         self.stream, self.group, self.consumer,
-                        int(self.settings.claim_idle_s * 1000), count=free)
+                        int(self.settings.claim_idle_s * 1000), count=free,
+                        start_id=self.claim_cursor)
                     entries = [e for e in entries if e[0] not in self.inflight]
                     if entries:
                         metrics.CLAIMED.labels(self.name).inc(len(entries))
@@ -216,6 +219,13 @@ class Runtime:
             watch = asyncio.create_task(self._watch_turn(frame))
             try:
                 done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                # This item itself is cancelled (shutdown grace over, second signal, entry
+                # lost to another worker): cancel the stage's work too.  Before, `work` kept
+                # running on its own and could emit outputs after the entry was left pending
+                # for another worker, or after the bus was closed.
+                work.cancel()
+                raise
             finally:
                 if not work.done() and watch.done():
                     work.cancel()
@@ -269,6 +279,9 @@ class Runtime:
                     return
                 await asyncio.sleep(backoff)
                 backoff *= 2
+            except ResponseError as e:  # NOGROUP: Redis restarted empty, nothing left to ack;
+                log.warning("could not ack %s: %s", entry_id, e)  # must not end the task
+                return                                            # with an unretrieved error
 
     # --- background ------------------------------------------------------------------------
     async def _heartbeat(self) -> None:
@@ -276,8 +289,8 @@ class Runtime:
             try:
                 if not self.stopping.is_set():
                     await self.bus.heartbeat(self.name, self.consumer, self.metrics_url)
-            except REDIS_DOWN:
-                pass
+            except Exception as e:  # any error (not only a lost connection) must not end the
+                log.debug("heartbeat: %s", e)  # loop: the worker would look dead for good
             await asyncio.sleep(1)
 
     async def _keep_alive(self) -> None:
@@ -285,12 +298,22 @@ class Runtime:
         while True:
             await asyncio.sleep(self.settings.claim_idle_s / 3)
             try:
-                await self.bus.keep_alive(self.stream, self.group, self.consumer,
-                                          self.owned_ids())
+                lost = await self.bus.keep_alive(self.stream, self.group, self.consumer,
+                                                 self.owned_ids())
             except REDIS_DOWN:
-                pass
-            except ResponseError as e:
-                log.debug("keep-alive: %s", e)
+                continue
+            except Exception as e:  # NOGROUP etc.: an unexpected error must not end the loop,
+                log.debug("keep-alive: %s", e)  # or every in-flight entry gets stolen
+                continue
+            for entry_id in lost:
+                # Another worker claimed it while this one looked dead (event loop stalled
+                # past claim_idle_s).  It now does the work (or owns the session): stop ours
+                # instead of stealing it back, so no entry has two owners.
+                task = self.inflight.get(entry_id)
+                if task and not task.done():
+                    log.warning("entry %s was taken over by another worker: dropping ours",
+                                entry_id.decode())
+                    task.cancel()
 
     def owned_ids(self) -> list[bytes]:
         return list(self.inflight)
@@ -328,7 +351,14 @@ class SessionRuntime(Runtime):
             return
         sid = opened.sid
         session = self.stage.open_session(opened)
-        position = (await self.bus.redis.get(keys.vad_pos(sid))) or b"0-0"
+        try:
+            position = (await self.bus.redis.get(keys.vad_pos(sid))) or b"0-0"
+        except REDIS_DOWN as e:
+            # Not acked and no longer in flight (so no longer kept fresh): the entry is
+            # claimed again after claim_idle_s, by this worker or another.
+            log.warning("Redis lost while opening a session (%s); it will be retried", e,
+                        extra={"sid": sid})
+            return
         log.info("owning session", extra={"sid": sid, "resume_from": position.decode()})
         idle_since = time.monotonic()
         while not self.stopping.is_set():

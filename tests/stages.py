@@ -19,3 +19,11 @@ class EchoStage(Stage):
         await asyncio.sleep(self.delay)
         yield Notice(sid=frame.sid, turn=frame.turn, marks=dict(frame.marks), event="echo",
                      message=frame.text)
+
+
+class FailingStage(Stage):
+    """A stage whose model never loads (for `s2s up` failing at start)."""
+    name = "failing"
+
+    def setup(self) -> None:
+        raise RuntimeError("this test stage fails on purpose while loading")

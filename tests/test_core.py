@@ -4,15 +4,22 @@ stale turns, Redis restarts."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import signal
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 
 import msgspec
 import pytest
 import redis
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 
-from s2s import config, keys
+from s2s import cli, config, keys
 from s2s.bus import FIELD, Bus, routes
 from s2s.frames import (SAMPLE_RATES, Audio, FrameError, Notice, ReplyAudio, ReplyText, SessionOpen,
                         Transcript, Utterance, decode, encode)
@@ -216,6 +223,189 @@ def test_worker_survives_redis_restart(workers, tmp_path):
         assert proc.poll() is None
     finally:
         server.stop()
+
+
+def _wait_pending(url: str, n: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while _pending(url)["pending"] < n and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _pending(url)["pending"] >= n
+
+
+def test_sigterm_lets_in_flight_work_finish_and_ack(workers, redis_url):
+    proc = workers.start(ECHO, env={"S2S_TEST_DELAY_S": "1.0"})
+    workers.wait_ready("echo")
+    _send(redis_url, Transcript(sid="g", text="finish me"))
+    _wait_pending(redis_url, 1)  # read, in flight
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 0, workers.log(proc)
+    assert [f.message for f in _wait_out(redis_url, "g", timeout=0.1)] == ["finish me"]
+    assert _pending(redis_url)["pending"] == 0  # acked before exiting
+    assert "finishing in-flight work" in workers.log(proc)
+
+
+def test_sigterm_past_the_grace_period_leaves_the_entry_pending(workers, redis_url):
+    proc = workers.start(ECHO, env={"S2S_TEST_DELAY_S": "30", "S2S_SHUTDOWN_GRACE_S": "0.5"})
+    workers.wait_ready("echo")
+    _send(redis_url, Transcript(sid="p", text="too slow"))
+    _wait_pending(redis_url, 1)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 0, workers.log(proc)
+    assert time.monotonic() - t0 < 5
+    assert _pending(redis_url)["pending"] == 1  # not acked: another worker will claim it
+    assert _wait_out(redis_url, "p", timeout=0.1) == []
+
+
+def test_live_long_work_is_kept_alive_and_never_claimed(workers, redis_url):
+    a = workers.start(ECHO, env={"S2S_TEST_DELAY_S": "5"})  # > claim_idle_s * 3
+    workers.wait_ready("echo")
+    b = workers.start(ECHO)
+    _send(redis_url, Transcript(sid="k", text="long"))
+    _wait_pending(redis_url, 1)  # only A is reading yet
+    workers.wait_ready("echo", count=2)
+    r = redis.Redis.from_url(redis_url)
+    owners, deliveries = set(), set()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        rows = r.xpending_range("s2s:echo", "echo", min="-", max="+", count=10)
+        if not rows:
+            break
+        owners |= {row["consumer"] for row in rows}
+        deliveries |= {row["times_delivered"] for row in rows}
+        time.sleep(0.1)
+    assert len(owners) == 1 and deliveries == {1}  # never moved to B, never re-delivered
+    time.sleep(1.5)  # B had every chance to claim and re-run it
+    assert [f.message for f in _wait_out(redis_url, "k", timeout=0.1)] == ["long"]
+    assert "claimed" not in workers.log(b)
+    assert a.poll() is None and b.poll() is None
+
+
+def test_concurrency_limit_bounds_items_in_flight(workers, redis_url):
+    workers.start(ECHO, env={"S2S_TEST_DELAY_S": "1", "S2S_CONCURRENCY": "2"})
+    workers.wait_ready("echo")
+    t0 = time.monotonic()
+    _send(redis_url, *[Transcript(sid="c", text=str(i)) for i in range(4)])
+    most = 0
+    while time.monotonic() - t0 < 15:
+        most = max(most, _pending(redis_url)["pending"])
+        if len(_wait_out(redis_url, "c", n=4, timeout=0)) == 4:
+            break
+        time.sleep(0.02)
+    elapsed = time.monotonic() - t0
+    assert sorted(f.message for f in _wait_out(redis_url, "c", n=4)) == ["0", "1", "2", "3"]
+    assert most == 2  # two at once, never more
+    assert elapsed >= 1.9  # so two rounds of 1 s, not one round of four
+
+
+def _metrics_url(url: str, stage: str, timeout: float = 5) -> str:
+    r = redis.Redis.from_url(url)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for member in r.zrange(keys.WORKERS, 0, -1):
+            name, _, metrics_url = member.decode().split("|", 2)
+            if name == stage:
+                return metrics_url
+        time.sleep(0.05)
+    raise AssertionError(f"no {stage} worker in {keys.WORKERS}")
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_worker_serves_healthz_and_metrics(workers, redis_url):
+    workers.start(ECHO)
+    workers.wait_ready("echo")
+    base = _metrics_url(redis_url, "echo")
+    status, body = _get(base + "/healthz")
+    health = json.loads(body)
+    assert status == 200 and health["stage"] == "echo" and health["model_loaded"] and health["redis"]
+    _send(redis_url, Transcript(sid="m", text="count me"))
+    assert _wait_out(redis_url, "m")
+
+    def items_ok(text: str) -> float | None:  # label order in the text is not fixed
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "s2s_stage_items_total" and \
+                        sample.labels == {"stage": "echo", "outcome": "ok"}:
+                    return sample.value
+        return None
+
+    deadline = time.monotonic() + 5
+    while True:  # counted just after the output is written
+        status, body = _get(base + "/metrics")
+        value = items_ok(body.decode())
+        if value or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert status == 200 and value == 1.0, body.decode()[-2000:]
+    assert _get(base + "/nope")[0] == 404
+
+
+def _s2s(*args: str, env: dict | None = None) -> subprocess.Popen:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("S2S_")}
+    return subprocess.Popen([sys.executable, "-m", "s2s", *args], cwd=ROOT, env={**clean, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_worker_without_redis_url_exits_with_a_clear_message():
+    proc = _s2s("worker", ECHO)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode != 0
+    assert b"S2S_REDIS_URL is not set" in err, err.decode()[-2000:]
+
+
+def test_help_of_every_command():
+    procs = {"": _s2s("--help")} | {cmd: _s2s(cmd, "--help") for cmd in cli.COMMANDS}
+    for cmd, proc in procs.items():
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, (cmd, err.decode()[-2000:])
+        assert b"usage: s2s" in out, cmd
+
+
+# --- bus: claiming and keep-alive ---------------------------------------------------------
+async def test_claim_scan_moves_past_live_and_trimmed_entries(settings):
+    bus = Bus(settings)
+    try:
+        await bus.ensure_group("s2s:cl", "g")
+        ids = [await bus.redis.xadd("s2s:cl", {FIELD: b"x"}) for _ in range(15)]
+        await bus.read_group("s2s:cl", "g", "live", 14, 0)  # live worker's, fresh
+        await bus.read_group("s2s:cl", "g", "dead", 1, 0)   # the last one: a dead worker's
+        await bus.redis.xclaim("s2s:cl", "g", "dead", 0, [ids[-1]], idle=60_000, justid=True)
+        await bus.redis.xclaim("s2s:cl", "g", "live", 0, [ids[0]], idle=60_000, justid=True)
+        await bus.redis.xdel("s2s:cl", ids[0])  # trimmed away while pending (MAXLEN)
+        cursor, got = b"0-0", []
+        for _ in range(5):
+            cursor, entries = await bus.claim_idle("s2s:cl", "g", "me", 10_000, count=1,
+                                                   start_id=cursor)
+            got += [eid for eid, _ in entries]
+            if ids[-1] in got:
+                break
+        assert got == [ids[-1]]  # reached, although 14 others come first
+    finally:
+        await bus.close()
+
+
+async def test_keep_alive_never_steals_back_a_claimed_entry(settings):
+    bus = Bus(settings)
+    try:
+        await bus.ensure_group("s2s:ka", "g")
+        a, b = [await bus.redis.xadd("s2s:ka", {FIELD: b"x"}) for _ in range(2)]
+        await bus.read_group("s2s:ka", "g", "A", 2, 0)
+        await bus.redis.xclaim("s2s:ka", "g", "B", 0, [b], justid=True)  # B took it over
+        await asyncio.sleep(0.05)
+        assert await bus.keep_alive("s2s:ka", "g", "A", [a, b]) == [b]
+        rows = {r["message_id"]: r for r in
+                await bus.redis.xpending_range("s2s:ka", "g", min="-", max="+", count=10)}
+        assert rows[a]["consumer"] == b"A" and rows[a]["time_since_delivered"] < 50
+        assert rows[b]["consumer"] == b"B"  # still B's
+    finally:
+        await bus.close()
 
 
 def test_readme_configuration_table_is_current():

@@ -16,7 +16,7 @@ from s2s.redis_server import free_port
 
 from .conftest import ROOT
 
-pytestmark = pytest.mark.slow
+ECHO = "tests.stages:EchoStage"
 
 
 def descendants(pid: int) -> set[int]:
@@ -44,6 +44,7 @@ def alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_up_reports_ready_serves_healthz_and_stops_cleanly(tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("S2S_")}
@@ -76,3 +77,80 @@ def test_up_reports_ready_serves_healthz_and_stops_cleanly(tmp_path):
         if proc.poll() is None:
             proc.kill()
         log.close()
+
+
+# --- quick ones: a model-free custom stage (module:Class) instead of the real models --------
+def _up(tmp_path, *args: str) -> tuple[subprocess.Popen, Path]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("S2S_")}
+    log = tmp_path / "up.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "s2s", "up", "--no-gateway",
+                                 "--shutdown-grace-s", "2", *args], cwd=ROOT,
+                                env={**env, "PYTHONUNBUFFERED": "1"}, stdout=out,
+                                stderr=subprocess.STDOUT)
+    return proc, log
+
+
+def _wait_ready(proc: subprocess.Popen, log: Path, timeout: float = 25) -> None:
+    deadline = time.monotonic() + timeout
+    while "ready: redis://" not in log.read_text():
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, "no ready line:\n" + log.read_text()[-3000:]
+        time.sleep(0.1)
+
+
+def _all_gone(pids: set[int], timeout: float = 15) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while [p for p in pids if alive(p)] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [p for p in pids if alive(p)]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_up_stops_everything_on_sigterm_and_sigint(tmp_path, sig):
+    proc, log = _up(tmp_path, "--stages", ECHO)
+    try:
+        _wait_ready(proc, log)
+        family = descendants(proc.pid)
+        assert len(family) >= 2  # redis and the echo worker
+        proc.send_signal(sig)
+        assert proc.wait(20) == 0, log.read_text()
+        assert _all_gone(family) == []
+        assert "echo worker stopped" in log.read_text()  # stopped gracefully, not killed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_up_killed_leaves_no_orphans(tmp_path):
+    proc, log = _up(tmp_path, "--stages", ECHO)
+    try:
+        _wait_ready(proc, log)
+        family = descendants(proc.pid)
+        assert len(family) >= 2
+        proc.kill()  # SIGKILL: no chance to clean up; PDEATHSIG must stop the children
+        proc.wait()
+        assert _all_gone(family) == [], log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_up_stops_with_a_clear_message_when_a_child_fails_at_start(tmp_path):
+    proc, log = _up(tmp_path, "--stages", f"{ECHO},tests.stages:FailingStage")
+    try:
+        assert proc.wait(25) != 0
+        text = log.read_text()
+        assert "failing exited with code" in text and "while starting" in text, text
+        assert "fails on purpose" in text  # the child's own reason is shown too
+        assert "ready:" not in text
+        assert "stopped" in text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_up_rejects_an_unknown_stage(tmp_path):
+    proc, log = _up(tmp_path, "--stages", "nosuchstage")
+    assert proc.wait(20) != 0
+    assert "unknown stage 'nosuchstage'" in log.read_text()
