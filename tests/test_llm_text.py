@@ -1,0 +1,123 @@
+"""Unit tests of the LLM stage's text handling: chunking, speakable text, history."""
+
+from __future__ import annotations
+
+import re
+
+from hypothesis import given, settings, strategies as st
+
+from services.llm import history
+from services.llm.chunker import Chunker, chunks_of
+from services.llm.speakable import speakable
+from services.llm.backends.openai_compat import parse_sse
+
+
+# --- chunker ---------------------------------------------------------------------------
+def test_first_chunk_at_a_clause_then_whole_sentences():
+    text = ("Well, the capital of France, as you know, is Paris. It is a lovely city, "
+            "with many museums! Would you like to know more?")
+    assert chunks_of(text) == ["Well, the capital of France,", "as you know, is Paris.",
+                               "It is a lovely city, with many museums!",
+                               "Would you like to know more?"]
+
+
+def test_no_cut_inside_numbers_abbreviations_initials_or_code():
+    text = "Dr. Smith paid 3.50 dollars, e.g. for J. R. R. Tolkien books. ```x = 1. y = 2``` Done."
+    assert chunks_of(text) == ["Dr. Smith paid 3.50 dollars,",
+                               "e.g. for J. R. R. Tolkien books.", "```x = 1. y = 2``` Done."]
+
+
+def test_line_breaks_end_chunks_and_long_runs_are_cut():
+    assert chunks_of("Here:\n- one\n- two") == ["Here:", "- one", "- two"]
+    words = " ".join(f"w{i}" for i in range(100))
+    chunks = chunks_of(words, max_words=40)
+    assert [len(c.split()) for c in chunks] == [40, 40, 20]
+
+
+def test_chunks_come_as_soon_as_the_boundary_is_known():
+    c = Chunker()
+    assert c.feed("The capital of France") == []
+    assert c.feed(" is Paris.") == []          # "." might be "Paris.com": wait for more
+    assert c.feed(" It") == ["The capital of France is Paris."]
+    assert c.flush() == "It"
+
+
+_texts = st.text(alphabet=st.sampled_from(list("abc XY,.!?;:\n`'-\"123")), max_size=200)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_texts, st.lists(st.integers(min_value=1, max_value=7), min_size=1, max_size=60))
+def test_chunks_do_not_depend_on_how_tokens_split_the_text(text, cuts):
+    c, out, i = Chunker(), [], 0
+    for n in cuts * (len(text) // max(1, sum(cuts)) + 1):
+        out += c.feed(text[i:i + n])
+        i += n
+    rest = c.flush()
+    assert out + ([rest] if rest else []) == chunks_of(text)
+    # and nothing is lost or reordered
+    assert "".join(chunks_of(text)).split() == "".join(text.split("\n")).split() or \
+        " ".join(chunks_of(text)).split() == text.split()
+
+
+# --- speakable ---------------------------------------------------------------------------
+def test_markdown_lists_code_urls_and_emoji_are_removed():
+    assert speakable("**Paris** is the _capital_ of France 🇫🇷😀!") == \
+        "Paris is the capital of France!"
+    assert speakable("# Fruits\n- apples\n- pears\n1. plums") == "Fruits. apples. pears. plums"
+    assert speakable("See [the docs](https://x.io/a) or https://example.com/p?q=1 now.") == \
+        "See the docs or now."
+    assert speakable("Run `make`:\n```bash\nrm -rf /\n```\nDone.") == "Run make: Done."
+    assert speakable("Hello <b>there</b> ✨ friend ❤️.") == "Hello there friend."
+    assert speakable("snake_case_name and ~~old~~ text") == "snake case name and old text"
+
+
+def test_nothing_speakable_gives_empty_text():
+    for text in ["👍", "```python\nprint(1)", "---", "- ", "https://example.com", "** **"]:
+        assert speakable(text) == ""
+
+
+def test_plain_sentences_are_unchanged():
+    for text in ["The capital of France is Paris.", "Yes, it's 3.5 km away; about 10 minutes!",
+                 "Don't worry (really), it's fine?"]:
+        assert speakable(text) == text
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=200))
+def test_speakable_output_is_clean_and_stable(text):
+    out = speakable(text)
+    assert "\n" not in out and "```" not in out and "**" not in out and "http" not in out.lower()
+    assert not re.search("[\U0001F300-\U0001FAFF#*`]", out)
+    assert out == out.strip()
+    assert speakable(out) == out
+
+
+# --- history -----------------------------------------------------------------------------
+def test_history_merges_unanswered_user_text_and_replaces_reruns():
+    ctx = history.start_turn(None, 1, "Hi, my name is Anna.", 6)
+    ctx = history.set_reply(ctx, 1, "Nice to meet you.")
+    ctx = history.set_reply(ctx, 1, "Nice to meet you. How can I help?")
+    ctx = history.start_turn(ctx, 2, "What is", 6)        # superseded before any reply
+    ctx = history.start_turn(ctx, 3, "my name?", 6)
+    ctx = history.start_turn(ctx, 3, "my name?", 6)        # a re-run of turn 3
+    assert history.messages(ctx, "SYS") == [
+        {"role": "system", "content": "SYS"},
+        {"role": "user", "content": "Hi, my name is Anna."},
+        {"role": "assistant", "content": "Nice to meet you. How can I help?"},
+        {"role": "user", "content": "What is my name?"}]
+
+
+def test_history_keeps_the_last_exchanges_and_survives_garbage():
+    ctx = None
+    for turn in range(10):
+        ctx = history.start_turn(ctx, turn, f"q{turn}", 3)
+        ctx = history.set_reply(ctx, turn, f"a{turn}")
+    assert [m["content"] for m in history.messages(ctx, "")] == ["q7", "a7", "q8", "a8", "q9", "a9"]
+    assert history.start_turn({"history": "oops"}, 1, "hi", 3) == \
+        {"history": [{"role": "user", "content": "hi", "turn": 1}]}
+
+
+def test_sse_lines():
+    assert parse_sse('data: {"choices":[{"delta":{"content":"Hi"}}]}') == "Hi"
+    assert parse_sse("data: [DONE]") == parse_sse(": ping") == parse_sse("data: {bad") == ""
+    assert parse_sse('data: {"choices":[{"delta":{"role":"assistant"}}]}') == ""
