@@ -66,8 +66,8 @@ class Settings:
     llm_model: str = opt("", "Model folder, GGUF file or hub id. Empty: the bundled "
                              "SmolLM2-135M-Instruct.", "llm")
     llm_system_prompt: str = opt(
-        "You are a friendly voice assistant. Answer in one or two short spoken sentences. "
-        "Never use lists, markdown, code or emoji.",
+        "You are a helpful assistant talking with the user by voice. Remember what the user "
+        "tells you. Answer in one or two short, plain sentences.",
         "System prompt of every conversation.", "llm")
     llm_max_tokens: int = opt(80, "Most tokens in one reply.", "llm")
     llm_temperature: float = opt(0.0, "Sampling temperature (0: greedy, so a re-run after a crash "

@@ -15,8 +15,7 @@ from s2s.frames import ReplyText, Transcript
 from s2s.worker import Runtime
 
 # SmolLM2-135M needs a plain, explicit prompt to answer facts and use the context
-SYSTEM = ("You are a helpful assistant talking with the user by voice. Remember what the user "
-          "tells you. Answer in one or two short, plain sentences.")
+SYSTEM = config.Settings().llm_system_prompt  # the default prompt, as users get it
 
 
 def llm_settings(redis_url: str, backend: str, **extra) -> config.Settings:
