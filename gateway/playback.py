@@ -1,0 +1,192 @@
+"""What one client session is sent, decided from the frames of its output stream.
+
+``Playback.feed(frame)`` returns the messages to send (dicts for JSON events, bytes
+for reply audio) and keeps the per-turn state: frames of older turns are dropped,
+a newer turn starts a fresh state (and an ``interrupt`` when a reply of the old
+turn was pending, being sent or still playing on the client), reply text and audio
+are released in (seq, chunk) order with duplicates dropped.  No I/O here, so the
+ordering rules are tested without Redis or sockets.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Union
+
+import numpy as np
+
+from s2s import metrics
+from s2s.frames import Frame, Notice, ReplyAudio, ReplyText, SpeechStarted, Transcript
+
+log = logging.getLogger("s2s.gateway")
+
+Message = Union[dict, bytes]
+GAP_TIMEOUT_S = 10.0     # a missing piece this long while later ones wait: skip it
+PLAYBACK_MARGIN_S = 0.5  # client-side buffering allowed for when guessing "still playing"
+MAX_BUFFERED = 4000      # frames held back per turn (a runaway producer cannot grow memory)
+
+
+def latency_ms(frame: Frame, now: float) -> float | None:
+    end = frame.marks.get("speech_end")
+    return round((now - end) * 1000, 1) if end else None
+
+
+class TurnState:
+    def __init__(self, turn: int):
+        self.turn = turn
+        self.speech_sent = False
+        self.transcript_sent = False
+        self.reply_seen = False           # any reply text/audio of this turn arrived
+        self.text_next = 0
+        self.text_buf: dict[int, ReplyText] = {}
+        self.text_done = False
+        self.audio_next = (0, 0)
+        self.audio_buf: dict[tuple[int, int], ReplyAudio] = {}
+        self.blocked_since: float | None = None  # buffered pieces wait for a missing one
+        self.audio_sr = 0                 # rate announced in audio_start (0: not started)
+        self.audio_t0 = 0.0
+        self.audio_s = 0.0                # seconds of audio sent
+        self.done = False                 # reply_done sent
+
+    def playing(self, now: float) -> bool:
+        """A reply is pending, being sent, or (estimated) still playing on the client."""
+        if not self.reply_seen:
+            return False
+        if not self.done:
+            return True
+        return bool(self.audio_sr) and now < self.audio_t0 + self.audio_s + PLAYBACK_MARGIN_S
+
+
+class Playback:
+    def __init__(self, turn: int = 0, clock: Callable[[], float] = time.time):
+        self.clock = clock
+        self.t = TurnState(turn)
+        self.dropped = 0  # stale or duplicate frames
+
+    @property
+    def turn(self) -> int:
+        return self.t.turn
+
+    # --- frames in, messages out -------------------------------------------------------
+    def feed(self, frame: Frame) -> list[Message]:
+        out: list[Message] = []
+        if frame.turn < self.t.turn:
+            self.dropped += 1
+            return out
+        if frame.turn > self.t.turn:
+            self._advance(frame.turn, out)
+        t = self.t
+        now = self.clock()
+        if isinstance(frame, SpeechStarted):
+            if not t.speech_sent:
+                t.speech_sent = True
+                out.append({"type": "speech_started", "turn": t.turn, "at_s": frame.at_s})
+        elif isinstance(frame, Transcript):
+            if not t.transcript_sent:
+                t.transcript_sent = True
+                out.append({"type": "transcript", "turn": t.turn, "text": frame.text,
+                            "start_s": frame.start_s, "end_s": frame.end_s})
+                self._observe(metrics.FIRST_TRANSCRIPT, frame, now)
+            else:
+                self.dropped += 1
+        elif isinstance(frame, ReplyText):
+            self._text(frame, out, now)
+        elif isinstance(frame, ReplyAudio):
+            self._audio(frame, out, now)
+        elif isinstance(frame, Notice):
+            if frame.event == "error":
+                out.append({"type": "error", "code": "stage_error", "message": frame.message,
+                            "turn": frame.turn})
+            else:
+                out.append({"type": "notice", "event": frame.event, "message": frame.message,
+                            "turn": frame.turn})
+        return out
+
+    def check_gaps(self) -> list[Message]:
+        """Skip a piece that never came (a lost entry) so the reply goes on."""
+        out: list[Message] = []
+        t = self.t
+        if t.audio_buf and t.blocked_since is not None and \
+                self.clock() - t.blocked_since > GAP_TIMEOUT_S:
+            skip_to = min(t.audio_buf)
+            log.warning("reply audio piece %s never came: skipping to %s", t.audio_next, skip_to,
+                        extra={"turn": t.turn})
+            t.audio_next = skip_to
+            self._release_audio(out, self.clock())
+        return out
+
+    # --- internals ---------------------------------------------------------------------------
+    def _advance(self, turn: int, out: list[Message]) -> None:
+        if self.t.playing(self.clock()):
+            out.append({"type": "interrupt", "turn": turn})
+            metrics.INTERRUPTS.inc()
+        self.t = TurnState(turn)
+
+    def _observe(self, histogram, frame: Frame, now: float) -> float | None:
+        ms = latency_ms(frame, now)
+        if ms is not None and ms >= 0:
+            histogram.observe(ms / 1000)
+        return ms
+
+    def _text(self, frame: ReplyText, out: list[Message], now: float) -> None:
+        t = self.t
+        t.reply_seen = True
+        if t.text_done or frame.seq < t.text_next or frame.seq in t.text_buf or \
+                len(t.text_buf) >= MAX_BUFFERED:
+            self.dropped += 1
+            return
+        t.text_buf[frame.seq] = frame
+        while t.text_next in t.text_buf:
+            f = t.text_buf.pop(t.text_next)
+            if t.text_next == 0:
+                self._observe(metrics.FIRST_REPLY_TEXT, f, now)
+            out.append({"type": "reply_text", "turn": t.turn, "seq": f.seq, "text": f.text,
+                        "final": f.final})
+            t.text_next += 1
+            if f.final:
+                t.text_done = True
+                t.text_buf.clear()
+
+    def _audio(self, frame: ReplyAudio, out: list[Message], now: float) -> None:
+        t = self.t
+        t.reply_seen = True
+        key = (frame.seq, frame.chunk)
+        if t.done or key < t.audio_next or key in t.audio_buf or \
+                len(t.audio_buf) >= MAX_BUFFERED:
+            self.dropped += 1
+            return
+        t.audio_buf[key] = frame
+        self._release_audio(out, now)
+        if t.audio_buf and t.blocked_since is None:
+            t.blocked_since = now
+
+    def _release_audio(self, out: list[Message], now: float) -> None:
+        t = self.t
+        while t.audio_next in t.audio_buf:
+            t.blocked_since = None
+            f = t.audio_buf.pop(t.audio_next)
+            if f.pcm:
+                if not t.audio_sr:
+                    t.audio_sr, t.audio_t0 = f.sr, now
+                    ms = self._observe(metrics.VOICE_TO_VOICE, f, now)
+                    if ms is not None and ms >= 0:
+                        metrics.FIRST_AUDIO.observe(ms / 1000)
+                    out.append({"type": "audio_start", "turn": t.turn, "sample_rate": f.sr,
+                                "voice_to_voice_ms": ms})
+                pcm = f.pcm if f.sr == t.audio_sr else resample(f.pcm, f.sr, t.audio_sr)
+                t.audio_s += len(pcm) / 2 / t.audio_sr
+                out.append(pcm)
+            if f.final:
+                t.done = True
+                t.audio_buf.clear()
+                out.append({"type": "reply_done", "turn": t.turn})
+                return
+            t.audio_next = (f.seq + 1, 0) if f.last else (f.seq, f.chunk + 1)
+
+
+def resample(pcm: bytes, sr: int, to_sr: int) -> bytes:
+    """A piece at another rate than the turn's first (mixed voices): convert it."""
+    import soxr
+
+    return soxr.resample(np.frombuffer(pcm, np.int16), sr, to_sr).astype(np.int16).tobytes()

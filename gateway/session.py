@@ -1,0 +1,372 @@
+"""One client WebSocket session (the protocol is in docs/protocol.md).
+
+The receive loop validates the client's messages (hello, audio, bye) and XADDs
+``Audio`` frames; one reader task per session XREADs the session's output stream
+``s2s:out:{sid}`` and sends what ``Playback`` decides.  Every client mistake ends
+in an ``error`` event (and, when fatal or repeated, a clean close); nothing a
+client sends can raise out of here or touch another session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from starlette.websockets import WebSocket
+
+from s2s import keys, metrics
+from s2s.bus import FIELD, Bus
+from s2s.config import Settings
+from s2s.frames import SAMPLE_RATES, Audio, FrameError, SessionEnd, SessionOpen, decode
+from s2s.worker import REDIS_DOWN
+
+from .playback import Playback
+
+log = logging.getLogger("s2s.gateway")
+
+SID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+DEFAULT_OUT_SR = 22050      # the default voice's own rate
+HELLO_TIMEOUT_S = 10.0
+STRIKES = 10                # rejected messages within STRIKE_WINDOW_S that end a session
+STRIKE_WINDOW_S = 10.0
+RATE_WINDOW_S = 2.0         # max_audio_rate is averaged over this long
+RESUME_WAIT_S = 5.0         # how long a resume waits for the old VAD owner to let go
+REPLAY_SCAN = 500           # output entries a resume looks back for the current turn
+
+# close codes
+NORMAL, UNSUPPORTED, POLICY, INTERNAL, TRY_LATER = 1000, 1003, 1008, 1011, 1013
+
+
+class Reject(Exception):
+    """A client message refused; ``close`` is the close code when it ends the session."""
+
+    def __init__(self, code: str, message: str, close: int | None = None):
+        super().__init__(message)
+        self.code, self.message, self.close = code, message, close
+
+
+class ClientSession:
+    def __init__(self, ws: WebSocket, bus: Bus, settings: Settings,
+                 sessions: dict[str, "ClientSession"]):
+        self.ws = ws
+        self.bus = bus
+        self.settings = settings
+        self.sessions = sessions          # this gateway's open sessions, by sid
+        self.sid = ""
+        self.in_sr = 16000
+        self.out_sr = DEFAULT_OUT_SR
+        self.opened = False               # ready sent, counted in ACTIVE_SESSIONS
+        self.replaced = False             # a newer connection resumed this sid
+        self.closed = False
+        self.task: asyncio.Task | None = None
+        self.reader: asyncio.Task | None = None
+        self.send_lock = asyncio.Lock()
+        self.strikes: collections.deque[float] = collections.deque()
+        self.tokens = settings.max_audio_rate * RATE_WINDOW_S  # seconds of audio allowed now
+        self.tokens_at = time.monotonic()
+        self.last_unavailable = 0.0
+
+    # --- life cycle ----------------------------------------------------------------------
+    async def run(self) -> None:
+        self.task = asyncio.current_task()
+        try:
+            await self.ws.accept()
+            await self._hello()
+            await self._receive_loop()
+        except Reject as r:
+            await self._reject(r)
+        except asyncio.CancelledError:
+            if not self.replaced:
+                raise
+        except Exception:  # never let one session's surprise escape
+            log.exception("session failed", extra={"sid": self.sid})
+            await self._close(INTERNAL, "internal error")
+        finally:
+            await self._cleanup()
+
+    async def _cleanup(self) -> None:
+        if self.reader:
+            self.reader.cancel()
+            await asyncio.gather(self.reader, return_exceptions=True)
+        if self.opened:
+            metrics.ACTIVE_SESSIONS.dec()
+            if self.sessions.get(self.sid) is self:
+                del self.sessions[self.sid]
+            if self.replaced:
+                await self._close(NORMAL, "replaced by a newer connection")
+            else:
+                try:
+                    await asyncio.wait_for(self._end_session(), 3)
+                except (Exception, asyncio.TimeoutError) as e:
+                    log.warning("could not end the session cleanly: %s", e, extra={"sid": self.sid})
+            log.info("session closed", extra={"sid": self.sid, "replaced": self.replaced})
+        await self._close(NORMAL, "bye")
+
+    async def _end_session(self) -> None:
+        await self.bus.emit(SessionEnd(sid=self.sid, turn=await self.bus.current_turn(self.sid)))
+        await self.bus.close_session(self.sid)
+
+    # --- sending -------------------------------------------------------------------------
+    async def send(self, message: Any) -> None:
+        if self.closed:
+            return
+        try:
+            async with self.send_lock:
+                if isinstance(message, bytes):
+                    await self.ws.send_bytes(message)
+                else:
+                    await self.ws.send_text(json.dumps(message))
+        except Exception:  # the client is gone; the receive loop notices
+            self.closed = True
+
+    async def _close(self, code: int, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            async with self.send_lock:
+                await self.ws.close(code=code, reason=reason[:120])
+        except Exception:
+            pass
+
+    async def _reject(self, r: Reject) -> None:
+        metrics.REJECTED.labels(r.code).inc()
+        log.warning("rejected client input: %s: %s", r.code, r.message,
+                    extra={"sid": self.sid or "-", "close": r.close})
+        await self.send({"type": "error", "code": r.code, "message": r.message})
+        if r.close is not None:
+            await self._close(r.close, r.code)
+            return
+        now = time.monotonic()
+        self.strikes.append(now)
+        while self.strikes and self.strikes[0] < now - STRIKE_WINDOW_S:
+            self.strikes.popleft()
+        if len(self.strikes) >= STRIKES:
+            raise Reject("abuse", f"{STRIKES} rejected messages in {STRIKE_WINDOW_S:.0f} s: "
+                                  "closing", POLICY)
+
+    # --- receiving -----------------------------------------------------------------------
+    async def _receive(self, timeout: float | None = None) -> dict | None:
+        """The next message, or None when the client is gone."""
+        if self.closed:
+            return None
+        try:
+            msg = await asyncio.wait_for(self.ws.receive(), timeout)
+        except asyncio.TimeoutError:
+            raise Reject("hello_timeout", f"no hello within {timeout:.0f} s", POLICY) from None
+        except Exception:  # e.g. receive after a disconnect
+            return None
+        if msg["type"] == "websocket.disconnect":
+            self.closed = True
+            return None
+        return msg
+
+    def _parse_text(self, text: str) -> dict:
+        if len(text.encode("utf-8", "replace")) > self.settings.max_message_bytes:
+            raise Reject("message_too_large", "text message over the size limit", POLICY)
+        try:
+            obj = json.loads(text)
+        except Exception:
+            raise Reject("bad_json", "text messages must be JSON objects", UNSUPPORTED) from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
+            raise Reject("bad_message", 'a JSON object with a string "type" was expected', POLICY)
+        return obj
+
+    async def _hello(self) -> None:
+        msg = await self._receive(HELLO_TIMEOUT_S)
+        if msg is None:
+            return
+        if msg.get("text") is None:
+            raise Reject("audio_before_hello", 'the first message must be a text '
+                         '{"type": "hello", ...}', UNSUPPORTED)
+        hello = self._parse_text(msg["text"])
+        if hello["type"] != "hello":
+            raise Reject("bad_hello", 'the first message must be {"type": "hello", ...}', POLICY)
+        self.in_sr = _rate(hello, "sample_rate", 16000)
+        self.out_sr = _rate(hello, "output_sample_rate", DEFAULT_OUT_SR)
+        requested = hello.get("session_id")
+        if requested is not None and (not isinstance(requested, str) or
+                                      not SID_RE.match(requested)):
+            raise Reject("bad_hello", "session_id must match [A-Za-z0-9_.-]{1,64}", POLICY)
+        if len(self.sessions) >= self.settings.max_sessions and requested not in self.sessions:
+            raise Reject("too_many_sessions", "the gateway is full; try again later", TRY_LATER)
+        try:
+            await self._open(requested)
+        except REDIS_DOWN as e:
+            log.warning("Redis unavailable at session open: %s", e)
+            raise Reject("unavailable", "the service is unavailable; try again later",
+                         TRY_LATER) from None
+
+    async def _open(self, requested: str | None) -> None:
+        redis = self.bus.redis
+        self.sid = requested or uuid.uuid4().hex
+        new_owner = True
+        if requested:
+            old = self.sessions.get(self.sid)
+            if old is not None and old.task is not None:  # same client, new connection
+                old.replaced = True
+                old.task.cancel()
+                await asyncio.wait({old.task}, timeout=3)
+            new_owner = await self._needs_vad_owner()
+        turn = await self.bus.current_turn(self.sid)
+        start = await self._replay_from(turn)
+        self.playback = Playback(turn)
+        self.sessions[self.sid] = self
+        self.opened = True
+        metrics.SESSIONS_TOTAL.inc()
+        metrics.ACTIVE_SESSIONS.inc()
+        if new_owner:
+            await self.bus.emit(SessionOpen(sid=self.sid, turn=turn, in_sr=self.in_sr,
+                                            out_sr=self.out_sr))
+        self.reader = asyncio.create_task(self._read_out(start))
+        log.info("session open", extra={"sid": self.sid, "in_sr": self.in_sr,
+                                        "out_sr": self.out_sr, "resumed": bool(requested),
+                                        "new_vad_owner": new_owner})
+        await self.send({"type": "ready", "session_id": self.sid, "sample_rate": self.in_sr,
+                         "output_sample_rate": self.out_sr, "turn": turn})
+
+    async def _replay_from(self, turn: int) -> bytes:
+        """Where to start reading the output stream: after the last frame of an older
+        turn, so a resumed session gets the current turn (a reply in flight) again from
+        its start and nothing older."""
+        entries = await self.bus.redis.xrevrange(keys.out(self.sid), count=REPLAY_SCAN)
+        for entry_id, fields in entries:
+            try:
+                if decode((fields or {}).get(FIELD, b"")).turn < turn:
+                    return entry_id
+            except FrameError:
+                continue
+        if len(entries) < REPLAY_SCAN:
+            return b"0-0"  # the whole stream is of the current turn
+        return entries[-1][0]
+
+    async def _needs_vad_owner(self) -> bool:
+        """Resume rule: audio stream absent -> open it; its last entry a SessionEnd (the
+        session was closed) -> wait until the old VAD owner has read it, then open anew;
+        otherwise a VAD owner still reads it (the old gateway died): no second open."""
+        redis = self.bus.redis
+        last = await redis.xrevrange(keys.audio(self.sid), count=1)
+        if not last:
+            return True
+        end_id, fields = last[0]
+        try:
+            ended = isinstance(decode(fields.get(FIELD, b"")), SessionEnd)
+        except FrameError:
+            ended = False
+        if not ended:
+            return False
+        deadline = time.monotonic() + RESUME_WAIT_S
+        while time.monotonic() < deadline:
+            pos = await redis.get(keys.vad_pos(self.sid))
+            if pos is not None and _id(pos) >= _id(end_id):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            log.warning("old VAD owner did not release the session in time",
+                        extra={"sid": self.sid})
+            await redis.set(keys.vad_pos(self.sid), end_id, ex=self.settings.session_ttl_s)
+        return True
+
+    async def _receive_loop(self) -> None:
+        while not self.closed:
+            msg = await self._receive()
+            if msg is None:
+                return
+            try:
+                if msg.get("bytes") is not None:
+                    await self._audio(msg["bytes"])
+                elif msg.get("text") is not None:
+                    obj = self._parse_text(msg["text"])
+                    kind = obj["type"]
+                    if kind == "bye":
+                        await self._close(NORMAL, "bye")
+                        return
+                    if kind == "ping":
+                        await self.send({"type": "pong", "t": obj.get("t")})
+                    elif kind == "hello":
+                        raise Reject("already_open", "hello was already received")
+                    else:
+                        raise Reject("unknown_type", f"unknown message type {kind[:40]!r}")
+            except Reject as r:
+                await self._reject(r)
+
+    async def _audio(self, pcm: bytes) -> None:
+        if not pcm:
+            return
+        if len(pcm) > self.settings.max_message_bytes:
+            raise Reject("message_too_large", f"audio message of {len(pcm)} bytes is over the "
+                         f"{self.settings.max_message_bytes}-byte limit")
+        if len(pcm) % 2:
+            raise Reject("odd_length", "audio must be 16-bit samples (an even byte count)",
+                         UNSUPPORTED)
+        seconds = len(pcm) / 2 / self.in_sr
+        now = time.monotonic()
+        rate = self.settings.max_audio_rate
+        self.tokens = min(rate * RATE_WINDOW_S, self.tokens + (now - self.tokens_at) * rate)
+        self.tokens_at = now
+        if seconds > self.tokens:
+            raise Reject("rate_limited", f"more than {rate:g} s of audio per second: "
+                         "message dropped")
+        self.tokens -= seconds
+        try:
+            await self.bus.emit(Audio(sid=self.sid, pcm=pcm, sr=self.in_sr,
+                                      marks={"recv": time.time()}))
+        except REDIS_DOWN as e:
+            if now - self.last_unavailable > 2:
+                self.last_unavailable = now
+                log.warning("Redis unavailable: audio dropped (%s)", e, extra={"sid": self.sid})
+                await self.send({"type": "error", "code": "unavailable",
+                                 "message": "the service is unavailable: audio dropped"})
+
+    # --- the output stream -------------------------------------------------------------------
+    async def _read_out(self, last: bytes) -> None:
+        stream = keys.out(self.sid)
+        backoff = 0.1
+        while not self.closed:
+            try:
+                res = await self.bus.redis.xread({stream: last}, count=200, block=1000)
+                backoff = 0.1
+            except REDIS_DOWN as e:
+                metrics.REDIS_ERRORS.labels("gateway").inc()
+                log.warning("Redis unavailable (%s); retrying", e, extra={"sid": self.sid})
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            for _, entries in res or []:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    try:
+                        frame = decode((fields or {}).get(FIELD, b""),
+                                       self.settings.max_frame_bytes)
+                        if frame.sid != self.sid:
+                            raise FrameError(f"frame of session {frame.sid!r}")
+                    except FrameError as e:
+                        metrics.BAD_FRAMES.labels("gateway", "malformed").inc()
+                        log.warning("skipped a bad output frame: %s", e, extra={"sid": self.sid})
+                        continue
+                    for message in self.playback.feed(frame):
+                        await self.send(message)
+            for message in self.playback.check_gaps():
+                await self.send(message)
+
+
+def _rate(hello: dict, field: str, default: int) -> int:
+    value = hello.get(field)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value not in SAMPLE_RATES:
+        raise Reject("bad_hello", f"{field} must be one of {list(SAMPLE_RATES)}", POLICY)
+    return value
+
+
+def _id(entry_id: bytes | str) -> tuple[int, int]:
+    if isinstance(entry_id, bytes):
+        entry_id = entry_id.decode()
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)

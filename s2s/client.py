@@ -1,0 +1,333 @@
+"""Asyncio client of the gateway's WebSocket protocol (docs/protocol.md).
+
+Talk to a running stack from recorded speech in one call::
+
+    import asyncio, numpy as np
+    from s2s.client import talk
+
+    result = asyncio.run(talk("ws://127.0.0.1:8000/ws", pcm_int16_16k, 16000))
+    print(result.transcript, result.reply, result.voice_to_voice_ms)
+    # result.audio: reply PCM int16 at result.sample_rate; result.turns: per-turn details
+
+``talk`` streams the audio in 20 ms frames paced in real time (``realtime=False``:
+3x, below the gateway's default rate limit), then silence until every turn the user
+started has been answered (or ``reply_timeout_s`` passed), and measures latencies
+itself: voice-to-voice = arrival of a turn's first reply audio byte - the wall time
+at which the client had sent the audio up to the end of that speech (``end_s`` of
+the transcript).  ``Connection`` is the low-level session (hello, audio, events) for
+live use (``s2s talk --mic``) and scripted tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+FRAME_MS = 20
+
+
+class ProtocolError(RuntimeError):
+    """The gateway refused the session or answered something unexpected."""
+
+
+# --- results ---------------------------------------------------------------------------------
+@dataclass
+class TurnResult:
+    turn: int
+    transcript: str = ""
+    start_s: float | None = None          # session audio position of the speech
+    end_s: float | None = None
+    reply: str = ""
+    voice_to_voice_ms: float | None = None     # measured by this client
+    first_transcript_ms: float | None = None
+    first_reply_text_ms: float | None = None
+    server_voice_to_voice_ms: float | None = None  # the gateway's own measure (audio_start)
+    interrupted: bool = False             # the user spoke over this reply (barge-in)
+    superseded: bool = False              # a newer turn started before any reply
+    done: bool = False                    # reply_done received
+    sample_rate: int = 0
+    audio: bytes = b""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k != "audio"}
+        d["audio_s"] = round(len(self.audio) / 2 / self.sample_rate, 3) if self.sample_rate else 0
+        return d
+
+
+@dataclass
+class TalkResult:
+    session_id: str = ""
+    transcript: str = ""       # all transcripts joined (speculative parts re-heard dropped)
+    reply: str = ""            # replies of the turns answered to the end, joined
+    turns: list[TurnResult] = field(default_factory=list)
+    voice_to_voice_ms: float | None = None  # of the first turn that got reply audio
+    audio: bytes = b""         # all reply audio, int16 LE mono at sample_rate
+    sample_rate: int = 0
+    events: list[dict] = field(default_factory=list)  # JSON events, with "t" (s since start)
+    errors: list[dict] = field(default_factory=list)
+    timed_out: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"session_id": self.session_id, "transcript": self.transcript,
+                "reply": self.reply, "voice_to_voice_ms": self.voice_to_voice_ms,
+                "turns": [t.to_dict() for t in self.turns], "sample_rate": self.sample_rate,
+                "audio_s": round(len(self.audio) / 2 / self.sample_rate, 3)
+                if self.sample_rate else 0, "errors": self.errors, "timed_out": self.timed_out}
+
+
+# --- the low-level session -------------------------------------------------------------------
+class Connection:
+    """One WebSocket session: ``await Connection.open(url)``, ``send_audio``,
+    ``recv`` (a dict for JSON events, bytes for reply audio, None once closed)."""
+
+    def __init__(self, ws: Any, ready: dict):
+        self.ws = ws
+        self.ready = ready
+        self.session_id: str = ready["session_id"]
+        self.sample_rate: int = ready["sample_rate"]
+        self.output_sample_rate: int = ready["output_sample_rate"]
+
+    @classmethod
+    async def open(cls, url: str, sample_rate: int = 16000, out_rate: int | None = None,
+                   session_id: str | None = None, timeout: float = 10.0) -> "Connection":
+        import websockets
+
+        ws = await websockets.connect(url, max_size=1 << 24, open_timeout=timeout,
+                                      ping_interval=20, ping_timeout=20, compression=None)
+        hello: dict[str, Any] = {"type": "hello", "sample_rate": sample_rate}
+        if out_rate:
+            hello["output_sample_rate"] = out_rate
+        if session_id:
+            hello["session_id"] = session_id
+        await ws.send(json.dumps(hello))
+        try:
+            raw = await asyncio.wait_for(ws.recv(), timeout)
+        except Exception as e:
+            await ws.close()
+            raise ProtocolError(f"no ready from the gateway: {e}") from None
+        ready = json.loads(raw) if isinstance(raw, str) else {}
+        if ready.get("type") != "ready":
+            await ws.close()
+            raise ProtocolError(f"session refused: {ready}")
+        return cls(ws, ready)
+
+    async def send_audio(self, pcm: bytes | np.ndarray) -> None:
+        if isinstance(pcm, np.ndarray):
+            pcm = pcm.astype("<i2", copy=False).tobytes()
+        await self.ws.send(pcm)
+
+    async def send_json(self, obj: dict) -> None:
+        await self.ws.send(json.dumps(obj))
+
+    async def recv(self) -> dict | bytes | None:
+        try:
+            msg = await self.ws.recv()
+        except Exception:  # closed (normally or not)
+            return None
+        return json.loads(msg) if isinstance(msg, str) else msg
+
+    async def close(self, bye: bool = True) -> None:
+        try:
+            if bye:
+                await self.send_json({"type": "bye"})
+            await self.ws.close()
+        except Exception:
+            pass
+
+    async def __aenter__(self) -> "Connection":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+
+# --- the one-call conversation -----------------------------------------------------------------
+class Tracker:
+    """Turn-by-turn bookkeeping of the events of one session, and the client-side
+    latencies: ``sent(pos_s)`` records when audio up to ``pos_s`` had been sent."""
+
+    def __init__(self) -> None:
+        self.t0 = time.time()
+        self.turns: dict[int, TurnResult] = {}
+        self.events: list[dict] = []
+        self.errors: list[dict] = []
+        self.audio_turn: int | None = None
+        self.sent_pos: list[float] = []
+        self.sent_wall: list[float] = []
+
+    def sent(self, pos_s: float, wall: float | None = None) -> None:
+        self.sent_pos.append(pos_s)
+        self.sent_wall.append(time.time() if wall is None else wall)
+
+    def wall_at(self, pos_s: float | None) -> float | None:
+        """Wall time at which the audio up to session position pos_s had been sent."""
+        if pos_s is None or not self.sent_pos:
+            return None
+        i = bisect.bisect_left(self.sent_pos, pos_s - 1e-6)
+        return self.sent_wall[min(i, len(self.sent_wall) - 1)]
+
+    def _ms(self, turn: TurnResult, now: float) -> float | None:
+        end = self.wall_at(turn.end_s)
+        return round((now - end) * 1000, 1) if end is not None else None
+
+    def turn(self, n: int) -> TurnResult:
+        if n not in self.turns:
+            self.turns[n] = TurnResult(turn=n)
+            for old in self.turns.values():
+                if old.turn < n and not old.done and not old.interrupted and not old.reply:
+                    old.superseded = True
+        return self.turns[n]
+
+    def handle(self, msg: dict | bytes, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        if isinstance(msg, (bytes, bytearray)):
+            if self.audio_turn is None:
+                return
+            t = self.turns[self.audio_turn]
+            if not t.audio and t.voice_to_voice_ms is None:
+                t.voice_to_voice_ms = self._ms(t, now)
+            t.audio += bytes(msg)
+            return
+        msg = dict(msg, t=round(now - self.t0, 3))
+        self.events.append(msg)
+        kind, n = msg.get("type"), msg.get("turn")
+        if kind == "error":
+            self.errors.append(msg)
+        if not isinstance(n, int):
+            return
+        if kind == "speech_started":
+            self.turn(n)
+        elif kind == "interrupt":
+            for old in self.turns.values():
+                if old.turn < n and (old.reply or old.audio) and not old.interrupted:
+                    old.interrupted = True
+            self.turn(n)
+        elif kind == "transcript":
+            t = self.turn(n)
+            t.transcript, t.start_s, t.end_s = msg.get("text", ""), msg.get("start_s"), \
+                msg.get("end_s")
+            t.first_transcript_ms = self._ms(t, now)
+        elif kind == "reply_text":
+            t = self.turn(n)
+            if t.first_reply_text_ms is None:
+                t.first_reply_text_ms = self._ms(t, now)
+            text = (msg.get("text") or "").strip()
+            t.reply = f"{t.reply} {text}".strip() if text else t.reply
+        elif kind == "audio_start":
+            t = self.turn(n)
+            t.sample_rate = msg.get("sample_rate") or t.sample_rate
+            t.server_voice_to_voice_ms = msg.get("voice_to_voice_ms")
+            self.audio_turn = n
+        elif kind == "reply_done":
+            self.turn(n).done = True
+
+    def outstanding(self) -> list[TurnResult]:
+        """Turns the user started that are neither answered nor given up."""
+        out = []
+        for t in self.turns.values():
+            if t.done or t.interrupted or t.superseded:
+                continue
+            if t.end_s is not None and not t.transcript.strip():
+                continue  # heard nothing: no reply will come
+            out.append(t)
+        return out
+
+    def result(self, session_id: str = "") -> TalkResult:
+        turns = [self.turns[n] for n in sorted(self.turns)]
+        heard: list[TurnResult] = []
+        for t in turns:
+            if not t.transcript.strip():
+                continue
+            # a speculative early utterance re-heard by a later turn: keep the later one
+            while heard and t.start_s is not None and heard[-1].end_s is not None and \
+                    t.start_s < heard[-1].end_s - 0.05:
+                heard.pop()
+            heard.append(t)
+        done = [t.reply for t in turns if t.done and t.reply]
+        rates = [t.sample_rate for t in turns if t.audio]
+        first = next((t for t in turns if t.audio), None)
+        return TalkResult(
+            session_id=session_id, transcript=" ".join(t.transcript.strip() for t in heard),
+            reply=" ".join(done) if done else " ".join(t.reply for t in turns if t.reply),
+            turns=turns, voice_to_voice_ms=first.voice_to_voice_ms if first else None,
+            audio=b"".join(t.audio for t in turns), sample_rate=rates[0] if rates else 0,
+            events=self.events, errors=self.errors)
+
+
+async def talk(url: str, pcm: np.ndarray | bytes, sample_rate: int = 16000, *,
+               out_rate: int | None = None, realtime: bool = True, speed: float | None = None,
+               tail_silence_s: float = 3.0, reply_timeout_s: float = 30.0,
+               session_id: str | None = None,
+               on_event: Callable[[dict | bytes], None] | None = None) -> TalkResult:
+    """Send ``pcm`` (int16 mono at ``sample_rate``) as one session and collect the answer.
+
+    After the audio, silence is sent until at least ``tail_silence_s`` passed and every
+    turn is answered, or ``reply_timeout_s`` passed (``timed_out`` is then set).
+    ``speed``: seconds of audio sent per wall second (default 1 when ``realtime``,
+    else 3).  ``on_event`` sees every message as it arrives."""
+    samples = np.frombuffer(pcm, np.int16) if isinstance(pcm, (bytes, bytearray)) else \
+        np.asarray(pcm).astype(np.int16, copy=False)
+    speed = speed or (1.0 if realtime else 3.0)
+    step = sample_rate * FRAME_MS // 1000
+    silence = np.zeros(step, np.int16).tobytes()
+    conn = await Connection.open(url, sample_rate, out_rate, session_id)
+    tracker = Tracker()
+    finished = asyncio.Event()
+    timed_out = False
+
+    async def receive() -> None:
+        while True:
+            msg = await conn.recv()
+            if msg is None:
+                finished.set()
+                return
+            tracker.handle(msg)
+            if on_event:
+                on_event(msg)
+
+    async def send() -> None:
+        nonlocal timed_out
+        start = time.monotonic()
+        pos = 0  # samples sent
+        audio_end: float | None = None
+        while not finished.is_set():
+            if pos < len(samples):
+                frame = samples[pos:pos + step].tobytes()
+            else:
+                frame = silence
+                if audio_end is None:
+                    audio_end = time.monotonic()
+                waited = time.monotonic() - audio_end
+                if waited >= tail_silence_s and not tracker.outstanding():
+                    return
+                if waited >= max(tail_silence_s, reply_timeout_s):
+                    timed_out = True
+                    return
+            delay = start + pos / sample_rate / speed - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            try:
+                await conn.send_audio(frame)
+            except Exception:  # closed by the gateway: the receiver has the reason
+                return
+            pos += len(frame) // 2
+            tracker.sent(pos / sample_rate)
+
+    receiver = asyncio.create_task(receive())
+    try:
+        await send()
+    finally:
+        await conn.close()
+        try:
+            await asyncio.wait_for(receiver, 5)
+        except (asyncio.TimeoutError, Exception):
+            receiver.cancel()
+    result = tracker.result(conn.session_id)
+    result.timed_out = timed_out
+    return result

