@@ -1,0 +1,207 @@
+// One s2s WebSocket session that reconnects by itself (with backoff) and resumes.
+//
+// Events (EventTarget, `detail` carries the data):
+//   state      {state: "connecting"|"ready"|"waiting"|"failed"|"closed", attempt, delayMs,
+//               reason}; "failed": the server refused the session, no more retries
+//   message    a JSON event from the server (ready, transcript, reply_text, …)
+//   audio      an ArrayBuffer of reply PCM
+
+export function defaultUrl() {
+  const override = new URLSearchParams(location.search).get("ws");
+  if (override) return override;
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  return `${scheme}//${location.host}/ws`;
+}
+
+const MAX_AUDIO_BYTES = 256 * 1024;
+// Close codes after which reconnecting cannot help: unsupported data (1003), invalid
+// payload (1007), policy violation (1008), message too big (1009).
+const FATAL_CLOSE_CODES = new Set([1003, 1007, 1008, 1009]);
+const PING_EVERY_MS = 5000; // when the server has been quiet this long
+const DEAD_AFTER_MS = 15000; // nothing at all from the server: the link is dead
+
+export class Connection extends EventTarget {
+  constructor({ url = defaultUrl(), sampleRate = 16000, outputSampleRate = 24000,
+                readyTimeoutMs = 10000, minDelayMs = 500, maxDelayMs = 15000 } = {}) {
+    super();
+    this.url = url;
+    this.sampleRate = sampleRate;
+    this.outputSampleRate = outputSampleRate;
+    this.readyTimeoutMs = readyTimeoutMs;
+    this.minDelayMs = minDelayMs;
+    this.maxDelayMs = maxDelayMs;
+    this.ws = null;
+    this.sessionId = null;
+    this.isReady = false;
+    this.wanted = false; // the user wants a session (Start pressed)
+    this.attempt = 0; // failed attempts since the last ready
+    this.retryTimer = null;
+    this.readyTimer = null;
+    this.lastError = null; // the last `error` event of the server
+    this.everReady = false;
+    this.heartbeat = null;
+    this.lastHeard = 0;
+    this.rttMs = null;
+  }
+
+  emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+
+  setState(state, extra = {}) {
+    this.state = state;
+    this.emit("state", { state, ...extra });
+  }
+
+  start() {
+    this.wanted = true;
+    this.attempt = 0;
+    this.lastError = null;
+    this.open();
+  }
+
+  /** Ends the session: sends bye and does not reconnect. */
+  stop() {
+    this.wanted = false;
+    clearTimeout(this.retryTimer);
+    clearTimeout(this.readyTimer);
+    clearInterval(this.heartbeat);
+    const ws = this.ws;
+    this.ws = null;
+    this.isReady = false;
+    if (ws) {
+      if (ws.readyState === WebSocket.OPEN) {
+        try { ws.send(JSON.stringify({ type: "bye" })); } catch { /* closing anyway */ }
+      }
+      ws.onclose = ws.onerror = ws.onmessage = ws.onopen = null;
+      try { ws.close(1000, "bye"); } catch { /* already closed */ }
+    }
+    this.sessionId = null; // the next Start is a new conversation
+    this.setState("closed");
+  }
+
+  /** Sends one frame of mic PCM (an Int16Array); dropped while not connected. */
+  sendAudio(pcm) {
+    if (!this.isReady || !this.ws || this.ws.readyState !== WebSocket.OPEN) return false;
+    if (this.ws.bufferedAmount > 4 * MAX_AUDIO_BYTES) return false; // link stalled: drop, don't queue up
+    this.ws.send(pcm.byteLength > MAX_AUDIO_BYTES ? pcm.subarray(0, MAX_AUDIO_BYTES / 2) : pcm);
+    return true;
+  }
+
+  open() {
+    clearTimeout(this.retryTimer);
+    this.isReady = false;
+    let ws;
+    try {
+      ws = new WebSocket(this.url);
+    } catch (err) {
+      this.scheduleRetry(`bad server address ${this.url}`);
+      return;
+    }
+    ws.binaryType = "arraybuffer";
+    this.ws = ws;
+    this.setState("connecting", { attempt: this.attempt });
+    ws.onopen = () => {
+      const hello = { type: "hello", sample_rate: this.sampleRate,
+                      output_sample_rate: this.outputSampleRate };
+      if (this.sessionId) hello.session_id = this.sessionId;
+      ws.send(JSON.stringify(hello));
+      this.readyTimer = setTimeout(() => {
+        this.lastError = { code: "timeout", message: "the server did not answer" };
+        ws.close(4000, "no ready");
+      }, this.readyTimeoutMs);
+    };
+    ws.onmessage = (e) => {
+      this.lastHeard = Date.now();
+      if (typeof e.data !== "string") {
+        this.emit("audio", e.data);
+        return;
+      }
+      let msg;
+      try {
+        msg = JSON.parse(e.data);
+      } catch {
+        return; // not ours
+      }
+      if (msg.type === "ready") {
+        clearTimeout(this.readyTimer);
+        const resumed = this.sessionId !== null && msg.session_id === this.sessionId;
+        this.sessionId = msg.session_id || this.sessionId;
+        this.isReady = true;
+        this.attempt = 0;
+        this.lastError = null;
+        const reconnected = this.everReady;
+        this.everReady = true;
+        this.startHeartbeat(ws);
+        this.setState("ready", { resumed, reconnected, sessionId: this.sessionId });
+      } else if (msg.type === "pong") {
+        if (typeof msg.t === "number") this.rttMs = performance.now() - msg.t;
+      } else if (msg.type === "error") {
+        this.lastError = msg;
+      }
+      this.emit("message", msg);
+    };
+    ws.onerror = () => { /* onclose follows with the details we can have */ };
+    ws.onclose = (e) => {
+      if (this.ws !== ws) return; // an old socket (we gave up on it already)
+      clearTimeout(this.readyTimer);
+      clearInterval(this.heartbeat);
+      this.ws = null;
+      const wasReady = this.isReady;
+      this.isReady = false;
+      if (!this.wanted) {
+        this.setState("closed");
+        return;
+      }
+      let reason;
+      if (this.lastError && this.lastError.message) reason = this.lastError.message;
+      else if (e.reason) reason = e.reason;
+      else if (wasReady) reason = "the connection to the server was lost";
+      else reason = "cannot reach the s2s server";
+      if (FATAL_CLOSE_CODES.has(e.code)) {
+        // The server refused what this page sent: trying again would not help.
+        this.wanted = false;
+        this.setState("failed", { reason, code: e.code });
+        return;
+      }
+      this.scheduleRetry(reason, e.code);
+    };
+  }
+
+  /** Pings a quiet server; closes (and so reconnects) a link that went silent. */
+  startHeartbeat(ws) {
+    clearInterval(this.heartbeat);
+    this.lastHeard = Date.now();
+    this.heartbeat = setInterval(() => {
+      if (this.ws !== ws || ws.readyState !== WebSocket.OPEN) return;
+      const quiet = Date.now() - this.lastHeard;
+      if (quiet > DEAD_AFTER_MS) {
+        this.lastError = { code: "timeout", message: "the server stopped answering" };
+        ws.close(4001, "no answer");
+        // a dead TCP link may take minutes to report its close: go on at once
+        ws.onclose({ code: 4001, reason: "" });
+      } else if (quiet > PING_EVERY_MS) {
+        ws.send(JSON.stringify({ type: "ping", t: performance.now() }));
+      }
+    }, 1000);
+  }
+
+  scheduleRetry(reason, code) {
+    const base = Math.min(this.maxDelayMs, this.minDelayMs * 2 ** this.attempt);
+    const delayMs = Math.round(base * (0.8 + 0.4 * Math.random()));
+    this.attempt += 1;
+    this.setState("waiting", { attempt: this.attempt, delayMs, reason, code,
+                               retryAt: Date.now() + delayMs });
+    this.retryTimer = setTimeout(() => {
+      if (this.wanted) this.open();
+    }, delayMs);
+  }
+
+  /** Skips the wait and tries again now. */
+  retryNow() {
+    if (this.wanted && this.state === "waiting") {
+      clearTimeout(this.retryTimer);
+      this.open();
+    }
+  }
+}
