@@ -51,6 +51,9 @@ class Settings:
     vad_speech_pad_ms: int = opt(100, "Audio kept before and after the speech in an utterance, ms.",
                                  "vad")
     vad_max_utterance_s: float = opt(20.0, "An utterance longer than this is cut and sent.", "vad")
+    vad_continue_ms: int = opt(1500, "Speech that resumes within this many ms after an utterance "
+                                     "continues it: the next utterance carries the audio from the "
+                                     "first piece on, so STT hears the whole thought.", "vad")
 
     # --- stt ------------------------------------------------------------------------
     stt_model: str = opt("", "faster-whisper model: a CTranslate2 folder or a model name. "
@@ -73,9 +76,11 @@ class Settings:
     llm_temperature: float = opt(0.0, "Sampling temperature (0: greedy, so a re-run after a crash "
                                       "repeats the same reply).", "llm")
     llm_history_turns: int = opt(6, "User/assistant exchanges kept as context.", "llm")
-    llm_turn_hold_ms: int = opt(1200, "A transcript that does not end a sentence is answered only "
+    llm_turn_hold_ms: int = opt(1500, "A transcript that does not end a sentence is answered only "
                                       "after this much silence since the speech ended (ms), so a "
-                                      "pause mid-thought does not start a reply.", "llm")
+                                      "pause mid-thought does not start a reply (a user resumes "
+                                      "within ~1.2 s, and the VAD needs its min speech to notice).",
+                                "llm")
     llm_cache_dir: str = opt("", "Where converted models are cached (empty: ~/.cache/s2s).", "llm")
     llm_openai_base_url: str = opt("http://127.0.0.1:8001/v1", "Base URL of an OpenAI-compatible "
                                    "server (backend openai).", "llm")

@@ -139,7 +139,7 @@ async def test_transformers_answers_remembers_and_stops_on_barge_in(hf_runtime):
 @pytest.mark.slow
 async def test_pause_mid_sentence_is_held_then_merged(hf_runtime):
     rt, s = hf_runtime, hf_runtime.stage.settings
-    s.llm_turn_hold_ms = 600
+    hold, s.llm_turn_hold_ms = s.llm_turn_hold_ms, 600
     try:
         # an incomplete transcript waits for the hold; the user goes on meanwhile
         t0 = time.time()
@@ -160,7 +160,7 @@ async def test_pause_mid_sentence_is_held_then_merged(hf_runtime):
         outcome, got, _ = await ask(rt, "pause", 2, "Thank you", complete=False, speech_end=t0)
         assert outcome == "ok" and got[0].marks["llm_first"] >= t0 + 0.6
     finally:
-        s.llm_turn_hold_ms = 1200
+        s.llm_turn_hold_ms = hold
         await rt.bus.close()
 
 

@@ -107,6 +107,38 @@ def test_history_merges_unanswered_user_text_and_replaces_reruns():
         {"role": "user", "content": "What is my name?"}]
 
 
+def test_a_continuation_replaces_the_message_it_re_heard_and_its_early_reply():
+    ctx = history.start_turn(None, 1, "My name is Anna.", 6, 0.2, 1.5)
+    ctx = history.set_reply(ctx, 1, "Hi Anna!")
+    ctx = history.start_turn(ctx, 2, "And so my fellow", 6, 3.0, 4.4)
+    ctx = history.set_reply(ctx, 2, "Go on.")             # answered too early
+    ctx = history.start_turn(ctx, 3, "And so my fellow Americans, ask not", 6, 3.0, 6.0)
+    ctx = history.start_turn(ctx, 4, "And so my fellow Americans, ask not what", 6, 3.0, 8.0)
+    assert history.messages(ctx, "") == [
+        {"role": "user", "content": "My name is Anna."},
+        {"role": "assistant", "content": "Hi Anna!"},
+        {"role": "user", "content": "And so my fellow Americans, ask not what"}]
+    assert ctx["history"][-1] == {"role": "user", "content": "And so my fellow Americans, ask "
+                                  "not what", "turn": 4, "start_s": 3.0, "end_s": 8.0}
+
+
+def test_speech_after_the_previous_message_is_joined_not_replaced():
+    ctx = history.start_turn(None, 1, "What is", 6, 0.3, 1.0)
+    ctx = history.start_turn(ctx, 2, "the capital of France?", 6, 2.5, 4.0)  # after it: joined
+    assert history.messages(ctx, "")[-1]["content"] == "What is the capital of France?"
+    # a position before the previous message's start is no continuation either (the
+    # VAD's positions restart at 0 when another worker takes the session over)
+    ctx = history.set_reply(ctx, 2, "Paris.")
+    ctx = history.start_turn(ctx, 3, "Thanks.", 6, 0.5, 1.2)
+    assert [m["content"] for m in history.messages(ctx, "")] == [
+        "What is the capital of France?", "Paris.", "Thanks."]
+    # contexts stored before positions were kept, and transcripts without them, still work
+    old = {"history": [{"role": "user", "content": "Hello", "turn": 1}]}
+    for start, end in ((0.0, 2.0), (None, None)):
+        ctx = history.start_turn(old, 2, "there", 6, start, end)
+        assert history.messages(ctx, "") == [{"role": "user", "content": "Hello there"}]
+
+
 def test_history_keeps_the_last_exchanges_and_survives_garbage():
     ctx = None
     for turn in range(10):

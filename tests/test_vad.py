@@ -10,7 +10,8 @@ from s2s import config
 from s2s.audio import rms_dbfs
 from s2s.frames import Audio, FrameError, SessionOpen, SpeechStarted, Transcript, Utterance, decode
 from services.vad.worker import CHUNK, SR, SileroVad, VadStage, silero_model_path
-from tests.conftest import DATA, load_pcm16
+from tests.conftest import DATA, JFK_TEXT, load_pcm16
+from tests.test_stt import wer
 
 pytestmark = pytest.mark.slow  # loads the silero model
 
@@ -36,6 +37,12 @@ def make_stage(**overrides) -> VadStage:
 @pytest.fixture(scope="module")
 def stage():
     return make_stage()
+
+
+@pytest.fixture(scope="module")
+def pieces():
+    """Continuation off: every utterance is just the speech between two pauses."""
+    return make_stage(vad_continue_ms=0)
 
 
 async def stream(stage: VadStage, pcm: np.ndarray, sr: int = SR, frame_ms: int = 20,
@@ -78,7 +85,8 @@ def offline_segments(pcm: np.ndarray, s: config.Settings) -> list[tuple[float, f
     return [(seg["start"] / SR, seg["end"] / SR) for seg in segs]
 
 
-async def test_lecture_utterances_match_offline_segmentation(stage):
+async def test_lecture_utterances_match_offline_segmentation(pieces):
+    stage = pieces
     pcm = load_pcm16(DATA / "lecture.wav")
     outputs = await stream(stage, pcm)
     utts = utterances(outputs)
@@ -99,7 +107,8 @@ async def test_lecture_utterances_match_offline_segmentation(stage):
         assert rms_dbfs(pause) < speech_db - 10, utt.end_s
 
 
-async def test_jfk_utterances_turns_marks_and_decision_delay(stage):
+async def test_jfk_utterances_turns_marks_and_decision_delay(pieces):
+    stage = pieces
     s = stage.settings
     pcm = np.concatenate([load_pcm16(DATA / "jfk.wav"), np.zeros(SR, np.int16)])
     outputs = await stream(stage, pcm)
@@ -128,6 +137,50 @@ async def test_jfk_utterances_turns_marks_and_decision_delay(stage):
         if isinstance(out, Utterance):
             delay = decided - out.end_s
             assert s.vad_min_silence_ms / 1000 <= delay <= s.vad_min_silence_ms / 1000 + 0.04
+
+
+async def test_jfk_pauses_mid_thought_are_continued(stage):
+    """Default settings: each piece after a pause is an utterance of its own turn, but
+    starts at the thought's start, so the last one holds the whole sentence."""
+    s = stage.settings
+    jfk = load_pcm16(DATA / "jfk.wav")
+    outputs = await stream(stage, np.concatenate([jfk, np.zeros(SR, np.int16)]))
+    utts = utterances(outputs)
+    started = [o for o, _ in outputs if isinstance(o, SpeechStarted)]
+    assert [type(o).__name__ for o, _ in outputs] == ["SpeechStarted", "Utterance"] * 4
+    first = started[0].turn
+    assert [o.turn for o in started] == [u.turn for u in utts] == list(range(first, first + 4))
+    pad = s.vad_speech_pad_ms / 1000
+    for sp, utt, (start, end) in zip(started, utts, [(0.3, 2.3), (3.3, 4.4), (5.4, 7.7),
+                                                     (8.2, 11.0)]):
+        assert start - 0.15 <= sp.at_s <= start + 0.15       # where this piece began
+        assert utt.start_s == utts[0].start_s                 # the utterance: the thought's
+        assert end - 0.5 <= utt.end_s <= end + 0.1
+        assert utt.marks["speech_end"] == pytest.approx(T0 + utt.end_s, abs=1e-3)
+        assert len(utt.pcm) / 2 / SR == pytest.approx(utt.end_s - utt.start_s + 2 * pad, abs=0.01)
+    last = utts[-1]
+    assert 0.15 <= last.start_s <= 0.45 and 10.5 <= last.end_s <= 11.1
+    lo = round((last.start_s - pad) * SR)  # the audio itself, pauses included (±1 of rounding)
+    np.testing.assert_allclose(np.frombuffer(last.pcm, np.int16), jfk[lo:lo + len(last.pcm) // 2],
+                               atol=1)
+    # and the whole thought is transcribed as well as the whole file
+    from services.stt.worker import SttStage
+
+    stt = SttStage(config.load({}, environ={}))
+    stt.setup()
+    heard = [t async for t in stt.process(last)]
+    assert len(heard) == 1 and wer(JFK_TEXT, heard[0].text) <= 0.10, heard
+    assert heard[0].complete and heard[0].start_s == last.start_s
+
+
+async def test_a_thought_is_capped_at_max_length():
+    stage = make_stage(vad_max_utterance_s=6.0)
+    utts = utterances(await stream(stage, np.concatenate([load_pcm16(DATA / "jfk.wav"),
+                                                          np.zeros(SR, np.int16)])))
+    # 0.3–4.4 s continue; at 5.4 s the thought would pass 6 s: it is cut there, and
+    # speech after that cut starts a new thought
+    assert all(u.end_s - u.start_s <= 6.0 + 1e-6 for u in utts)
+    assert utts[-1].start_s > 5.0 and utts[1].start_s == utts[0].start_s
 
 
 async def test_other_input_rates_give_the_same_utterances(stage):

@@ -177,10 +177,9 @@ def test_web_client_full_stack(redis_url, workers, tmp_path):
     missing = _stack_missing()
     if missing:
         pytest.skip(f"the stack is not complete yet (missing {missing})")
-    # One utterance for the whole sentence: with the default 300 ms the VAD ends a turn
-    # at each of jfk.wav's pauses (up to 1 s), and the pieces are transcribed apart.
-    workers.start("vad", env={"S2S_VAD_MIN_SILENCE_MS": "1500"})
-    for stage in ("stt", "llm", "tts"):
+    # defaults: the VAD cuts at jfk.wav's pauses (up to 1 s) but each piece continues
+    # the thought, so the last transcript holds the whole sentence
+    for stage in ("vad", "stt", "llm", "tts"):
         workers.start(stage)
     for stage in ("vad", "stt", "llm", "tts"):
         workers.wait_ready(stage, timeout=240)
@@ -484,7 +483,8 @@ def test_web_client_reconnects_and_resumes(tmp_path):
 @pytest.mark.timeout(120)
 def test_web_client_joins_unanswered_turns(tmp_path):
     """The user went on before an answer came (the earlier turn was dropped): one user
-    bubble holds all that was said; an empty turn (a cough) leaves nothing."""
+    bubble holds all that was said, a continuation's transcript in place of the parts
+    it re-heard; an empty turn (a cough) leaves nothing."""
     async def script(ws, session):
         await StandIn.audio_seconds(session, 0.2)
         for turn, text in ((1, "What is the weather"), (2, "in Paris tomorrow?"), (3, "")):
@@ -494,16 +494,19 @@ def test_web_client_joins_unanswered_turns(tmp_path):
         await ws.send_json({"type": "speech_started", "turn": 4})
         await ws.send_json({"type": "transcript", "turn": 4, "text": "In Celsius."})
         await StandIn().reply(ws, 4, ["Mild, around 18 degrees."], seconds=0.2)
-        await ws.send_json({"type": "speech_started", "turn": 5})
-        await ws.send_json({"type": "transcript", "turn": 5, "text": "Thanks!"})
+        # a continuation (same start_s) re-heard turn 5: it replaces it, not joined to it
+        for turn, text, end in ((5, "Thanks!", 21.0), (6, "Thanks! See you.", 23.0)):
+            await ws.send_json({"type": "speech_started", "turn": turn})
+            await ws.send_json({"type": "transcript", "turn": turn, "text": text,
+                                "start_s": 20.0, "end_s": end})
         await asyncio.sleep(30)
 
     with StandIn(script) as server, browser(tmp_path) as page:
         page.goto(server.url + "/")
         page.click("#talk")
-        wait_for(page, lambda s: s["transcripts"] == 5, 20, "five transcripts")
+        wait_for(page, lambda s: s["transcripts"] == 6, 20, "six transcripts")
         assert _bubbles(page, "user") == ["What is the weather in Paris tomorrow? In Celsius.",
-                                          "Thanks!"]
+                                          "Thanks! See you."]
         assert _bubbles(page, "bot") == ["Mild, around 18 degrees."]
 
 

@@ -62,7 +62,7 @@ function turnView(n) {
   el.className = "turn";
   el.dataset.turn = String(n);
   t = { n, el, user: null, bot: null, chunks: new Map(), done: false, text: "",
-        prefix: "", said: "", userText: "" };
+        parts: [], said: "", userText: "" };
   turns.set(n, t);
   // Keep turns in order even when an event of an older turn comes late.
   let before = null;
@@ -94,6 +94,8 @@ function bubble(t, who) {
  * The user went on speaking before the previous turn got an answer (the pipeline
  * sends an utterance at each pause and drops it if the user goes on): that turn's
  * words move into turn `t`, so one user bubble shows everything said before the reply.
+ * Each part keeps its audio span: a transcript that continues the thought re-heard
+ * those parts (see showSaid).
  */
 function adoptUnanswered(t) {
   let prev = null;
@@ -101,12 +103,17 @@ function adoptUnanswered(t) {
     if (other.n < t.n && (!prev || other.n > prev.n)) prev = other;
   }
   if (!prev || prev.bot || !prev.userText) return;
-  t.prefix = prev.userText;
+  t.parts = prev.said ? [...prev.parts, { text: prev.said, start: prev.start, end: prev.end }]
+    : prev.parts;
   prev.el.remove();
   turns.delete(prev.n);
-  const u = bubble(t, "user");
-  t.userText = [t.prefix, t.said].filter(Boolean).join(" ");
-  u.text.textContent = t.userText;
+  showSaid(t);
+}
+
+/** The user bubble of `t`: the adopted parts, then what this turn's transcript said. */
+function showSaid(t) {
+  t.userText = [...t.parts.map((p) => p.text), t.said].filter(Boolean).join(" ");
+  bubble(t, "user").text.textContent = t.userText;
 }
 
 function dropTurnIfEmpty(t) {
@@ -223,8 +230,11 @@ function onMessage(msg) {
       adoptUnanswered(t);
       const u = bubble(t, "user");
       t.said = (msg.text || "").trim();
-      t.userText = [t.prefix, t.said].filter(Boolean).join(" ");
-      u.text.textContent = t.userText;
+      t.start = msg.start_s;
+      t.end = msg.end_s;
+      // a continuation starts where the thought did: it holds the parts it re-heard
+      t.parts = t.parts.filter((p) => !(p.start <= t.start && t.start < p.end));
+      showSaid(t);
       u.el.classList.remove("pending");
       if (!t.userText) dropTurnIfEmpty(t);
       else if (phase !== "speaking") setPhase("thinking");

@@ -1,13 +1,18 @@
 """A session's conversation as stored in Redis (``s2s:ctx:{sid}``, JSON).
 
-    {"history": [{"role": "user", "content": "...", "turn": 3},
+    {"history": [{"role": "user", "content": "...", "turn": 3, "start_s": 0.3, "end_s": 2.3},
                  {"role": "assistant", "content": "...", "turn": 3}, ...]}
 
 Entries carry their turn so that a re-run of a turn (a worker died mid-reply,
 another claimed the entry) replaces that turn instead of appending it twice.
-A user message whose turn got no reply at all (superseded before anything was
-spoken: the user only paused) is kept; the next user message is joined to it
-when the prompt is built, so the model sees the whole sentence.
+User entries carry the session audio span of their speech (older contexts may
+lack it).  A transcript that starts inside the previous user message's span is
+a *continuation* (the VAD re-sent the thought from its start, pieces and pauses
+included): it replaces that message, and drops the reply to it if there is one:
+the assistant started too early, the user went on, and the new message already
+holds what it answered.  Otherwise a user message whose turn got no reply at all
+(superseded before anything was spoken) is kept, and the next user message is
+joined to it when the prompt is built, so the model sees the whole sentence.
 """
 
 from __future__ import annotations
@@ -15,10 +20,18 @@ from __future__ import annotations
 from typing import Any
 
 
-def start_turn(ctx: Any, turn: int, text: str, keep_turns: int) -> dict:
-    """The context with this turn's user message recorded (and older turns trimmed)."""
+def start_turn(ctx: Any, turn: int, text: str, keep_turns: int,
+               start_s: float | None = None, end_s: float | None = None) -> dict:
+    """The context with this turn's user message recorded (and older turns trimmed);
+    ``start_s``/``end_s`` (session audio positions) detect a continuation."""
     history = [m for m in _history(ctx) if m.get("turn", -1) < turn]
-    history.append({"role": "user", "content": text, "turn": turn})
+    users = [i for i, m in enumerate(history) if m["role"] == "user"]
+    if users and start_s is not None and _continues(history[users[-1]], start_s):
+        history = history[:users[-1]]  # the message and the early reply to it
+    entry = {"role": "user", "content": text, "turn": turn}
+    if start_s is not None and end_s is not None:
+        entry.update(start_s=start_s, end_s=end_s)
+    history.append(entry)
     return {"history": _trim(history, keep_turns)}
 
 
@@ -39,6 +52,15 @@ def messages(ctx: dict, system_prompt: str) -> list[dict[str, str]]:
         else:
             out.append({"role": m["role"], "content": m["content"]})
     return out
+
+
+def _continues(previous: dict, start_s: float) -> bool:
+    """Did the speech of a message starting at ``start_s`` include ``previous``'s?  A
+    continuation starts where the thought (so the previous piece) started; requiring
+    that too keeps audio positions that restarted at 0 (a VAD takeover) from matching."""
+    start, end = previous.get("start_s"), previous.get("end_s")
+    numbers = all(isinstance(v, (int, float)) for v in (start, end))
+    return numbers and start <= start_s < end
 
 
 def _history(ctx: Any) -> list[dict]:

@@ -41,9 +41,10 @@ class LlmStage(Stage):
         if not text:
             return
         # the user message is recorded before any waiting: if this turn is superseded
-        # before a word is spoken, the next turn's text is joined to it
+        # before a word is spoken, the next turn's text replaces it (a continuation,
+        # which re-heard its audio) or is joined to it
         ctx = history.start_turn(await self.state.load(frame.sid), frame.turn, text,
-                                 s.llm_history_turns)
+                                 s.llm_history_turns, frame.start_s, frame.end_s)
         await self.state.save(frame.sid, ctx)
         if not frame.complete:
             await self._hold(frame)

@@ -11,6 +11,13 @@ After ``vad_min_speech_ms`` of speech the turn advances and SpeechStarted goes o
 (the barge-in signal); after ``vad_min_silence_ms`` of silence (or at
 ``vad_max_utterance_s``) the utterance goes to STT with ``vad_speech_pad_ms`` of
 audio on each side.
+
+A short min silence answers fast but also cuts at pauses mid-thought.  Speech that
+resumes within ``vad_continue_ms`` of an utterance's end therefore *continues* it:
+the next utterance starts where the thought started (earlier pieces and pauses
+included, up to ``vad_max_utterance_s``), so STT hears the whole thought instead of
+fragments it transcribes badly.  Each piece still opens a new turn, so the work on
+the earlier pieces is dropped as stale: the continuation carries their audio.
 """
 
 from __future__ import annotations
@@ -96,10 +103,13 @@ class VadSession:
         self.min_speech = int(s.vad_min_speech_ms * SR / 1000)
         self.pad = int(s.vad_speech_pad_ms * SR / 1000)
         self.max_len = int(s.vad_max_utterance_s * SR)
+        self.continue_len = int(s.vad_continue_ms * SR / 1000)
         self.triggered = False  # inside speech (maybe not yet long enough to count)
         self.started = False    # SpeechStarted sent for this speech
         self.start = 0          # first chunk of the speech
         self.temp_end = 0       # first silent chunk of a pause that may end the speech
+        self.thought = 0        # start of the thought: where the next utterance begins
+        self.last_end: int | None = None  # end of the last utterance (None: nothing to continue)
         self.turn = 0
 
     @property
@@ -133,6 +143,8 @@ class VadSession:
             self.temp_end = 0
             if not self.triggered:
                 self.triggered, self.started, self.start = True, False, at
+                if not self.continues(at):
+                    self.thought = at
         elif prob < self.neg_threshold and self.triggered:
             self.temp_end = self.temp_end or at
             if now - self.temp_end >= self.min_silence:
@@ -141,13 +153,23 @@ class VadSession:
                 and now - self.start >= self.min_speech:
             self.started = True
             events.append(("speech", self.start))
-        if self.triggered and now + CHUNK - self.start > self.max_len:  # cut a monologue
+        # cut a monologue (a continued thought counts whole once this speech is real)
+        begin = self.thought if self.started else self.start
+        if self.triggered and now + CHUNK - begin > self.max_len:
             events += self._close(self.temp_end or now)
+            self.last_end = None  # no pause here: what follows is a new thought
         return events
+
+    def continues(self, at: int) -> bool:
+        """Does speech starting at ``at`` continue the last utterance's thought?"""
+        return self.last_end is not None and at - self.last_end <= self.continue_len \
+            and at - self.thought < self.max_len
 
     def _close(self, end: int) -> list[tuple]:
         # speech shorter than min_speech never opened a turn: a blip, dropped
-        event = [("utt", self.start, end)] if self.started else []
+        event = [("utt", self.thought, end)] if self.started else []
+        if self.started:
+            self.last_end = end
         self.triggered = self.started = False
         self.temp_end = 0
         return event
@@ -158,8 +180,10 @@ class VadSession:
         return self.buf[lo:hi].astype("<i2").tobytes()
 
     def trim(self) -> None:
-        """Keep only what a coming utterance may still need (its start pad)."""
-        keep_from = (self.start if self.triggered else self.n_vad) - self.pad - CHUNK
+        """Keep only what a coming utterance may still need: from its thought's start
+        (with pad) while speech goes on or may still continue it."""
+        keep = self.triggered or self.continues(self.n_vad)
+        keep_from = (self.thought if keep else self.n_vad) - self.pad - CHUNK
         drop = keep_from - self.buf_start
         if drop > 0:
             self.buf = self.buf[drop:]
