@@ -48,7 +48,9 @@ def speakable(text: str) -> str:
     lines = [ln.strip() for ln in text.splitlines()]
     lines = [ln for ln in lines if ln]
     # list items and paragraphs become sentences, so TTS pauses between them
-    text = " ".join(ln if ln[-1] in ".!?,;:" or i == len(lines) - 1 else ln + "."
+    # (a lone short word gets a comma: "3." or "a." at a line start reads as a list mark)
+    text = " ".join(ln if ln[-1] in ".!?,;:" or i == len(lines) - 1
+                    else ln + ("," if re.fullmatch(r"\w{1,3}", ln) else ".")
                     for i, ln in enumerate(lines))
     text = _EMPTY_PARENS.sub("", text)
     text = re.sub(r"\s+", " ", text)
