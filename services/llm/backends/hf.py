@@ -39,6 +39,13 @@ class TransformersBackend(Backend):
                                                      torch.cuda.is_available()) else "cpu"
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.model = AutoModelForCausalLM.from_pretrained(self.path).to(self.device).eval()
+        from .cpu_speed import PrefixCache, int8_decode_supported, speed_up_for_cpu
+
+        self.fast = (self.device == "cpu" and self.settings.llm_cpu_int8
+                     and int8_decode_supported())
+        if self.fast:
+            self.model = speed_up_for_cpu(self.model)
+        self.prefix = PrefixCache()
         # one token step takes ~50-100 ms on a busy CPU core; checking the stop flag
         # before every decoder layer instead of after every token ends a superseded
         # generation within a few ms (each generation thread has its own flag)
@@ -46,13 +53,18 @@ class TransformersBackend(Backend):
         layers = [m for m in self.model.modules() if type(m).__name__.endswith("DecoderLayer")]
         for layer in layers or [self.model]:
             layer.register_forward_pre_hook(self._check_stop)
-        # the first generate() pays one-off costs (~1 s): not on a user's first turn
-        warm = self.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}],
-                                                  add_generation_prompt=True, return_tensors="pt",
-                                                  return_dict=True).to(self.device)
+        # the first generate() pays one-off costs (~1 s): not on a user's first turn; it
+        # also leaves the system prompt's keys/values in the prefix cache for every session
+        system = self.settings.llm_system_prompt
+        warm = self.tokenizer.apply_chat_template(
+            ([{"role": "system", "content": system}] if system else []) +
+            [{"role": "user", "content": "Hi"}],
+            add_generation_prompt=True, return_tensors="pt", return_dict=True).to(self.device)
         with torch.inference_mode():
-            self.model.generate(**warm, max_new_tokens=2, do_sample=False,
-                                pad_token_id=self.tokenizer.eos_token_id)
+            out = self.model.generate(**warm, max_new_tokens=2, do_sample=False,
+                                      return_dict_in_generate=True,
+                                      pad_token_id=self.tokenizer.eos_token_id)
+        self.prefix.store(out.sequences[0].tolist(), out.past_key_values)
 
     def _check_stop(self, module, args) -> None:
         stop = getattr(self._local, "stop", None)
@@ -60,7 +72,8 @@ class TransformersBackend(Backend):
             raise _Stopped
 
     def describe(self) -> str:
-        return f"transformers {self.path} on {self.device}"
+        mode = "bf16 + int8 decode, prefix cache" if self.fast else "prefix cache"
+        return f"transformers {self.path} on {self.device} ({mode})"
 
     async def stream(self, messages, max_tokens, temperature) -> AsyncIterator[str]:
         from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
@@ -83,7 +96,10 @@ class TransformersBackend(Backend):
         inputs = self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
         ).to(self.device)
-        kwargs = dict(**inputs, max_new_tokens=max_tokens,
+        ids = inputs["input_ids"][0].tolist()
+        cache, reused = self.prefix.lookup(ids)  # only the new tokens are prefilled
+        kwargs = dict(**inputs, max_new_tokens=max_tokens, past_key_values=cache,
+                      return_dict_in_generate=True,
                       streamer=Streamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True),
                       stopping_criteria=StoppingCriteriaList([Stop()]),
                       pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
@@ -97,7 +113,9 @@ class TransformersBackend(Backend):
             self._local.stop = stop
             try:
                 with torch.inference_mode():
-                    self.model.generate(**kwargs)
+                    out = self.model.generate(**kwargs)
+                if out.past_key_values is not None:
+                    self.prefix.store(out.sequences[0].tolist(), out.past_key_values)
                 result: object = _END
             except _Stopped:
                 result = _END
