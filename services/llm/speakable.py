@@ -31,6 +31,17 @@ _EMPTY_PARENS = re.compile(r"\(\s*[,;:]?\s*\)|\[\s*\]")
 
 def speakable(text: str) -> str:
     """Plain spoken text: no markdown, lists, code, URLs or emoji; one line."""
+    # one pass can uncover a mark (stripping "\\" from "-\\0" leaves a "- " bullet):
+    # repeat until nothing changes, so the result is stable
+    for _ in range(4):
+        cleaner = _one_pass(text)
+        if cleaner == text:
+            break
+        text = cleaner
+    return text
+
+
+def _one_pass(text: str) -> str:
     text = _FENCED.sub(" ", text)
     text = _IMAGE.sub(r"\1", text)
     text = _LINK.sub(r"\1", text)

@@ -9,6 +9,7 @@ when the user barges in, the runtime cancels ``process`` and the backend stops.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import AsyncIterator
 
@@ -19,6 +20,8 @@ from s2s.stage import Stage
 from . import backends, history
 from .chunker import Chunker
 from .speakable import speakable
+
+log = logging.getLogger("s2s.llm")
 
 
 class LlmStage(Stage):
@@ -49,6 +52,7 @@ class LlmStage(Stage):
         if not frame.complete:
             await self._hold(frame)
 
+        started, first_ms = time.perf_counter(), None
         chunker, spoken, seq = Chunker(), [], 0
         stream = self.backend.stream(history.messages(ctx, s.llm_system_prompt),
                                      s.llm_max_tokens, s.llm_temperature)
@@ -57,6 +61,8 @@ class LlmStage(Stage):
                 for chunk in chunker.feed(piece):
                     if said := speakable(chunk):
                         ctx = await self._remember(frame, ctx, spoken, said)
+                        if first_ms is None:
+                            first_ms = (time.perf_counter() - started) * 1000
                         yield self._emit(frame, seq, said, final=False)
                         seq += 1
         finally:
@@ -66,6 +72,10 @@ class LlmStage(Stage):
             said = ""  # cut off by llm_max_tokens mid-sentence: better left unsaid
         if said:
             ctx = await self._remember(frame, ctx, spoken, said)
+        log.info("replied in %d chunk(s), first after %s ms, all after %.0f ms", seq + 1,
+                 f"{first_ms:.0f}" if first_ms is not None else "-",
+                 (time.perf_counter() - started) * 1000,
+                 extra={"sid": frame.sid, "turn": frame.turn, "held": not frame.complete})
         yield self._emit(frame, seq, said, final=True)  # may be empty: it closes the reply
 
     async def _hold(self, frame: Transcript) -> None:
