@@ -72,7 +72,8 @@ class Settings:
         "You are a helpful assistant talking with the user by voice. Remember what the user "
         "tells you. Answer in one or two short, plain sentences.",
         "System prompt of every conversation.", "llm")
-    llm_max_tokens: int = opt(80, "Most tokens in one reply.", "llm")
+    llm_max_tokens: int = opt(60, "Most tokens in one reply (a spoken answer is short; an "
+                                  "unfinished last sentence is not spoken).", "llm")
     llm_temperature: float = opt(0.0, "Sampling temperature (0: greedy, so a re-run after a crash "
                                       "repeats the same reply).", "llm")
     llm_history_turns: int = opt(6, "User/assistant exchanges kept as context.", "llm")

@@ -153,3 +153,13 @@ def test_sse_lines():
     assert parse_sse('data: {"choices":[{"delta":{"content":"Hi"}}]}') == "Hi"
     assert parse_sse("data: [DONE]") == parse_sse(": ping") == parse_sse("data: {bad") == ""
     assert parse_sse('data: {"choices":[{"delta":{"role":"assistant"}}]}') == ""
+
+
+def test_a_long_first_sentence_is_cut_before_a_phrase_opener():
+    from services.llm.chunker import chunks_of
+    text = "Octopuses are fascinating creatures that can change color. They have three hearts."
+    assert chunks_of(text) == ["Octopuses are fascinating creatures",
+                               "that can change color.", "They have three hearts."]
+    # only the first chunk is cut early; later ones stay whole sentences
+    assert chunks_of("Yes. Octopuses are fascinating creatures that can change color.") == [
+        "Yes.", "Octopuses are fascinating creatures that can change color."]

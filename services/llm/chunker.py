@@ -2,7 +2,9 @@
 
 TTS can start as soon as it has a phrase that sounds natural on its own, so the
 first chunk is cut as early as a clause allows (a comma, semicolon, colon or
-dash once a few words are there); later chunks are whole sentences, which
+dash once a few words are there, or, in a long first sentence, before a word
+that opens a phrase: "Octopuses are fascinating creatures | that can change
+color"; a speaker would breathe there too); later chunks are whole sentences, which
 sound better and cost TTS fewer calls.  A line break (list items, paragraphs)
 also ends a chunk, and a very long run without punctuation is cut at a space
 so speech never waits for the whole reply.
@@ -23,11 +25,18 @@ ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "prof", "st", "sr", "jr", "vs", "etc",
                  "eg", "ie", "no", "approx", "mt", "ft", "inc", "ltd", "co", "jan", "feb", "mar",
                  "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec"}
 _WORD_BEFORE = re.compile(r"([\w.]+)[.]$")
+# words before which a long first sentence may be cut (the phrase they open sounds whole)
+PHRASE_OPENERS = {"and", "but", "or", "so", "because", "that", "which", "who", "where", "when",
+                  "while", "if", "although", "though", "since", "unless", "until", "with",
+                  "without"}
+_NEXT_WORD = re.compile(r"\s+([A-Za-z']+)([\s,.;:!?…]|$)")
 
 
 class Chunker:
-    def __init__(self, first_min_words: int = 4, max_words: int = 40):
+    def __init__(self, first_min_words: int = 4, max_words: int = 40,
+                 first_phrase_words: int = 4):
         self.first_min_words = first_min_words
+        self.first_phrase_words = first_phrase_words
         self.max_words = max_words
         self.buf = ""
         self.scan = 0          # buf[:scan] was examined already (split-invariance)
@@ -46,7 +55,10 @@ class Chunker:
                 self.fence = not self.fence
                 i += 3
                 continue
-            if not self.fence and self._boundary(i):
+            cut = False if self.fence else self._boundary(i)
+            if cut is None:
+                break  # it depends on a word that has not fully arrived: wait for it
+            if cut:
                 chunk, self.buf = self.buf[:i + 1].strip(), self.buf[i + 1:]
                 i = 0
                 if chunk:
@@ -62,7 +74,7 @@ class Chunker:
         rest, self.buf, self.scan = self.buf.strip(), "", 0
         return rest
 
-    def _boundary(self, i: int) -> bool:
+    def _boundary(self, i: int) -> bool | None:
         ch, nxt = self.buf[i], self.buf[i + 1]
         if ch == "\n":
             return True
@@ -77,7 +89,20 @@ class Chunker:
             return not (end == "." and self._not_a_sentence_end(head))
         if end in CLAUSE_END and self.emitted == 0:
             return words >= self.first_min_words
+        if self.emitted == 0 and end.isalnum() and words >= self.first_phrase_words:
+            m = _NEXT_WORD.match(self.buf, i + 1)
+            if m is None or not m.group(2):  # the next word is not complete yet
+                return None if not self._next_word_known(i) else words >= self.max_words
+            if m.group(1).lower() in PHRASE_OPENERS:
+                return True
         return words >= self.max_words
+
+    def _next_word_known(self, i: int) -> bool:
+        """Whether the word after position i is complete (or is no plain word)."""
+        rest = self.buf[i + 1:].lstrip()
+        if not rest:
+            return False
+        return not re.fullmatch(r"[A-Za-z']+", rest)
 
     @staticmethod
     def _not_a_sentence_end(head: str) -> bool:
