@@ -204,7 +204,6 @@ class ClientSession:
                          TRY_LATER) from None
 
     async def _open(self, requested: str | None) -> None:
-        redis = self.bus.redis
         self.sid = requested or uuid.uuid4().hex
         new_owner = True
         if requested:

@@ -3,8 +3,10 @@ it, worker processes, and the real speech in tests/data."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -112,3 +114,37 @@ def workers(redis_url, tmp_path):
     w = Workers(redis_url, tmp_path)
     yield w
     w.stop_all()
+
+
+@contextlib.contextmanager
+def gateway_process(redis_url: str, tmp: Path):
+    """`python -m s2s gateway` on a free port; yields (http URL, process) once it listens."""
+    from s2s.redis_server import free_port
+
+    port = free_port()
+    env = {**os.environ, "S2S_REDIS_URL": redis_url, "S2S_METRICS_PORT": "0",
+           "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    log = open(tmp / "gateway.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "s2s", "gateway", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"gateway exited {proc.returncode}:\n"
+                                   + (tmp / "gateway.log").read_text(errors="replace"))
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError("gateway did not listen in 60 s")
+            time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}", proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,9 +16,8 @@ import pytest
 import websockets
 
 from s2s.client import Connection, Tracker, talk
-from s2s.redis_server import free_port
 
-from tests.conftest import DATA, ROOT, Workers, load_pcm16
+from tests.conftest import DATA, Workers, gateway_process, load_pcm16
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -36,37 +32,16 @@ def stack(redis_server, tmp_path_factory):
     redis.Redis.from_url(redis_server.url).flushall()
     tmp = tmp_path_factory.mktemp("e2e")
     workers = Workers(redis_server.url, tmp)
-    port = free_port()
-    gateway = None
     try:
         for stage in ("vad", "stt", "llm", "tts"):
             workers.start(stage)
-        env = {**os.environ, "S2S_REDIS_URL": redis_server.url, "PYTHONUNBUFFERED": "1"}
-        log = open(tmp / "gateway.log", "wb")
-        gateway = subprocess.Popen([sys.executable, "-m", "s2s", "gateway", "--port", str(port)],
-                                   env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        for stage in ("vad", "stt", "llm", "tts"):
-            workers.wait_ready(stage, timeout=240)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert gateway.poll() is None, (tmp / "gateway.log").read_text()
-            assert time.monotonic() < deadline, "gateway not up"
-            time.sleep(0.2)
-        yield type("Stack", (), {"url": f"ws://127.0.0.1:{port}/ws",
-                                 "http": f"http://127.0.0.1:{port}", "gateway": gateway,
-                                 "workers": workers, "logs": tmp})
+        with gateway_process(redis_server.url, tmp) as (http, gateway):
+            for stage in ("vad", "stt", "llm", "tts"):
+                workers.wait_ready(stage, timeout=240)
+            assert httpx.get(f"{http}/healthz", timeout=5).status_code == 200
+            yield type("Stack", (), {"url": http.replace("http", "ws", 1) + "/ws", "http": http,
+                                     "gateway": gateway, "workers": workers, "logs": tmp})
     finally:
-        if gateway is not None:
-            gateway.terminate()
-            try:
-                gateway.wait(15)
-            except subprocess.TimeoutExpired:
-                gateway.kill()
         workers.stop_all()
 
 

@@ -5,7 +5,6 @@ tests/test_llm_vllm.py (vllm and openai backends)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 
 import pytest

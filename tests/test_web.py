@@ -23,8 +23,6 @@ import math
 import os
 import shutil
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -33,7 +31,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT, gateway_process
+
 STATIC = ROOT / "gateway" / "static"
 JFK = ROOT / "tests" / "data" / "jfk.wav"
 CHROMIUM = os.environ.get("S2S_CHROMIUM", "/usr/bin/chromium")
@@ -140,37 +139,6 @@ def _stack_missing() -> str | None:
     return ", ".join(missing) or None
 
 
-@contextlib.contextmanager
-def gateway_process(redis_url: str, tmp: Path):
-    port = free_port()
-    env = {**os.environ, "S2S_REDIS_URL": redis_url, "S2S_METRICS_PORT": "0",
-           "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-    log = open(tmp / "gateway.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "s2s", "gateway", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, cwd=ROOT, stdout=log,
-                            stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"gateway exited {proc.returncode}:\n"
-                                   + (tmp / "gateway.log").read_text(errors="replace"))
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError("gateway did not listen in 60 s")
-            time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_web_client_full_stack(redis_url, workers, tmp_path):
@@ -184,7 +152,7 @@ def test_web_client_full_stack(redis_url, workers, tmp_path):
     for stage in ("vad", "stt", "llm", "tts"):
         workers.wait_ready(stage, timeout=240)
     mic = fake_mic_wav(tmp_path)
-    with gateway_process(redis_url, tmp_path) as url, browser(tmp_path, mic_wav=mic) as page:
+    with gateway_process(redis_url, tmp_path) as (url, _), browser(tmp_path, mic_wav=mic) as page:
         page.goto(url + "/")
         assert page.title().startswith("s2s")
         page.click("#talk")
