@@ -105,14 +105,43 @@ class Bus:
         return cursor, [(eid, fields.get(FIELD, b"")) for eid, fields in claimed
                         if eid is not None and fields is not None]
 
+    async def deliveries(self, stream: str, group: str,
+                         entry_ids: Iterable[bytes]) -> dict[bytes, int]:
+        """How many times each pending entry has been delivered (XPENDING's counter:
+        XREADGROUP and XAUTOCLAIM count, the keep-alive's XCLAIM JUSTID does not).
+        Entries no longer pending are left out."""
+        ids = list(entry_ids)
+        if not ids:
+            return {}
+        pipe = self.redis.pipeline(transaction=False)
+        for eid in ids:
+            pipe.xpending_range(stream, group, min=eid, max=eid, count=1)
+        rows = await pipe.execute()
+        return {eid: int(r[0]["times_delivered"]) for eid, r in zip(ids, rows) if r}
+
+    async def dead_letter(self, stream: str, group: str, entry_id: bytes, data: bytes,
+                          deliveries: int, reason: str) -> None:
+        """Move a poison entry to ``s2s:dead`` (bounded) and acknowledge it.  Not one
+        MULTI: the two keys need not share a Cluster slot; a crash between the two
+        commands only leaves a duplicate dead letter once the entry is claimed again."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xadd(keys.DEAD, {FIELD: data, b"stream": stream, b"group": group, b"id": entry_id,
+                              b"deliveries": deliveries, b"reason": reason},
+                  maxlen=self.settings.stream_maxlen, approximate=True)
+        pipe.xack(stream, group, entry_id)
+        await pipe.execute()
+
     async def keep_alive(self, stream: str, group: str, consumer: str,
-                         entry_ids: Iterable[bytes]) -> list[bytes]:
+                         entry_ids: Iterable[bytes], reset_deliveries: bool = False
+                         ) -> list[bytes]:
         """Reset the idle time of entries we still work on, so nobody claims them.
 
         Returns the ids another consumer owns by now (it claimed them while this one
         looked dead, e.g. a stalled event loop): those are *not* refreshed, since an
         XCLAIM with min-idle 0 would silently steal them back and both consumers would
-        then work on (and, for a VAD session, own) the same entry."""
+        then work on (and, for a VAD session, own) the same entry.  ``reset_deliveries``
+        also sets their delivery count back to 1 (see SessionRuntime: a session that
+        makes progress is not poison)."""
         ids = list(entry_ids)
         if not ids:
             return []
@@ -127,7 +156,7 @@ class Bus:
             (mine if rows[0]["consumer"] == consumer.encode() else lost).append(eid)
         if mine:  # JUSTID: does not count as a new delivery
             await self.redis.xclaim(stream, group, consumer, min_idle_time=0, message_ids=mine,
-                                    justid=True)
+                                    justid=True, retrycount=1 if reset_deliveries else None)
         return lost
 
     async def ack(self, stream: str, group: str, entry_id: bytes) -> None:

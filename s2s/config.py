@@ -32,6 +32,11 @@ class Settings:
     concurrency: int = opt(0, "Items one worker processes at once (0: the stage's own default).")
     claim_idle_s: float = opt(3.0, "Seconds an entry (or a session) may sit unacknowledged by a dead "
                                    "worker before another worker claims it.")
+    max_deliveries: int = opt(5, "Times an entry (or a session) may be delivered before it counts "
+                                 "as poison: one that keeps killing the workers that take it "
+                                 "(segfault, OOM kill) is then moved to the dead-letter stream "
+                                 "`s2s:dead`, acknowledged and reported to its session, instead "
+                                 "of being claimed again forever (0: never).")
     block_ms: int = opt(500, "How long one blocking stream read waits, in milliseconds.")
     stream_maxlen: int = opt(10000, "Approximate MAXLEN of shared stage streams (XADD MAXLEN ~).")
     session_maxlen: int = opt(2000, "Approximate MAXLEN of per-session streams.")

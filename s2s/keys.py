@@ -2,6 +2,7 @@
 live on one Redis Cluster slot."""
 
 SESSIONS = "s2s:vad:sessions"  # group "vad": one entry per open session
+DEAD = "s2s:dead"              # dead letters: entries that kept killing the workers taking them
 WORKERS = "s2s:workers"        # sorted set: member "stage|worker_id|metrics_url", score heartbeat
 STAGE_STREAMS = {"stt": "s2s:stt", "llm": "s2s:llm", "tts": "s2s:tts", "vad": SESSIONS}
 

@@ -27,6 +27,9 @@ STREAM_LAG = Gauge("s2s_stage_stream_lag", "Entries in the stage stream not yet 
 STREAM_PENDING = Gauge("s2s_stage_stream_pending", "Entries read but not yet acknowledged.",
                        ["stage"])
 CLAIMED = Counter("s2s_stage_claimed", "Entries taken over from a dead or stuck worker.", ["stage"])
+DEAD_LETTERED = Counter("s2s_stage_dead_lettered", "Entries moved to the dead-letter stream "
+                        "s2s:dead after too many deliveries (poison: they kill their workers).",
+                        ["stage"])
 IN_FLIGHT = Gauge("s2s_stage_in_flight", "Items this worker is processing now.", ["stage"])
 BAD_FRAMES = Counter("s2s_bad_frames", "Frames rejected as malformed, by component and reason.",
                      ["component", "reason"])

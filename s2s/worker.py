@@ -143,6 +143,7 @@ class Runtime:
                         metrics.CLAIMED.labels(self.name).inc(len(entries))
                         log.warning("claimed %d entr%s left by a dead worker", len(entries),
                                     "y" if len(entries) == 1 else "ies")
+                        entries = await self._drop_poison(entries)
                 if not entries:
                     entries = await self.bus.read_group(self.stream, self.group, self.consumer,
                                                         free, self.settings.block_ms)
@@ -162,6 +163,47 @@ class Runtime:
                 else:
                     log.exception("unexpected Redis error")
                     await asyncio.sleep(1)
+
+    async def _drop_poison(self, entries: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """Dead-letter claimed entries delivered more than ``max_deliveries`` times.
+
+        An entry whose processing kills the process (segfault, OOM kill, os._exit in a
+        native library) is never acked and raises no exception we could count: it stays
+        pending, the next worker claims it and dies too, forever, taking the stage down
+        with it.  Redis counts the deliveries of each pending entry (XAUTOCLAIM adds one;
+        the keep-alive's XCLAIM JUSTID does not), so a high count means every worker that
+        took it died.  Checked here, on the claim path only: a first delivery
+        (XREADGROUP) cannot be over the limit, and stages never see any of this."""
+        limit = self.settings.max_deliveries
+        if limit <= 0:
+            return entries
+        counts = await self.bus.deliveries(self.stream, self.group, [eid for eid, _ in entries])
+        keep = []
+        for entry_id, data in entries:
+            n = counts.get(entry_id, 0)
+            if n <= limit:
+                keep.append((entry_id, data))
+                continue
+            reason = (f"delivered {n} times (max_deliveries {limit}); "
+                      "every worker that took it died before acknowledging it")
+            await self.bus.dead_letter(self.stream, self.group, entry_id, data, n, reason)
+            metrics.DEAD_LETTERED.labels(self.name).inc()
+            try:
+                frame = decode(data, self.settings.max_frame_bytes)
+            except FrameError:
+                frame = None
+            extra = {"sid": frame.sid, "turn": frame.turn} if frame is not None else {}
+            log.error("poison entry %s of %s moved to %s: %s", entry_id.decode(), self.stream,
+                      keys.DEAD, reason, extra=extra)
+            if frame is not None and frame.sid:
+                try:  # tell the client, or its turn just never gets an answer
+                    await self.bus.emit(Notice(
+                        sid=frame.sid, turn=frame.turn, event="error",
+                        message=f"{self.name}: this input could not be processed; "
+                                f"dropped after {n - 1} attempts"))
+                except REDIS_DOWN:
+                    pass
+        return keep
 
     async def _ensure_groups(self) -> None:
         backoff = 0.1
@@ -361,6 +403,7 @@ class SessionRuntime(Runtime):
             return
         log.info("owning session", extra={"sid": sid, "resume_from": position.decode()})
         idle_since = time.monotonic()
+        progressed = False
         while not self.stopping.is_set():
             try:
                 res = await self.bus.redis.xread({keys.audio(sid): position}, count=50,
@@ -384,6 +427,17 @@ class SessionRuntime(Runtime):
                         break
                 await self.bus.redis.set(keys.vad_pos(sid), position,
                                          ex=self.settings.session_ttl_s)
+                if not progressed:
+                    # A session lives long and changes owners on every worker restart
+                    # (each takeover counts as a delivery): once this owner has got past
+                    # where the last one stopped, the entry is not poison, so its count
+                    # goes back to 1.  One whose audio kills owners never gets here.
+                    progressed = True
+                    try:
+                        await self.bus.keep_alive(self.stream, self.group, self.consumer,
+                                                  [entry_id], reset_deliveries=True)
+                    except ResponseError as e:  # NOGROUP etc.: must not end the session
+                        log.debug("resetting the delivery count: %s", e, extra={"sid": sid})
             except REDIS_DOWN as e:
                 await self._redis_down(e, 0.5)
                 continue

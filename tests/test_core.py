@@ -28,6 +28,7 @@ from s2s.redis_server import RedisServer, free_port
 from .conftest import ROOT
 
 ECHO = "tests.stages:EchoStage"
+CRASH = "tests.stages:CrashStage"
 sids = st.from_regex(r"[A-Za-z0-9_.-]{1,64}", fullmatch=True)
 pcm = st.binary(max_size=400).map(lambda b: b[: len(b) // 2 * 2])
 
@@ -171,6 +172,63 @@ def test_worker_killed_before_ack_is_taken_over(workers, redis_url):
     while _pending(redis_url)["pending"] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _pending(redis_url)["pending"] == 0  # acked by the second worker
+
+
+def test_poison_entry_is_dead_lettered_after_max_deliveries(workers, redis_url):
+    env = {"S2S_MAX_DELIVERIES": "2"}  # claim_idle_s is 1.0 (the fixture)
+    proc = workers.start(CRASH, env=env)
+    workers.wait_ready("echo")
+    crash_id, _ = _send(redis_url, Transcript(sid="x", turn=0, text="crash"),
+                        Transcript(sid="x", turn=0, text="fine"))
+    r = redis.Redis.from_url(redis_url)
+    restarts, deadline = 0, time.monotonic() + 25
+    while time.monotonic() < deadline:
+        if r.xlen(keys.DEAD) and any(f.message == "fine" for f in _wait_out(redis_url, "x", 0, 0)):
+            break
+        if proc.poll() is not None and restarts < 5:  # each worker taking "crash" dies
+            proc, restarts = workers.start(CRASH, env=env), restarts + 1
+        time.sleep(0.1)
+    dead = r.xrange(keys.DEAD)
+    assert len(dead) == 1, [workers.log(p) for p in workers.procs]
+    fields = dead[0][1]
+    assert decode(fields[FIELD]).text == "crash"
+    assert (fields[b"stream"], fields[b"group"], fields[b"id"]) == (b"s2s:echo", b"echo", crash_id)
+    assert int(fields[b"deliveries"]) > 2 and fields[b"reason"]
+    assert restarts == 2  # delivered (and died) twice, dead-lettered at the third
+    assert proc.poll() is None  # the last worker lives on
+    deadline = time.monotonic() + 5
+    while _pending(redis_url)["pending"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _pending(redis_url)["pending"] == 0
+    out = _wait_out(redis_url, "x", n=2)
+    assert ("echo", "fine") in [(f.event, f.message) for f in out]
+    errors = [f.message for f in out if f.event == "error"]
+    assert len(errors) == 1 and "dropped after 2 attempts" in errors[0]
+    assert crash_id.decode() in workers.log(proc) and "ERROR" in workers.log(proc)
+
+
+def test_session_that_keeps_killing_its_owners_is_dead_lettered(workers, redis_url):
+    env = {"S2S_MAX_DELIVERIES": "2"}
+    stage = "tests.stages:CrashSessionStage"
+    proc = workers.start(stage, env=env)
+    workers.wait_ready("vad")
+    r = redis.Redis.from_url(redis_url)
+    r.xadd(keys.audio("v"), {FIELD: encode(Audio(sid="v", pcm=b"\xde\xad", sr=16000))})
+    session_id = r.xadd(keys.SESSIONS, {FIELD: encode(SessionOpen(sid="v"))})
+    restarts, deadline = 0, time.monotonic() + 25
+    while not r.xlen(keys.DEAD) and time.monotonic() < deadline:
+        if proc.poll() is not None and restarts < 5:
+            proc, restarts = workers.start(stage, env=env), restarts + 1
+        time.sleep(0.1)
+    dead = r.xrange(keys.DEAD)
+    assert len(dead) == 1, [workers.log(p) for p in workers.procs]
+    fields = dead[0][1]
+    assert (fields[b"stream"], fields[b"group"], fields[b"id"]) == (keys.SESSIONS.encode(),
+                                                                    b"vad", session_id)
+    assert decode(fields[FIELD]) == SessionOpen(sid="v") and int(fields[b"deliveries"]) == 3
+    assert restarts == 2 and proc.poll() is None
+    assert r.xpending(keys.SESSIONS, "vad")["pending"] == 0
+    assert [f.event for f in _wait_out(redis_url, "v")] == ["error"]
 
 
 def test_malformed_entries_are_rejected_and_the_worker_goes_on(workers, redis_url):
@@ -404,6 +462,28 @@ async def test_keep_alive_never_steals_back_a_claimed_entry(settings):
                 await bus.redis.xpending_range("s2s:ka", "g", min="-", max="+", count=10)}
         assert rows[a]["consumer"] == b"A" and rows[a]["time_since_delivered"] < 50
         assert rows[b]["consumer"] == b"B"  # still B's
+    finally:
+        await bus.close()
+
+
+async def test_delivery_counts_and_their_reset(settings):
+    bus = Bus(settings)
+    try:
+        await bus.ensure_group("s2s:dl", "g")
+        a, b = [await bus.redis.xadd("s2s:dl", {FIELD: b"x"}) for _ in range(2)]
+        await bus.read_group("s2s:dl", "g", "A", 2, 0)
+        await bus.ack("s2s:dl", "g", b)
+        await asyncio.sleep(0.02)
+        await bus.claim_idle("s2s:dl", "g", "B", 1)  # a takeover counts as a delivery
+        await bus.keep_alive("s2s:dl", "g", "B", [a])  # the keep-alive does not
+        assert await bus.deliveries("s2s:dl", "g", [a, b]) == {a: 2}  # b is acked
+        await bus.keep_alive("s2s:dl", "g", "B", [a], reset_deliveries=True)
+        assert await bus.deliveries("s2s:dl", "g", [a]) == {a: 1}
+        await bus.dead_letter("s2s:dl", "g", a, b"x", 2, "test")
+        assert await bus.deliveries("s2s:dl", "g", [a]) == {}
+        (_, fields), = await bus.redis.xrange(keys.DEAD)
+        assert fields == {FIELD: b"x", b"stream": b"s2s:dl", b"group": b"g", b"id": a,
+                          b"deliveries": b"2", b"reason": b"test"}
     finally:
         await bus.close()
 
