@@ -269,7 +269,10 @@ class ClientSession:
         else:
             log.warning("old VAD owner did not release the session in time",
                         extra={"sid": self.sid})
-            await redis.set(keys.vad_pos(self.sid), end_id, ex=self.settings.session_ttl_s)
+            pipe = redis.pipeline(transaction=True)  # as the owner does at a SessionEnd
+            pipe.set(keys.vad_pos(self.sid), end_id, ex=self.settings.session_ttl_s)
+            pipe.delete(keys.vad_state(self.sid))
+            await pipe.execute()
         return True
 
     async def _receive_loop(self) -> None:

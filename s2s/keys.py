@@ -33,5 +33,11 @@ def vad_pos(sid: str) -> str:
     return f"s2s:vadpos:{{{sid}}}"
 
 
+def vad_state(sid: str) -> str:
+    """JSON snapshot of the session stage's state at ``vad_pos`` (for takeover), written
+    together with it (one MULTI) and deleted when the session ends."""
+    return f"s2s:vadstate:{{{sid}}}"
+
+
 def session_keys(sid: str) -> list[str]:
-    return [audio(sid), out(sid), turn(sid), ctx(sid), vad_pos(sid)]
+    return [audio(sid), out(sid), turn(sid), ctx(sid), vad_pos(sid), vad_state(sid)]

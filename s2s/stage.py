@@ -81,8 +81,20 @@ class SessionStage(Stage):
     #: sessions one worker owns at once
     concurrency = 64
 
-    def open_session(self, frame: SessionOpen) -> Any:
+    def open_session(self, frame: SessionOpen, snapshot: dict | None = None) -> Any:
+        """Make the per-session object.  ``snapshot`` is what ``snapshot`` returned for
+        this session on its last owner, when this worker takes the session over (the
+        owner died); ``None`` on a session's first open.  The runtime passes it only
+        when it is a non-empty dict, so ``open_session(self, frame)`` still works for a
+        stage that keeps no state across a takeover."""
         raise NotImplementedError
+
+    def snapshot(self, session: Any) -> dict:
+        """A small JSON-able dict of the per-session state that must survive a takeover.
+        The runtime stores it with the session's audio position after every batch of
+        audio frames (so keep it small and cheap), and hands it to the next owner's
+        ``open_session``.  Default: nothing."""
+        return {}
 
     async def process(self, frame: Frame, session: Any = None) -> AsyncIterator[Frame]:  # type: ignore[override]
         raise NotImplementedError

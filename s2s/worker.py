@@ -13,6 +13,7 @@ for another worker.  Redis going away is retried with backoff.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -377,7 +378,8 @@ class SessionRuntime(Runtime):
     """Runtime of a session-owning stage (VAD).  The entry of a session in
     ``s2s:vad:sessions`` stays pending while its owner lives (kept fresh); if the
     owner dies another worker claims it and resumes from the last audio entry the
-    dead owner processed (``s2s:vadpos:{sid}``)."""
+    dead owner processed (``s2s:vadpos:{sid}``), with the stage's snapshot of the
+    session at that entry (``s2s:vadstate:{sid}``, ``SessionStage.snapshot``)."""
 
     stage: SessionStage
 
@@ -392,16 +394,18 @@ class SessionRuntime(Runtime):
             await self._ack(entry_id)
             return
         sid = opened.sid
-        session = self.stage.open_session(opened)
         try:
-            position = (await self.bus.redis.get(keys.vad_pos(sid))) or b"0-0"
+            position, state = await self.bus.redis.mget(keys.vad_pos(sid), keys.vad_state(sid))
         except REDIS_DOWN as e:
             # Not acked and no longer in flight (so no longer kept fresh): the entry is
             # claimed again after claim_idle_s, by this worker or another.
             log.warning("Redis lost while opening a session (%s); it will be retried", e,
                         extra={"sid": sid})
             return
-        log.info("owning session", extra={"sid": sid, "resume_from": position.decode()})
+        position = position or b"0-0"
+        session = self._open_session(opened, state)
+        log.info("owning session", extra={"sid": sid, "resume_from": position.decode(),
+                                          "restored": bool(state and state != b"{}")})
         idle_since = time.monotonic()
         progressed = False
         while not self.stopping.is_set():
@@ -425,8 +429,18 @@ class SessionRuntime(Runtime):
                     position = audio_id
                     if ended:
                         break
-                await self.bus.redis.set(keys.vad_pos(sid), position,
-                                         ex=self.settings.session_ttl_s)
+                # The position and the stage's state at that position, in one MULTI (one
+                # round trip): a new owner resumes from both or from neither.  An ended
+                # session drops its state: a reopened session starts anew (its client
+                # counts audio positions from its new connection).
+                pipe = self.bus.redis.pipeline(transaction=True)
+                pipe.set(keys.vad_pos(sid), position, ex=self.settings.session_ttl_s)
+                if ended:
+                    pipe.delete(keys.vad_state(sid))
+                else:
+                    pipe.set(keys.vad_state(sid), self._snapshot(sid, session),
+                             ex=self.settings.session_ttl_s)
+                await pipe.execute()
                 if not progressed:
                     # A session lives long and changes owners on every worker restart
                     # (each takeover counts as a delivery): once this owner has got past
@@ -447,6 +461,35 @@ class SessionRuntime(Runtime):
         else:
             return  # shutting down: leave the session entry pending for another owner
         await self._ack(entry_id)
+
+    def _open_session(self, opened: SessionOpen, state: bytes | None) -> Any:
+        """The stage's session object, restored from the last owner's snapshot if any.
+        A snapshot that cannot be read or restored is logged and ignored: the session
+        then starts afresh rather than not at all."""
+        snapshot = None
+        if state:
+            try:
+                snapshot = json.loads(state)
+            except ValueError:
+                pass
+            if not isinstance(snapshot, dict):
+                log.warning("unreadable session snapshot ignored", extra={"sid": opened.sid})
+                snapshot = None
+        if not snapshot:
+            return self.stage.open_session(opened)
+        try:
+            return self.stage.open_session(opened, snapshot)
+        except Exception as e:
+            log.warning("session snapshot not restored (%s): starting afresh", e,
+                        extra={"sid": opened.sid})
+            return self.stage.open_session(opened)
+
+    def _snapshot(self, sid: str, session: Any) -> str:
+        try:
+            return json.dumps(self.stage.snapshot(session))
+        except Exception as e:  # a stage bug must not stop the session; nothing is restored
+            log.warning("session snapshot failed: %s", e, extra={"sid": sid})
+            return "{}"
 
     async def _handle_audio(self, sid: str, session: Any, audio_id: bytes, data: bytes) -> bool:
         picked = time.time()

@@ -4,6 +4,7 @@ input rejected and counted, and a VAD worker's sessions survive its SIGKILL."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -123,9 +124,12 @@ async def test_sessions_through_redis_and_bad_input(workers, settings):
         assert metric(client, "vad", "s2s_bad_frames_total", reason="invalid_audio") == 1
         assert metric(client, "stt", "s2s_bad_frames_total", reason="malformed") == 1
         assert vad.poll() is None
+        assert json.loads(client.get(keys.vad_state("a")))["in_sr"] == 16000
         await bus.emit(SessionEnd(sid="a"))
         await wait_until(lambda: client.xpending(keys.SESSIONS, "vad")["pending"] == 1, 5,
                          "session a released")
+        # an ended session's snapshot is dropped (a reopened session starts anew)
+        assert client.exists(keys.vad_state("a")) == 0 and client.exists(keys.vad_pos("a"))
     finally:
         await bus.close()
         client.close()
@@ -164,6 +168,25 @@ async def test_vad_worker_killed_mid_session_is_replaced(workers, settings):
             "a transcript after the takeover")
         assert any(LAST_WORDS in re.sub(r"[^a-z ]", "", t.text.lower()) for t in done), done
         assert metric(client, "vad", "s2s_stage_claimed_total") >= 1
+        # positions go on on the session's audio timeline across the takeover (the new
+        # owner restored the dead one's snapshot), they do not restart at 0: the speech
+        # after the cut is at 3.3-4.4, 5.4-7.7 and 8.2-11.0 s of the session's audio
+        utts = [f for f in frames_in(client, keys.STAGE_STREAMS["stt"])
+                if isinstance(f, Utterance) and f.sid == "k"]
+        before = [u for u in utts if u.end_s < cut / 16000]
+        after = [u for u in utts if u not in before]
+        assert before and after, [(u.start_s, u.end_s) for u in utts]
+        assert all(b.end_s < a.start_s for b in before for a in after)
+        assert all(a.start_s > cut / 16000 for a in after), [(u.start_s, u.end_s) for u in utts]
+        assert abs(after[0].start_s - 3.3) <= 0.5 and abs(after[-1].end_s - 11.0) <= 0.5, \
+            [(u.start_s, u.end_s) for u in utts]
+        assert abs(done[-1].end_s - 11.0) <= 0.5  # what the client sees
+        started = [f.at_s for f in frames_in(client, keys.out("k"))
+                   if isinstance(f, SpeechStarted)]
+        assert started == sorted(started) and started[0] < 0.5 and started[-1] > 8.0, started
+        # the snapshot follows the audio: every sample sent has been counted
+        await wait_until(lambda: json.loads(client.get(keys.vad_state("k")) or b"{}")
+                         .get("in_samples") == len(pcm), 5, "the snapshot at the end")
     finally:
         await bus.close()
         client.close()

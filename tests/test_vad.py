@@ -243,6 +243,57 @@ async def test_bad_frames_are_rejected_and_the_session_goes_on(stage):
     assert any(isinstance(o, Utterance) for o in outs)
 
 
+async def test_snapshot_restore_keeps_positions_on_the_session_timeline(stage):
+    """A takeover: the new owner's session, opened from the dead owner's (JSON) snapshot,
+    goes on with the session's audio positions instead of restarting at 0."""
+    import json
+
+    for sr in (16000, 48000):
+        pcm = np.concatenate([load_pcm16(DATA / "jfk.wav", sr), np.zeros(sr, np.int16)])
+        whole = await stream(stage, pcm, sr=sr, sid=f"w{sr}")
+        opened = SessionOpen(sid=f"t{sr}", in_sr=sr, out_sr=24000)
+        cut = 3 * sr + sr // 50 * 7  # 3.14 s: in the pause after "fellow Americans"
+        first = stage.open_session(opened)
+        outputs = []
+        step = sr // 50
+
+        async def feed(session, lo, hi):
+            for i in range(lo, hi, step):
+                end = min(i + step, hi)
+                frame = Audio(sid=opened.sid, pcm=pcm[i:end].tobytes(), sr=sr,
+                              marks={"recv": T0 + end / sr})
+                outputs.extend([o async for o in stage.process(frame, session)])
+
+        await feed(first, 0, cut)
+        snap = json.loads(json.dumps(stage.snapshot(first)))
+        assert snap["in_samples"] == cut
+        second = stage.open_session(opened, snap)  # a fresh model, at the same position
+        assert second.now_s == pytest.approx(cut / sr)
+        await feed(second, cut, len(pcm))
+        got = [o for o in outputs if isinstance(o, Utterance)]
+        ref = utterances(whole)
+        # before the cut: the same; after: the same pieces at the same positions (the
+        # thought restarts at the takeover, so the continuation starts at 3.3 s, not 0.3)
+        assert len(got) == len(ref) == 4
+        assert (got[0].start_s, got[0].end_s) == (ref[0].start_s, ref[0].end_s)
+        after = got[1:]
+        assert all(cut / sr < u.start_s for u in after)
+        assert {u.start_s for u in after} == {after[0].start_s}
+        assert after[0].start_s == pytest.approx(3.3, abs=0.15)
+        for u, r in zip(after, ref[1:]):
+            assert u.end_s == pytest.approx(r.end_s, abs=0.07), (sr, u.end_s, r.end_s)
+            assert u.marks["speech_end"] == pytest.approx(T0 + u.end_s, abs=1e-3)
+        started = [o.at_s for o in outputs if isinstance(o, SpeechStarted)]
+        ref_started = [o.at_s for o, _ in whole if isinstance(o, SpeechStarted)]
+        assert started == pytest.approx(ref_started, abs=0.07)
+    # no snapshot / an empty one: a fresh session at 0; a malformed one is refused
+    assert stage.open_session(SessionOpen(sid="x"), {}).now_s == 0
+    for bad in ({"in_samples": "9"}, {"in_sr": 0, "in_samples": 1, "samples_16k": 1},
+                {"in_sr": 16000, "in_samples": -1, "samples_16k": 0}):
+        with pytest.raises(ValueError, match="bad VAD snapshot"):
+            stage.open_session(SessionOpen(sid="x"), bad)
+
+
 def test_model_is_silero_v5_with_state_and_context():
     vad = SileroVad()
     names = {i.name for i in vad.session.get_inputs()}

@@ -18,6 +18,14 @@ the next utterance starts where the thought started (earlier pieces and pauses
 included, up to ``vad_max_utterance_s``), so STT hears the whole thought instead of
 fragments it transcribes badly.  Each piece still opens a new turn, so the work on
 the earlier pieces is dropped as stale: the continuation carries their audio.
+
+Takeover: when the owner dies, the next one resumes at the last audio entry the dead
+one processed, with its ``snapshot`` (input samples received), so session positions
+(``at_s``, ``start_s``, ``end_s``: the client's audio timeline) go on where they were
+instead of restarting at 0.  Only the position survives: the model state, the recent
+audio and any speech in progress are lost, and the endpointer starts afresh at that
+position (speech going on at the takeover is heard from there on; a pause right after
+it does not continue the earlier thought).
 """
 
 from __future__ import annotations
@@ -112,6 +120,23 @@ class VadSession:
         self.last_end: int | None = None  # end of the last utterance (None: nothing to continue)
         self.turn = 0
 
+    def snapshot(self) -> dict:
+        """What a new owner needs for positions to go on: the input samples received.
+        ``samples_16k`` is the same position at 16 kHz (a fresh resampler starts there:
+        the old one's few unflushed samples are skipped, so no drift builds up)."""
+        return {"in_sr": self.in_sr, "in_samples": self.in_samples,
+                "samples_16k": self.in_samples * SR // self.in_sr}
+
+    def restore(self, snap: dict) -> None:
+        """Continue positions from ``snap`` (``snapshot`` of the last owner); the model
+        and the endpointer start afresh there.  A malformed snapshot raises ValueError."""
+        in_sr, in_samples, at16 = (snap.get(k) for k in ("in_sr", "in_samples", "samples_16k"))
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                   for v in (in_sr, in_samples, at16)) or not in_sr:
+            raise ValueError(f"bad VAD snapshot {snap!r:.200}")
+        self.in_samples = in_samples if in_sr == self.in_sr else at16 * self.in_sr // SR
+        self.buf_start = self.n_vad = at16
+
     @property
     def now_s(self) -> float:
         """Session audio position of the last sample received, in seconds."""
@@ -199,8 +224,14 @@ class VadStage(SessionStage):
     def describe(self) -> str:
         return f"silero-vad v5 onnx ({self.vad.path.name}) cpu, 1 thread"
 
-    def open_session(self, frame: SessionOpen) -> VadSession:
-        return VadSession(frame, self.settings)
+    def open_session(self, frame: SessionOpen, snapshot: dict | None = None) -> VadSession:
+        session = VadSession(frame, self.settings)
+        if snapshot:
+            session.restore(snapshot)
+        return session
+
+    def snapshot(self, session: VadSession) -> dict:
+        return session.snapshot()
 
     async def process(self, frame: Audio, session: VadSession = None):  # type: ignore[override]
         if not isinstance(frame, Audio):
