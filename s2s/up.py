@@ -194,6 +194,10 @@ class Stack:
                         target = url if not self.args.no_gateway else self.settings.redis_url
                         self.say(f"all stages live after {elapsed:.1f}s")
                         print(f"ready: {target}", flush=True)
+                        if not self.args.no_gateway:
+                            self.say(f"open {url} in a browser and press Start, or run "
+                                     f"`s2s talk FILE --url ws://{self.settings.host}:"
+                                     f"{self.settings.port}/ws`; Ctrl-C stops everything")
                         return True
                     msg = "loading: " + ", ".join(waiting)
                     if msg != last_msg or int(elapsed) % 10 == 0 and elapsed - int(elapsed) < 0.5:
