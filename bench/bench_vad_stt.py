@@ -15,12 +15,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from s2s import config  # noqa: E402
-from s2s.audio import resample  # noqa: E402
+from s2s.audio import read_audio  # noqa: E402
 from s2s.frames import Audio, SessionOpen, Utterance  # noqa: E402
 from services.stt.worker import FULL_WINDOW, SttStage  # noqa: E402
 from services.vad.worker import CHUNK, SR, SileroVad, VadStage  # noqa: E402
@@ -30,8 +29,7 @@ FRAME_MS = 20
 
 
 def load(name: str) -> np.ndarray:
-    audio, sr = sf.read(str(DATA / name), dtype="float32", always_2d=True)
-    return (resample(audio.mean(axis=1), sr, SR) * 32767).astype(np.int16)
+    return read_audio(DATA / name, SR)
 
 
 class _Turns:

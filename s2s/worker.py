@@ -36,10 +36,6 @@ REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 TURN_POLL_S = 0.05  # how often in-flight work checks whether its turn was superseded
 
 
-class Stale(Exception):
-    """The item's turn was superseded while it was being processed."""
-
-
 class Runtime:
     def __init__(self, stage: Stage, settings: Settings):
         self.stage = stage
@@ -195,14 +191,9 @@ class Runtime:
             extra = {"sid": frame.sid, "turn": frame.turn} if frame is not None else {}
             log.error("poison entry %s of %s moved to %s: %s", entry_id.decode(), self.stream,
                       keys.DEAD, reason, extra=extra)
-            if frame is not None and frame.sid:
-                try:  # tell the client, or its turn just never gets an answer
-                    await self.bus.emit(Notice(
-                        sid=frame.sid, turn=frame.turn, event="error",
-                        message=f"{self.name}: this input could not be processed; "
-                                f"dropped after {n - 1} attempts"))
-                except REDIS_DOWN:
-                    pass
+            if frame is not None:
+                await self._notify_error(frame, f"{self.name}: this input could not be "
+                                                f"processed; dropped after {n - 1} attempts")
         return keep
 
     async def _ensure_groups(self) -> None:
@@ -284,12 +275,16 @@ class Runtime:
             raise
         except Exception as e:
             log.exception("processing failed", extra={"sid": frame.sid, "turn": frame.turn})
-            try:
-                await self.bus.emit(Notice(sid=frame.sid, turn=frame.turn, event="error",
-                                           message=f"{self.name} failed: {e}"))
-            except Exception:
-                pass
+            await self._notify_error(frame, f"{self.name} failed: {e}")
             return "error"
+
+    async def _notify_error(self, frame: Frame, message: str) -> None:
+        """Tell the session (best effort): else its turn just never gets an answer."""
+        try:
+            await self.bus.emit(Notice(sid=frame.sid, turn=frame.turn, event="error",
+                                       message=message))
+        except Exception:
+            pass
 
     async def _produce(self, frame: Frame, picked: float, *extra: Any) -> None:
         first = True

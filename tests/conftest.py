@@ -12,12 +12,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import redis
-import soundfile as sf
 
 from s2s import config
+from s2s.audio import read_audio as load_pcm16  # noqa: F401 (the tests import it from here)
 from s2s.redis_server import RedisServer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -48,17 +47,6 @@ def redis_url(redis_server):
 def settings(redis_url):
     return config.load({"redis_url": redis_url, "claim_idle_s": 1.0, "block_ms": 200,
                         "metrics_port": 0}, environ={})
-
-
-def load_pcm16(path: Path, sr: int = 16000) -> np.ndarray:
-    """A WAV as int16 mono at ``sr``."""
-    import soxr
-
-    data, file_sr = sf.read(str(path), dtype="float32", always_2d=True)
-    data = data.mean(axis=1)
-    if file_sr != sr:
-        data = soxr.resample(data, file_sr, sr)
-    return (np.clip(data, -1, 1) * 32767).astype(np.int16)
 
 
 class Workers:
