@@ -23,14 +23,15 @@ from starlette.websockets import WebSocket
 from s2s import keys, metrics
 from s2s.bus import FIELD, Bus
 from s2s.config import Settings
-from s2s.frames import SAMPLE_RATES, Audio, FrameError, SessionEnd, SessionOpen, decode
+from s2s.frames import (SAMPLE_RATES, SID_PATTERN, Audio, FrameError, SessionEnd, SessionOpen,
+                        decode)
 from s2s.worker import REDIS_DOWN
 
 from .playback import Playback
 
 log = logging.getLogger("s2s.gateway")
 
-SID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+SID_RE = re.compile(SID_PATTERN)
 DEFAULT_OUT_SR = 22050      # the default voice's own rate
 HELLO_TIMEOUT_S = 10.0
 STRIKES = 10                # rejected messages within STRIKE_WINDOW_S that end a session

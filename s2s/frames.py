@@ -17,7 +17,8 @@ import msgspec
 SCHEMA_VERSION = 1
 SAMPLE_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
 
-SessionId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+SID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"  # also checked by the gateway on a resume
+SessionId = Annotated[str, msgspec.Meta(pattern=SID_PATTERN)]
 NonNeg = Annotated[int, msgspec.Meta(ge=0)]
 Rate = Annotated[int, msgspec.Meta(ge=8000, le=48000)]
 
