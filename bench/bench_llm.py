@@ -1,7 +1,7 @@
 """LLM backends: time to first token, time to first speakable chunk, tokens/s, at 1
 and 4 concurrent sessions.
 
-    python -m bench.bench_llm --backend transformers,vllm,openai [--rounds 3]
+    python -m s2s.bench.bench_llm --backend transformers,vllm,openai [--rounds 3]
 
 ``openai`` starts its own `vllm serve` on the bundled model unless --openai-url
 is given.  Targets on a 2-core CPU: first speakable chunk <= 300 ms with the
@@ -20,11 +20,11 @@ import tempfile
 import time
 
 from s2s import config
-from services.llm import history
-from services.llm.backends import create
-from services.llm.backends.model_files import resolve
-from services.llm.chunker import Chunker
-from services.llm.speakable import speakable
+from s2s.services.llm import history
+from s2s.services.llm.backends import create
+from s2s.services.llm.backends.model_files import resolve
+from s2s.services.llm.chunker import Chunker
+from s2s.services.llm.speakable import speakable
 
 QUESTIONS = ["What is the capital of France?", "Tell me about the history of Rome.",
              "How do plants make food from sunlight?", "Why is the sky blue?"]
@@ -68,7 +68,7 @@ async def measure(backend, tokenizer, settings, sessions: int, rounds: int) -> d
 def start_server(model: str) -> tuple[subprocess.Popen, str]:
     import httpx
 
-    from s2s.redis_server import free_port
+    from s2s.launcher.redis_server import free_port
 
     port, tmp = free_port(), tempfile.mkdtemp(prefix="s2s-bench-vllm-")
     env = {**os.environ, "TMPDIR": tmp, "VLLM_CACHE_ROOT": tmp, "VLLM_CPU_KVCACHE_SPACE": "1"}

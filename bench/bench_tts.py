@@ -1,6 +1,6 @@
 """TTS benchmark: time to first audio and real-time factor of the TTS stage.
 
-    python -m bench.bench_tts [--repeat 5] [--out-rate 16000] [--voice PATH]
+    python -m s2s.bench.bench_tts [--repeat 5] [--out-rate 16000] [--voice PATH]
 
 Runs the real stage (``TtsStage.process``, one onnxruntime thread) on short, medium
 and long reply chunks, as the first chunk of a reply (seq 0: a long first sentence
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from s2s import config
-    from services.tts.worker import TtsStage
+    from s2s.services.tts.worker import TtsStage
 
     stage = TtsStage(config.load({"tts_voice": args.voice}))
     t0 = time.perf_counter()

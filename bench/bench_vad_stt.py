@@ -1,6 +1,6 @@
 """Listening benchmark: VAD cost, end-of-speech decision delay, STT latency.
 
-    python -m bench.bench_vad_stt
+    python -m s2s.bench.bench_vad_stt
 
 Runs the real stages in-process (no Redis) on tests/data speech, one model thread
 each, and prints a table with the targets next to the numbers.
@@ -21,8 +21,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from s2s import config  # noqa: E402
 from s2s.audio import read_audio  # noqa: E402
 from s2s.frames import Audio, SessionOpen, Utterance  # noqa: E402
-from services.stt.worker import FULL_WINDOW, SttStage  # noqa: E402
-from services.vad.worker import CHUNK, SR, SileroVad, VadStage  # noqa: E402
+from s2s.services.stt.worker import FULL_WINDOW, SttStage  # noqa: E402
+from s2s.services.vad.worker import CHUNK, SR, SileroVad, VadStage  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
 FRAME_MS = 20

@@ -21,11 +21,10 @@ from typing import Any
 from starlette.websockets import WebSocket
 
 from s2s import keys, metrics
-from s2s.bus import FIELD, Bus
+from s2s.bus import FIELD, REDIS_DOWN, Bus
 from s2s.config import Settings
 from s2s.frames import (SAMPLE_RATES, SID_PATTERN, Audio, FrameError, SessionEnd, SessionOpen,
                         decode)
-from s2s.worker import REDIS_DOWN
 
 from .playback import Playback
 

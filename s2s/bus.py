@@ -10,7 +10,9 @@ import time
 from typing import Iterable
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import keys
 from .config import Settings
@@ -18,6 +20,8 @@ from .frames import (Audio, Frame, Notice, ReplyAudio, ReplyText, SessionEnd, Se
                      SpeechStarted, Transcript, Utterance, encode)
 
 FIELD = b"f"
+#: what "Redis is unreachable" looks like: callers retry with backoff
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 Entry = tuple[bytes, bytes]  # (entry id, encoded frame)
 
 

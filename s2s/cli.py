@@ -15,18 +15,18 @@ from . import config
 
 # stage name -> "module:Class" of its Stage
 STAGES = {
-    "vad": "services.vad.worker:VadStage",
-    "stt": "services.stt.worker:SttStage",
-    "llm": "services.llm.worker:LlmStage",
-    "tts": "services.tts.worker:TtsStage",
+    "vad": "s2s.services.vad.worker:VadStage",
+    "stt": "s2s.services.stt.worker:SttStage",
+    "llm": "s2s.services.llm.worker:LlmStage",
+    "tts": "s2s.services.tts.worker:TtsStage",
 }
 
 COMMANDS = {
-    "up": ("s2s.up", "Start the whole stack (Redis, gateway, one worker per stage) and talk to it."),
+    "up": ("s2s.launcher.up", "Start the whole stack (Redis, gateway, one worker per stage) and talk to it."),
     "worker": ("s2s.cli", "Run one stage worker (vad, stt, llm or tts)."),
-    "gateway": ("gateway.server", "Run the gateway: WebSocket sessions, web page, /healthz, /metrics."),
-    "talk": ("s2s.talk", "Talk to a running stack from a WAV/FLAC/MP3 file or the microphone."),
-    "bench": ("bench.loadgen", "Load-test a running stack: voice-to-voice latency vs sessions."),
+    "gateway": ("s2s.gateway.server", "Run the gateway: WebSocket sessions, web page, /healthz, /metrics."),
+    "talk": ("s2s.client.talk_command", "Talk to a running stack from a WAV/FLAC/MP3 file or the microphone."),
+    "bench": ("s2s.bench.loadgen", "Load-test a running stack: voice-to-voice latency vs sessions."),
     "config": ("s2s.cli", "Print every setting with its environment variable and value."),
 }
 
@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:  # `s2s worker`
 
 def worker_main(args: argparse.Namespace) -> int:
     from . import log
-    from .worker import run_stage
+    from .session_worker import run_stage
 
     settings = config.from_args(args)
     log.setup(settings.log_level, settings.log_json)

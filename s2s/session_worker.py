@@ -3,6 +3,7 @@ whole sessions, not single entries, are owned, kept fresh, claimed and resumed."
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -13,7 +14,8 @@ from redis.exceptions import ResponseError
 from . import keys, metrics
 from .bus import entry_ms
 from .frames import FrameError, SessionEnd, SessionOpen, decode
-from .stage import SessionStage
+from .config import Settings
+from .stage import SessionStage, Stage
 from .worker import REDIS_DOWN, Runtime
 
 log = logging.getLogger("s2s.worker")
@@ -163,3 +165,13 @@ class SessionRuntime(Runtime):
         metrics.ITEMS.labels(self.name, outcome).inc()
         metrics.PROCESSING.labels(self.name).observe(time.time() - picked)
         return False
+
+
+def run_stage(stage: Stage, settings: Settings) -> None:
+    """Entry point of a worker process: the session runtime for a session-owning stage
+    (VAD), the plain runtime for every other stage."""
+    runtime_cls = SessionRuntime if isinstance(stage, SessionStage) else Runtime
+    try:
+        asyncio.run(runtime_cls(stage, settings).run())
+    except KeyboardInterrupt:
+        pass

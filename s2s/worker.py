@@ -21,18 +21,15 @@ import time
 import uuid
 from typing import Any
 
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import keys, metrics
-from .bus import Bus, entry_ms
+from .bus import REDIS_DOWN, Bus, entry_ms
 from .config import Settings
 from .frames import Frame, FrameError, Notice, decode
-from .stage import SessionStage, SessionState, Stage
+from .stage import SessionState, Stage
 
 log = logging.getLogger("s2s.worker")
-REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 TURN_POLL_S = 0.05  # how often in-flight work checks whether its turn was superseded
 
 
@@ -366,14 +363,3 @@ class Runtime:
             except Exception:
                 pass
             await asyncio.sleep(2)
-
-
-def run_stage(stage: Stage, settings: Settings) -> None:
-    """Entry point of a worker process."""
-    from .session_worker import SessionRuntime  # it builds on Runtime, defined above
-
-    runtime_cls = SessionRuntime if isinstance(stage, SessionStage) else Runtime
-    try:
-        asyncio.run(runtime_cls(stage, settings).run())
-    except KeyboardInterrupt:
-        pass

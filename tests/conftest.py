@@ -17,7 +17,7 @@ import redis
 
 from s2s import config
 from s2s.audio import read_audio as load_pcm16  # noqa: F401 (the tests import it from here)
-from s2s.redis_server import RedisServer
+from s2s.launcher.redis_server import RedisServer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -107,7 +107,7 @@ def workers(redis_url, tmp_path):
 @contextlib.contextmanager
 def gateway_process(redis_url: str, tmp: Path):
     """`python -m s2s gateway` on a free port; yields (http URL, process) once it listens."""
-    from s2s.redis_server import free_port
+    from s2s.launcher.redis_server import free_port
 
     port = free_port()
     env = {**os.environ, "S2S_REDIS_URL": redis_url, "S2S_METRICS_PORT": "0",

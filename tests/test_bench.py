@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from bench import loadgen
-from bench.loadgen import SessionSample, TurnSample
+from s2s.bench import loadgen
+from s2s.bench.loadgen import SessionSample, TurnSample
 from s2s import cli
 from s2s.metrics import LATENCY_BUCKETS
 
@@ -177,7 +177,7 @@ def test_bench_command_line():
     assert args.url == "ws://127.0.0.1:8000/ws" and args.realtime
     with pytest.raises(SystemExit):
         parser.parse_args(["--sessions", "0,2"])
-    assert cli.COMMANDS["bench"][0] == "bench.loadgen"
+    assert cli.COMMANDS["bench"][0] == "s2s.bench.loadgen"
     assert loadgen.DEFAULT_WAV.is_file()
 
 

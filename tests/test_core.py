@@ -23,7 +23,7 @@ from s2s import cli, config, keys
 from s2s.bus import FIELD, Bus, routes
 from s2s.frames import (SAMPLE_RATES, Audio, FrameError, Notice, ReplyAudio, ReplyText, SessionOpen,
                         Transcript, Utterance, decode, encode)
-from s2s.redis_server import RedisServer, free_port
+from s2s.launcher.redis_server import RedisServer, free_port
 
 from .conftest import ROOT
 

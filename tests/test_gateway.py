@@ -21,7 +21,7 @@ from s2s.client import Connection, talk
 from s2s.frames import (Audio, Notice, ReplyAudio, ReplyText, SessionEnd, SessionOpen,
                         SpeechStarted, Transcript, decode)
 
-from gateway.server import uvicorn_config
+from s2s.gateway.server import uvicorn_config
 
 
 async def serve(settings):
@@ -343,7 +343,7 @@ async def test_malformed_messages_never_hurt_other_sessions(gw):
 
 
 async def test_hello_timeout(gw, monkeypatch):
-    from gateway import session
+    from s2s.gateway import session
 
     monkeypatch.setattr(session, "HELLO_TIMEOUT_S", 0.3)
     ws = await websockets.connect(gw.ws)
@@ -427,7 +427,7 @@ async def test_s2s_talk_command(gw, tmp_path, capsys):
 
     import soundfile as sf
 
-    from s2s import talk as talk_cmd
+    from s2s.client import talk_command as talk_cmd
 
     speech = tmp_path / "speech.flac"
     sf.write(speech, np.full(44100, 0.1, np.float32), 44100)  # 1 s at 44.1 kHz, resampled

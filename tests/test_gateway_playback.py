@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway import playback
-from gateway.playback import Playback
+from s2s.gateway import playback
+from s2s.gateway.playback import Playback
 from s2s.frames import ReplyAudio, ReplyText, SpeechStarted
 
 

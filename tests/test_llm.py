@@ -110,7 +110,7 @@ def assert_scenarios(paris: dict, context: dict, barge: dict) -> None:
 # --- transformers (CPU default) -----------------------------------------------------------
 @pytest.fixture(scope="module")
 def hf_stage():
-    from services.llm.worker import LlmStage
+    from s2s.services.llm.worker import LlmStage
 
     stage = LlmStage(llm_settings("redis://unused", "transformers"))
     stage.setup()  # first run ever: converts the GGUF (~30 s), then < 2 s
@@ -185,7 +185,7 @@ def test_worker_process_answers_through_redis(workers, settings):
 def test_unknown_backend_and_missing_extras_fail_with_a_hint(monkeypatch):
     import builtins
 
-    from services.llm.backends import BackendUnavailable, create
+    from s2s.services.llm.backends import BackendUnavailable, create
 
     with pytest.raises(BackendUnavailable, match="transformers, vllm, openai"):
         create(config.load({"llm_backend": "nope"}, environ={}))
@@ -204,7 +204,7 @@ def test_unknown_backend_and_missing_extras_fail_with_a_hint(monkeypatch):
 def test_conversion_cache_is_atomic_and_reused(tmp_path, monkeypatch):
     """A second conversion of the same GGUF reuses the folder; a half-written temp
     folder never becomes the cache."""
-    from services.llm.backends import model_files
+    from s2s.services.llm.backends import model_files
 
     gguf = model_files.bundled_gguf()
     first = model_files.converted(gguf, tmp_path)

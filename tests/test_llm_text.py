@@ -6,10 +6,10 @@ import re
 
 from hypothesis import given, settings, strategies as st
 
-from services.llm import history
-from services.llm.chunker import Chunker, chunks_of
-from services.llm.speakable import speakable
-from services.llm.backends.openai_compat import parse_sse
+from s2s.services.llm import history
+from s2s.services.llm.chunker import Chunker, chunks_of
+from s2s.services.llm.speakable import speakable
+from s2s.services.llm.backends.openai_compat import parse_sse
 
 
 # --- chunker ---------------------------------------------------------------------------
@@ -156,7 +156,7 @@ def test_sse_lines():
 
 
 def test_a_long_first_sentence_is_cut_before_a_phrase_opener():
-    from services.llm.chunker import chunks_of
+    from s2s.services.llm.chunker import chunks_of
     text = "Octopuses are fascinating creatures that can change color. They have three hearts."
     assert chunks_of(text) == ["Octopuses are fascinating creatures",
                                "that can change color.", "They have three hearts."]

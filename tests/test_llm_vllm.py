@@ -60,7 +60,7 @@ def test_vllm_batches_concurrent_sessions(vllm_results):
 
 async def _vllm_main(redis_url: str, out: str) -> None:
     from s2s.worker import Runtime
-    from services.llm.worker import LlmStage
+    from s2s.services.llm.worker import LlmStage
     from test_llm import (llm_settings, scenario_barge_in, scenario_context, scenario_paris)
 
     import redis
@@ -95,8 +95,8 @@ async def tokens_per_s(backend, sessions: int, max_tokens: int = 64) -> float:
 def vllm_server(tmp_path_factory):
     import httpx
 
-    from s2s.redis_server import free_port
-    from services.llm.backends.model_files import resolve
+    from s2s.launcher.redis_server import free_port
+    from s2s.services.llm.backends.model_files import resolve
     from test_llm import llm_settings
 
     model = resolve(llm_settings("redis://unused", "vllm"))
@@ -132,7 +132,7 @@ def vllm_server(tmp_path_factory):
 
 async def test_openai_backend_against_vllm_serve(vllm_server, redis_url):
     from s2s.worker import Runtime
-    from services.llm.worker import LlmStage
+    from s2s.services.llm.worker import LlmStage
     from test_llm import assert_scenarios, llm_settings, scenario_barge_in, scenario_context, \
         scenario_paris
 

@@ -10,7 +10,7 @@ import pytest
 
 from s2s import config
 from s2s.frames import Utterance
-from services.stt.worker import (DROPPED, Heard, MicroBatcher, SttStage, drop_reason, is_loop,
+from s2s.services.stt.worker import (DROPPED, Heard, MicroBatcher, SttStage, drop_reason, is_loop,
                                  looks_complete)
 from tests.conftest import DATA, JFK_TEXT, load_pcm16
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def tts():
-    from services.tts.worker import TtsStage
+    from s2s.services.tts.worker import TtsStage
 
     stage = TtsStage(config.load({}, environ={}))
     stage.setup()
@@ -107,7 +107,7 @@ def test_empty_text_gives_one_empty_final_piece(tts):
 
 
 def test_first_sentence_cut_at_a_clause_for_latency(tts):
-    from services.tts.worker import split_first_clause
+    from s2s.services.tts.worker import split_first_clause
 
     text = "Well, that is an interesting question about the moon."
     first = run(tts, ReplyText(sid="s", seq=0, text=text))
@@ -132,7 +132,7 @@ def test_invalid_out_rate_falls_back_to_voice_rate(tts):
 
 
 def test_voice_paths(tmp_path):
-    from services.tts.worker import voice_paths
+    from s2s.services.tts.worker import voice_paths
 
     model, cfg = voice_paths("")
     assert model.endswith(".onnx") and cfg.endswith(".onnx.json")

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from s2s.redis_server import free_port
+from s2s.launcher.redis_server import free_port
 
 from .conftest import ROOT
 

@@ -9,7 +9,7 @@ import pytest
 from s2s import config
 from s2s.audio import rms_dbfs
 from s2s.frames import Audio, FrameError, SessionOpen, SpeechStarted, Transcript, Utterance, decode
-from services.vad.worker import CHUNK, SR, SileroVad, VadStage, silero_model_path
+from s2s.services.vad.worker import CHUNK, SR, SileroVad, VadStage, silero_model_path
 from tests.conftest import DATA, JFK_TEXT, load_pcm16
 from tests.test_stt import wer
 
@@ -164,7 +164,7 @@ async def test_jfk_pauses_mid_thought_are_continued(stage):
     np.testing.assert_allclose(np.frombuffer(last.pcm, np.int16), jfk[lo:lo + len(last.pcm) // 2],
                                atol=1)
     # and the whole thought is transcribed as well as the whole file
-    from services.stt.worker import SttStage
+    from s2s.services.stt.worker import SttStage
 
     stt = SttStage(config.load({}, environ={}))
     stt.setup()

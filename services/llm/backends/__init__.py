@@ -20,9 +20,9 @@ from s2s.config import Settings
 
 # name -> "module:Class"; imported only when chosen, so torch/vllm load only if used
 REGISTRY = {
-    "transformers": "services.llm.backends.hf:TransformersBackend",
-    "vllm": "services.llm.backends.vllm_engine:VllmBackend",
-    "openai": "services.llm.backends.openai_compat:OpenAIBackend",
+    "transformers": "s2s.services.llm.backends.hf:TransformersBackend",
+    "vllm": "s2s.services.llm.backends.vllm_engine:VllmBackend",
+    "openai": "s2s.services.llm.backends.openai_compat:OpenAIBackend",
 }
 
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from . import config
-from .bus import Bus
-from .cli import STAGES, load_stage
+from s2s import config
+from s2s.bus import Bus
+from s2s.cli import STAGES, load_stage
 from .proc import die_with_parent
 from .redis_server import RedisServer
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio import read_audio
+from s2s.audio import read_audio
 
 SEND_RATE = 16000
 
@@ -52,7 +52,7 @@ def main(args: argparse.Namespace) -> int:
     if not Path(args.file).is_file():
         print(f"s2s talk: no such file: {args.file}", file=sys.stderr)
         return 2
-    from .client import talk
+    from .protocol import talk
 
     try:
         pcm = read_audio(args.file)
@@ -102,7 +102,7 @@ async def _mic(args: argparse.Namespace) -> int:
               "Install it with `pip install sounddevice` (and libportaudio2), or talk through "
               "the web page of `s2s up`.", file=sys.stderr)
         return 2
-    from .client import Connection
+    from .protocol import Connection
 
     conn = await Connection.open(args.url, SEND_RATE, args.out_rate)
     loop = asyncio.get_running_loop()
