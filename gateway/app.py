@@ -18,6 +18,7 @@ from starlette.websockets import WebSocket
 from s2s.bus import Bus
 from s2s.config import Settings
 
+from .discovery import sd_route
 from .session import ClientSession
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -71,6 +72,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/", index),
         Route("/healthz", healthz),
         Route("/metrics", metrics_endpoint),
+        sd_route(lambda: state["bus"]),
         WebSocketRoute("/ws", ws_endpoint),
         Mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static"),
     ], lifespan=lifespan)

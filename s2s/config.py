@@ -29,6 +29,10 @@ class Settings:
     log_json: bool = opt(False, "Write logs as one JSON object per line (for log collectors).")
     metrics_host: str = opt("0.0.0.0", "Address a worker's /metrics and /healthz server binds to.")
     metrics_port: int = opt(9100, "Port of a worker's /metrics and /healthz server (0: any free port).")
+    metrics_advertise: str = opt("", "Address other hosts reach a worker's /metrics at (host, "
+                                     "host:port or URL), registered for /healthz, `s2s bench` "
+                                     "and the gateway's /sd. Empty: the bound address, or this "
+                                     "host's own (its route to Redis) when bound to 0.0.0.0.")
     concurrency: int = opt(0, "Items one worker processes at once (0: the stage's own default).")
     claim_idle_s: float = opt(3.0, "Seconds an entry (or a session) may sit unacknowledged by a dead "
                                    "worker before another worker claims it.")

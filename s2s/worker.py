@@ -59,7 +59,9 @@ class Runtime:
         server = await metrics.serve_http(self.settings.metrics_host, self.settings.metrics_port,
                                           self._health)
         port = server.sockets[0].getsockname()[1]
-        self.metrics_url = f"http://127.0.0.1:{port}"
+        from .netaddr import advertise_url  # reachable from other hosts, not 127.0.0.1
+        self.metrics_url = advertise_url(self.settings.metrics_advertise,
+                                         self.settings.metrics_host, port, self.settings.redis_url)
         log.info("%s worker starting", self.name,
                  extra={"consumer": self.consumer, "metrics": self.metrics_url})
         t0 = time.perf_counter()

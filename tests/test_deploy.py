@@ -115,14 +115,10 @@ def test_dockerfiles_pin_torch_and_install_the_weights():
 
 
 # --- Prometheus and Grafana ----------------------------------------------------------------
-def test_prometheus_scrapes_gateway_and_every_stage_by_dns():
+def test_prometheus_finds_gateway_and_every_worker_through_the_gateways_sd():
     config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    gateway = jobs["gateway"]["dns_sd_configs"][0]
-    assert gateway["names"] == ["gateway"] and gateway["type"] == "A" and gateway["port"] == 8000
-    stage_sd = jobs["stages"]["dns_sd_configs"][0]
-    assert sorted(stage_sd["names"]) == sorted(STAGES)
-    assert stage_sd["type"] == "A" and stage_sd["port"] == 9100
+    assert jobs["s2s"]["http_sd_configs"][0]["url"] == "http://gateway:8000/sd"
 
 
 def test_grafana_provisioning_points_at_the_dashboard(compose):
