@@ -256,7 +256,8 @@ def test_k8s_deployments_run_package_commands(k8s):
             "matchLabels"]
 
 
-def test_keda_scales_each_stage_on_its_consumer_group_lag(k8s):
+def test_keda_scales_each_stage_on_pending_plus_lag(k8s):
+    """The numbers each scaler reads from a loaded Redis: tests/test_keda.py."""
     scaled = {name: obj for (kind, name), obj in k8s.items() if kind == "ScaledObject"}
     assert set(scaled) == set(keys.STAGE_STREAMS) == set(STAGES)
     config = k8s[("ConfigMap", "s2s-config")]["data"]
@@ -264,14 +265,19 @@ def test_keda_scales_each_stage_on_its_consumer_group_lag(k8s):
         assert obj["apiVersion"] == "keda.sh/v1alpha1"
         target = obj["spec"]["scaleTargetRef"]["name"]
         assert ("Deployment", target) in k8s and target == stage
-        trigger = obj["spec"]["triggers"][0]
-        assert trigger["type"] == "redis-streams"
-        meta = trigger["metadata"]
-        assert meta["stream"] == keys.STAGE_STREAMS[stage]
-        assert meta["consumerGroup"] == stage  # the runtime's group is the stage name
-        assert int(meta["lagCount"]) >= 1 and "pendingEntriesCount" not in meta
-        assert all(isinstance(v, str) for v in meta.values()), "KEDA metadata values are strings"
-        assert meta["addressFromEnv"] in config
+        triggers = {t["name"]: t for t in obj["spec"]["triggers"]}
+        assert set(triggers) == {"pending", "lag"}
+        assert obj["spec"]["advanced"]["scalingModifiers"]["formula"] == "pending + lag"
+        for trigger in triggers.values():
+            assert trigger["type"] == "redis-streams"
+            meta = trigger["metadata"]
+            assert meta["stream"] == keys.STAGE_STREAMS[stage]
+            assert meta["consumerGroup"] == stage  # the runtime's group is the stage name
+            assert all(isinstance(v, str) for v in meta.values()), "KEDA metadata values are strings"
+            assert meta["addressFromEnv"] in config
+        assert "lagCount" in triggers["lag"]["metadata"]
+        assert "pendingEntriesCount" in triggers["pending"]["metadata"]
+        assert "lagCount" not in triggers["pending"]["metadata"]  # KEDA: lagCount wins
         assert obj["spec"]["minReplicaCount"] >= 1
 
 
