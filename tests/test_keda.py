@@ -1,0 +1,245 @@
+"""deploy/k8s: KEDA scales the right thing, and the manifests are valid.
+
+The scaler test loads a real Redis the way an overload does (real worker runtimes holding
+entries in flight, more entries waiting) and reads exactly what KEDA's redis-streams scaler
+reads (XPENDING summary count for a `pendingEntriesCount` trigger, XINFO GROUPS lag for a
+`lagCount` one), combines them with the ScaledObject's own scalingModifiers formula and target,
+and applies the HPA's rule for an AverageValue target. Under overload every stage asks for
+more replicas; busy with nothing waiting it keeps its replicas; idle, none asks for any.
+Validation: kubernetes-validate (the Kubernetes JSON schemas, strict) and KEDA's CRD models
+(cloudcoil-models-keda), offline."""
+
+from __future__ import annotations
+
+import ast
+import math
+import time
+
+import pytest
+import redis
+import yaml
+
+from s2s import keys
+from s2s.bus import FIELD
+from s2s.config import Settings
+from s2s.frames import SessionOpen, Transcript, encode
+
+from .conftest import ROOT, Workers
+from .stages import CrashSessionStage, EchoStage
+
+K8S = ROOT / "deploy" / "k8s"
+STAGES = ("vad", "stt", "llm", "tts")
+HPA_TOLERANCE = 0.1  # kube-controller-manager's default --horizontal-pod-autoscaler-tolerance
+
+
+# Worker stages named like the real ones, holding each item S2S_TEST_DELAY_S (in flight,
+# pending in Redis) without loading a model: `s2s worker tests.test_keda:SlowStt`.
+class SlowStt(EchoStage):
+    name = "stt"
+
+
+class SlowLlm(EchoStage):
+    name = "llm"
+
+
+class SlowTts(EchoStage):
+    name = "tts"
+
+
+SPECS = {"vad": "tests.stages:CrashSessionStage", "stt": "tests.test_keda:SlowStt",
+         "llm": "tests.test_keda:SlowLlm", "tts": "tests.test_keda:SlowTts"}
+assert CrashSessionStage.name == "vad"
+
+
+def manifests() -> list[dict]:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    return [doc for resource in kustomization["resources"]
+            for doc in yaml.safe_load_all((K8S / resource).read_text()) if doc]
+
+
+def by_kind(kind: str) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in manifests() if d["kind"] == kind}
+
+
+def container_env(deployment: dict) -> dict[str, str]:
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e.get("value", "") for e in container.get("env", [])}
+
+
+# --- what KEDA reads and what the HPA does with it -------------------------------------------
+def scaler_reading(r: redis.Redis, meta: dict[str, str]) -> int:
+    """One redis-streams trigger's metric, as KEDA's scaler reads it: lagCount -> the group's
+    lag in XINFO GROUPS; else, with a consumerGroup -> XPENDING's count; else XLEN."""
+    if "lagCount" in meta:
+        for group in r.xinfo_groups(meta["stream"]):
+            if group["name"].decode() == meta["consumerGroup"]:
+                return int(group["lag"])
+        raise AssertionError(f"no group {meta['consumerGroup']} on {meta['stream']}")
+    if "consumerGroup" in meta:
+        return int(r.xpending(meta["stream"], meta["consumerGroup"])["pending"])
+    return int(r.xlen(meta["stream"]))
+
+
+def formula_value(formula: str, values: dict[str, int]) -> float:
+    """KEDA's scalingModifiers formula over the triggers' readings (by trigger name); only
+    + - * / of names and numbers is accepted here, which is all the manifests use."""
+    tree = ast.parse(formula, mode="eval")
+    allowed = (ast.Expression, ast.BinOp, ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Name,
+               ast.Load, ast.Constant)
+    assert all(isinstance(n, allowed) for n in ast.walk(tree)), formula
+    return float(eval(compile(tree, "<formula>", "eval"), {"__builtins__": {}}, values))
+
+
+def scaling(r: redis.Redis, obj: dict, current: int) -> dict:
+    """The metric KEDA hands the HPA for this ScaledObject, whether KEDA calls it active, and
+    the replicas the HPA would ask for with ``current`` replicas running."""
+    spec = obj["spec"]
+    readings = {t["name"]: scaler_reading(r, t["metadata"]) for t in spec["triggers"]}
+    mod = spec["advanced"]["scalingModifiers"]
+    assert mod.get("metricType", "AverageValue") == "AverageValue"
+    value = formula_value(mod["formula"], readings)
+    target = float(mod["target"])
+    if abs(value / (target * current) - 1) <= HPA_TOLERANCE:
+        desired = current
+    else:
+        desired = math.ceil(value / target)
+    desired = max(spec.get("minReplicaCount", 0), min(spec["maxReplicaCount"], desired))
+    return {"readings": readings, "value": value, "desired": desired,
+            "active": value > float(mod.get("activationTarget", "0"))}
+
+
+# --- the scalers on a loaded Redis ----------------------------------------------------------
+def wait_for(predicate, what: str, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise TimeoutError(what)
+
+
+def test_every_stage_asks_for_more_replicas_under_overload_and_none_when_idle(redis_url,
+                                                                               tmp_path):
+    scaled = by_kind("ScaledObject")
+    deployments = by_kind("Deployment")
+    assert set(scaled) == set(STAGES)
+    # each worker runs with its Deployment's slots, which must be KEDA's target
+    slots = {}
+    for stage in STAGES:
+        env = container_env(deployments[stage])
+        slots[stage] = int(env["S2S_CONCURRENCY"])
+        assert float(scaled[stage]["spec"]["advanced"]["scalingModifiers"]["target"]) == \
+            slots[stage], stage
+    r = redis.Redis.from_url(redis_url)
+    workers = Workers(redis_url, tmp_path)
+    env = {"S2S_TEST_DELAY_S": "3600", "S2S_SHUTDOWN_GRACE_S": "0.5", "S2S_BLOCK_MS": "200"}
+    try:
+        for stage in STAGES:
+            workers.start(SPECS[stage], env={**env, "S2S_CONCURRENCY": str(slots[stage])})
+        for stage in STAGES:
+            workers.wait_ready(stage, timeout=60)
+        wait_for(lambda: all(r.exists(keys.stage_stream(s)) for s in STAGES), "groups")
+
+        # idle: nothing pending, nothing waiting -> not active, no stage asks for a replica
+        for stage in STAGES:
+            idle = scaling(r, scaled[stage], current=1)
+            assert idle["readings"] == {"pending": 0, "lag": 0}, (stage, idle)
+            assert not idle["active"] and idle["desired"] == 1, (stage, idle)
+
+        # overload: every slot of the one worker taken, and one worker's worth more waiting
+        # (VAD: 64 sessions owned, 64 more open sessions nobody owns yet)
+        for stage in STAGES:
+            for i in range(2 * slots[stage]):
+                sid = f"{stage}{i:03d}"
+                frame = (SessionOpen(sid=sid) if stage == "vad"
+                         else Transcript(sid=sid, turn=1, text="hello"))
+                r.xadd(keys.stage_stream(stage), {FIELD: encode(frame)})
+        for stage in STAGES:
+            meta = next(t["metadata"] for t in scaled[stage]["spec"]["triggers"]
+                        if t["name"] == "pending")
+            wait_for(lambda: scaler_reading(r, meta) == slots[stage], f"{stage} slots full")
+        time.sleep(1)  # a worker with no free slot reads nothing more
+        for stage in STAGES:
+            loaded = scaling(r, scaled[stage], current=1)
+            assert loaded["readings"] == {"pending": slots[stage], "lag": slots[stage]}, stage
+            assert loaded["active"] and loaded["desired"] == 2, (stage, loaded)
+
+        # KEDA starts a second worker: it takes what was waiting (VAD: the sessions beyond the
+        # first worker's slots are owned now). All busy, nothing waiting: lag 0 is not idle,
+        # every stage keeps its two replicas (lag-only scaling would drop back to one).
+        for stage in STAGES:
+            workers.start(SPECS[stage], env={**env, "S2S_CONCURRENCY": str(slots[stage])})
+        for stage in STAGES:
+            workers.wait_ready(stage, count=2, timeout=60)
+        for stage in STAGES:
+            meta = next(t["metadata"] for t in scaled[stage]["spec"]["triggers"]
+                        if t["name"] == "lag")
+            wait_for(lambda: scaler_reading(r, meta) == 0, f"{stage}: the new worker reads")
+        for stage in STAGES:
+            busy = scaling(r, scaled[stage], current=2)
+            assert busy["readings"] == {"pending": 2 * slots[stage], "lag": 0}, stage
+            assert busy["active"] and busy["desired"] == 2, (stage, busy)
+            owners = r.xpending(keys.stage_stream(stage), stage)["consumers"]
+            assert sorted(int(c["pending"]) for c in owners) == [slots[stage]] * 2, owners
+    finally:
+        workers.stop_all()
+        r.close()
+
+
+# --- the manifests --------------------------------------------------------------------------
+def test_manifests_validate_against_the_kubernetes_and_keda_schemas():
+    kv = pytest.importorskip("kubernetes_validate.utils", reason="pip install kubernetes-validate")
+    keda = pytest.importorskip("cloudcoil.models.keda.v1alpha1",
+                               reason="pip install cloudcoil-models-keda")
+    docs = manifests()
+    assert {d["kind"] for d in docs} >= {"Deployment", "Service", "ConfigMap",
+                                         "PodDisruptionBudget", "ScaledObject"}
+    for doc in docs:
+        if doc["apiVersion"].startswith("keda.sh/"):
+            model = getattr(keda, doc["kind"])
+            back = model.model_validate(doc).model_dump(by_alias=True, exclude_none=True)
+            assert back == doc, f"{doc['kind']} {doc['metadata']['name']}: fields KEDA lacks"
+        else:  # strict: unknown fields are errors, as the API server's field validation
+            kv.validate(doc, kv.latest_version(), strict=True)
+    # the checks can fail: a misspelt field is caught by both
+    deployment = by_kind("Deployment")["stt"]
+    deployment["spec"]["template"]["spec"]["terminationGracePeriod"] = 60
+    with pytest.raises(Exception, match="terminationGracePeriod"):
+        kv.validate(deployment, kv.latest_version(), strict=True)
+    scaled = by_kind("ScaledObject")["stt"]
+    scaled["spec"]["advanced"]["scalingModifier"] = scaled["spec"]["advanced"].pop(
+        "scalingModifiers")
+    back = keda.ScaledObject.model_validate(scaled).model_dump(by_alias=True, exclude_none=True)
+    assert back != scaled
+
+
+def test_workers_drain_gracefully_and_disruptions_take_one_pod_at_a_time():
+    config = by_kind("ConfigMap")["s2s-config"]["data"]
+    grace = float(config["S2S_SHUTDOWN_GRACE_S"])
+    # in-flight work may finish: at least the longest turn (an utterance cut at its longest)
+    assert grace >= Settings().vad_max_utterance_s
+    deployments = by_kind("Deployment")
+    pdbs = by_kind("PodDisruptionBudget")
+    for name in (*STAGES, "gateway"):
+        pod = deployments[name]["spec"]["template"]["spec"]
+        # the runtime's grace, then deregistering, before the kubelet's SIGKILL
+        assert pod["terminationGracePeriodSeconds"] >= grace + 10, name
+        pdb = pdbs[name]["spec"]
+        assert pdb["selector"]["matchLabels"] == deployments[name]["spec"]["selector"][
+            "matchLabels"]
+        assert pdb.get("maxUnavailable") == 1 and "minAvailable" not in pdb, name
+    gateway = deployments["gateway"]["spec"]["template"]["spec"]["containers"][0]
+    assert gateway["lifecycle"]["preStop"]["exec"]["command"][0] == "sleep"
+    for stage in STAGES:  # workers advertise their pod's address for /sd, /healthz, bench
+        env = container_env(deployments[stage])
+        assert env["S2S_METRICS_ADVERTISE"] == "$(POD_IP)"
+
+
+def test_redis_fails_safe_and_claims_no_cluster_support():
+    text = (K8S / "redis.yaml").read_text()
+    args = by_kind("Deployment")["redis"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    pairs = dict(zip(args[::2], args[1::2]))
+    assert pairs["--appendonly"] == "yes" and pairs["--maxmemory-policy"] == "noeviction"
+    assert "Cluster works" not in text and "does\n# NOT work" in text
+    volumes = by_kind("Deployment")["redis"]["spec"]["template"]["spec"]["volumes"]
+    assert volumes[0]["persistentVolumeClaim"]["claimName"] in by_kind("PersistentVolumeClaim")
