@@ -66,15 +66,15 @@ def advertise_url(advertise: str, bound_host: str, port: int, redis_url: str = "
     ``host`` (the bound port is added). Otherwise the bound address, or, bound to a wildcard
     (0.0.0.0, ::), this host's own routable address."""
     advertise = advertise.strip()
-    if advertise:
+    if advertise:  # a bad value stops the worker at start with one clear line (like config.load)
         url = advertise if "://" in advertise else f"http://{advertise}"
         parts = urlsplit(url)
         if not parts.hostname:
-            raise ValueError(f"metrics_advertise {advertise!r}: no host in it")
+            raise SystemExit(f"invalid S2S_METRICS_ADVERTISE={advertise!r}: no host in it")
         try:
             has_port = parts.port is not None
         except ValueError as e:
-            raise ValueError(f"metrics_advertise {advertise!r}: {e}") from None
+            raise SystemExit(f"invalid S2S_METRICS_ADVERTISE={advertise!r}: {e}") from None
         if not has_port:
             url = f"{parts.scheme}://{_host_port(parts.hostname, port)}{parts.path}"
         return url.rstrip("/")

@@ -36,7 +36,7 @@ def test_advertise_setting_wins_in_every_form():
     assert advertise_url("http://w1.example:9200/", "127.0.0.1", 9100) == "http://w1.example:9200"
     assert advertise_url("https://[2001:db8::1]", "::", 9100) == "https://[2001:db8::1]:9100"
     for bad in ("http://", "host:notaport"):
-        with pytest.raises(ValueError, match="metrics_advertise"):
+        with pytest.raises(SystemExit, match="invalid S2S_METRICS_ADVERTISE"):
             advertise_url(bad, "0.0.0.0", 9100)
 
 
