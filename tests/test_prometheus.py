@@ -110,6 +110,8 @@ def stack(redis_server, tmp_path_factory):
         workers.stop_all()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_sd_lists_the_gateway_and_every_live_worker(stack):
     groups = httpx.get(f"{stack.http}/sd", timeout=5).json()
     roles = sorted(g["labels"]["role"] for g in groups)
