@@ -1,5 +1,7 @@
-"""The gateway's ASGI app: ``/`` (web page), ``/static/*``, ``/healthz``, ``/metrics``
-and the ``/ws`` client sessions (protocol in docs/protocol.md)."""
+"""The gateway's ASGI app: ``/`` (web page), ``/static/*``, ``/healthz``, ``/metrics``,
+``POST /auth/ticket`` and the ``/ws`` client sessions (protocol in docs/protocol.md;
+authentication in docs/security.md).  With ``admin_port`` set, ``/healthz`` and
+``/metrics`` move to a second app (``app.state.admin_app``) served on that port."""
 
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from starlette.websockets import WebSocket
 from s2s.bus import Bus
 from s2s.config import Settings
 
+from .admission import Admission
+from .auth import AuthError, Authenticator, new_ticket, origin_allowed, ticket_key
 from .session import ClientSession
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -30,13 +34,17 @@ See <a href="/healthz">/healthz</a> and <a href="/metrics">/metrics</a>.</p>
 
 def create_app(settings: Settings) -> Starlette:
     state: dict = {"sessions": {}}
+    auth = Authenticator(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         state["bus"] = Bus(settings)  # created on the server's event loop
+        state["admission"] = Admission(settings, state["bus"], state["sessions"])
+        state["admission"].start()
         try:
             yield
-        finally:  # sessions still open end cleanly (SessionEnd) before Redis is let go
+        finally:
+            await state["admission"].stop()  # sessions still open end cleanly (SessionEnd) before Redis is let go
             tasks = [s.task for s in state["sessions"].values() if s.task is not None]
             for task in tasks:
                 task.cancel()
@@ -56,7 +64,9 @@ def create_app(settings: Settings) -> Starlette:
         except Exception as e:
             return JSONResponse({"ok": False, "redis": False, "workers": {},
                                  "error": f"{type(e).__name__}: {e}"[:200]}, status_code=503)
+        admission = state.get("admission")
         return JSONResponse({"ok": True, "redis": True, "workers": workers,
+                             "headroom": admission.headroom() if admission else None,
                              "missing": [s for s in ("vad", "stt", "llm", "tts")
                                          if s not in workers],
                              "sessions": len(state["sessions"])})
@@ -64,15 +74,40 @@ def create_app(settings: Settings) -> Starlette:
     async def metrics_endpoint(request: Request) -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    async def ws_endpoint(ws: WebSocket) -> None:
-        await ClientSession(ws, state["bus"], settings, state["sessions"]).run()
+    async def ticket(request: Request) -> Response:
+        """A one-time ticket for a browser's WebSocket, for the key in Authorization."""
+        if not origin_allowed(request.scope, settings):
+            return JSONResponse({"error": "forbidden_origin"}, status_code=403)
+        try:
+            principal = auth.authenticate(request.scope)
+        except AuthError as e:
+            return JSONResponse({"error": "unauthorized", "message": str(e)}, status_code=401,
+                                headers={"WWW-Authenticate": "Bearer"})
+        if principal is None:
+            return JSONResponse({"error": "unauthorized", "message": "no credential"},
+                                status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        value = new_ticket()
+        await state["bus"].put_ticket(ticket_key(value), principal.to_json(),
+                                      settings.ticket_ttl_s)
+        return JSONResponse({"ticket": value, "expires_in": settings.ticket_ttl_s},
+                            headers={"Cache-Control": "no-store"})
 
+    async def ws_endpoint(ws: WebSocket) -> None:
+        if not origin_allowed(ws.scope, settings):  # a foreign web page: HTTP 403, no session
+            await ws.close(code=1008)
+            return
+        await ClientSession(ws, state["bus"], settings, state["sessions"], auth,
+                            state.get("admission")).run()
+
+    admin_routes = [Route("/healthz", healthz), Route("/metrics", metrics_endpoint)]
+    separate = settings.admin_port > 0
     app = Starlette(routes=[
         Route("/", index),
-        Route("/healthz", healthz),
-        Route("/metrics", metrics_endpoint),
+        *([] if separate else admin_routes),
+        Route("/auth/ticket", ticket, methods=["POST"]),
         WebSocketRoute("/ws", ws_endpoint),
         Mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static"),
     ], lifespan=lifespan)
     app.state.sessions = state["sessions"]
+    app.state.admin_app = Starlette(routes=admin_routes) if separate else None
     return app
