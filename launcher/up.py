@@ -53,6 +53,17 @@ class Child:
     relay: asyncio.Task | None = None
 
 
+def redacted(url: str) -> str:
+    """A Redis URL fit for a log: redis://user:***@host (ACL passwords stay secret)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 class Stack:
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -145,7 +156,7 @@ class Stack:
                 self.env["S2S_REDIS_URL"] = self.settings.redis_url = self.redis.url
                 self.say(f"started a private Redis at {self.redis.url}")
             else:
-                self.say(f"using Redis at {self.settings.redis_url}")
+                self.say(f"using Redis at {redacted(self.settings.redis_url)}")
             self.children = self.plan()
             if not self.children:
                 self.say("nothing to run")
@@ -225,7 +236,7 @@ class Stack:
 
     def _print_ready(self, url: str) -> None:
         if self.args.no_gateway:
-            print(f"ready: {self.settings.redis_url}", flush=True)
+            print(f"ready: {redacted(self.settings.redis_url)}", flush=True)
             return
         ws = url.replace("http", "ws", 1) + "/ws"
         if self.key:  # like Jupyter: this URL logs the browser in (the page drops the key)
