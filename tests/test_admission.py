@@ -176,3 +176,26 @@ async def test_backlog_reading(redis_url, stage):
         assert info["lag"] == 2 and info["pending"] == 1 and 0 <= info["wait_s"] < 5
     finally:
         await bus.close()
+
+
+async def test_bench_burst_mode_counts_busy(redis_url):
+    """`s2s bench --burst`: against a gateway with room for one session (no pipeline: the
+    admitted one gets no reply), the other burst sessions are refused `busy`, counted, and
+    the report says the gateway is still up."""
+    import argparse
+
+    from s2s.bench import burst, loadgen
+
+    parser = argparse.ArgumentParser()
+    loadgen.add_arguments(parser)
+    async with Gateway(redis_url, session_capacity=1) as gw:
+        args = parser.parse_args(["--url", gw.ws, "--burst", "4", "--burst-window", "0.5",
+                                  "--turns", "1", "--no-realtime", "--no-warmup",
+                                  "--turn-timeout", "1", "--gap", "0.5", "--lead", "0"])
+        report = await burst.run_burst(args)
+    assert report["admitted_sessions"] == 1 and report["refused"] == {"busy": 3}
+    assert report["refused_not_busy"] == 0
+    assert report["health_after"]["status"] == 200
+    assert report["unloaded"]["turns_answered"] == 0   # no pipeline here: nobody answers
+    table = burst.format_burst(report)
+    assert "3 busy" in table and "gateway up" in table
