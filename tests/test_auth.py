@@ -338,3 +338,82 @@ def test_token_command(capsys):
         verify_token("another", out["token"])
     with pytest.raises(SystemExit):
         parser.parse_args(["create", "--ttl", "soon"])
+
+
+# --- TLS, the admin port, s2s up's key ------------------------------------------------------
+def _self_signed(tmp_path):
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+async def test_gateway_tls_and_admin_port(redis_url, tmp_path):
+    import shutil
+    import ssl
+
+    if not shutil.which("openssl"):
+        pytest.skip("no openssl to make a certificate")
+    import uvicorn
+
+    from s2s.gateway.server import admin_config
+    from s2s.launcher.redis_server import free_port
+
+    cert, key = _self_signed(tmp_path)
+    admin_port = free_port()
+    settings = config.load({"redis_url": redis_url, **AUTH_SETTINGS, "ssl_certfile": str(cert),
+                            "ssl_keyfile": str(key), "admin_port": admin_port}, environ={})
+    server, task, base = await serve(settings)
+    admin_app = server.config.app.state.admin_app
+    admin = uvicorn.Server(admin_config(settings, admin_app))
+    admin.install_signal_handlers = lambda: None
+    admin_task = asyncio.create_task(admin.serve())
+    try:
+        while not admin.started:
+            await asyncio.sleep(0.02)
+        https = base.replace("http://", "https://")
+        ctx = ssl.create_default_context(cafile=str(cert))
+        async with httpx.AsyncClient(verify=ctx) as client:
+            # the public port: TLS, no /metrics or /healthz there
+            assert (await client.get(https + "/metrics")).status_code == 404
+            assert (await client.get(https + "/healthz")).status_code == 404
+            assert (await client.get(https + "/")).status_code == 200
+        async with httpx.AsyncClient() as client:
+            r = await client.get(f"http://127.0.0.1:{admin_port}/metrics")
+            assert r.status_code == 200 and "s2s_active_sessions" in r.text
+            assert (await client.get(f"http://127.0.0.1:{admin_port}/healthz")).json()["ok"]
+        ws = await websockets.connect(https.replace("https", "wss") + "/ws", ssl=ctx)
+        await ws.send(json.dumps({"type": "hello"}))
+        assert json.loads(await ws.recv())["type"] == "ready"
+        await ws.close()
+    finally:
+        admin.should_exit = True
+        server.should_exit = True
+        await asyncio.wait_for(asyncio.gather(task, admin_task), 10)
+
+
+def test_up_makes_a_key_and_a_login_url(capsys, monkeypatch):
+    from s2s.launcher import up
+
+    for name in ("S2S_API_KEYS", "S2S_TOKEN_SECRET", "S2S_API_KEYS_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    parser = argparse.ArgumentParser()
+    up.add_arguments(parser)
+    stack = up.Stack(parser.parse_args(["--port", "8123"]))
+    assert stack.key and stack.env["S2S_API_KEYS"] == f"up:{stack.key}"
+    auth = Authenticator(config.load(environ={"S2S_API_KEYS": stack.env["S2S_API_KEYS"]}))
+    assert auth.check(stack.key).id == "key:up"
+    stack._print_ready("http://127.0.0.1:8123")
+    out = capsys.readouterr().out
+    assert f"ready: http://127.0.0.1:8123/#key={stack.key}" in out
+    assert f"S2S_API_KEY={stack.key} s2s talk" in out
+    # a configured key is used as is, and never printed
+    monkeypatch.setenv("S2S_API_KEYS", "mine:secret-key")
+    stack = up.Stack(parser.parse_args([]))
+    assert not stack.key and stack.env["S2S_API_KEYS"] == "mine:secret-key"
+    stack._print_ready("http://127.0.0.1:8000")
+    assert "secret-key" not in capsys.readouterr().out
+    assert up.redacted("redis://gw:pw@h:1/0") == "redis://gw:***@h:1/0"
