@@ -33,20 +33,28 @@ def _render():
 
 
 @contextlib.contextmanager
-def acl_redis():
-    """redis-server with the rendered ACL file; yields {role: URL} (and "none")."""
+def acl_redis(tls: tuple[Path, Path] | None = None):
+    """redis-server with the rendered ACL file; yields {role: URL} (and "none").
+    ``tls`` (cert, key): TLS only, rediss:// URLs trusting that certificate."""
     passwords = {r: secrets.token_hex(16) for r in ROLES}
     env = {f"S2S_REDIS_PASSWORD_{r.upper()}": p for r, p in passwords.items()}
     with tempfile.TemporaryDirectory() as tmp:
         aclfile = Path(tmp) / "users.acl"
         aclfile.write_text(_render()(ACL.read_text(), env))
         port = free_port()
-        proc = subprocess.Popen([find_redis_server(), "--port", str(port), "--bind", "127.0.0.1",
+        listen = ["--port", str(port)]
+        scheme, query = "redis", ""
+        if tls:
+            listen = ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(tls[0]),
+                      "--tls-key-file", str(tls[1]), "--tls-ca-cert-file", str(tls[0]),
+                      "--tls-auth-clients", "no"]
+            scheme, query = "rediss", f"?ssl_ca_certs={tls[0]}"
+        proc = subprocess.Popen([find_redis_server(), *listen, "--bind", "127.0.0.1",
                                  "--save", "", "--appendonly", "no", "--dir", tmp,
                                  "--aclfile", str(aclfile), "--loglevel", "warning"],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        urls = {r: f"redis://{r}:{p}@127.0.0.1:{port}/0" for r, p in passwords.items()}
-        urls["none"] = f"redis://127.0.0.1:{port}/0"
+        urls = {r: f"{scheme}://{r}:{p}@127.0.0.1:{port}/0{query}" for r, p in passwords.items()}
+        urls["none"] = f"{scheme}://127.0.0.1:{port}/0{query}"
         try:
             deadline = time.monotonic() + 10
             while True:
@@ -131,3 +139,46 @@ def test_stack_runs_under_the_acls(tmp_path):
             assert not any(urls[r].split(":")[2].split("@")[0] in logs for r in ROLES)
         finally:
             workers.stop_all()
+
+
+async def test_gateway_over_tls_with_its_acl_user(tmp_path):
+    """rediss:// with an ACL user, straight from S2S_REDIS_URL: the gateway opens a session
+    and writes its audio over TLS; a plain-text client gets nowhere."""
+    import json
+    import shutil
+
+    import websockets
+
+    from s2s import config, keys
+    from tests.conftest import AUTH_SETTINGS
+    from tests.test_gateway import pcm, serve
+
+    if not shutil.which("openssl"):
+        pytest.skip("no openssl to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    with acl_redis(tls=(cert, key)) as urls:
+        with pytest.raises(redis.ConnectionError):
+            redis.Redis.from_url(urls["admin"].replace("rediss://", "redis://")
+                                 .split("?")[0], socket_timeout=2).ping()
+        settings = config.load({"redis_url": urls["gateway"], **AUTH_SETTINGS}, environ={})
+        server, task, base = await serve(settings)
+        try:
+            ws = await websockets.connect(base.replace("http", "ws") + "/ws")
+            await ws.send(json.dumps({"type": "hello"}))
+            ready = json.loads(await ws.recv())
+            assert ready["type"] == "ready", ready
+            await ws.send(pcm(320))
+            admin = redis.Redis.from_url(urls["admin"])
+            for _ in range(50):
+                if admin.xlen(keys.audio(ready["session_id"])) == 1:
+                    break
+                await asyncio.sleep(0.05)
+            assert admin.xlen(keys.audio(ready["session_id"])) == 1
+            assert admin.get(keys.owner(ready["session_id"])) == b"key:tests"
+            await ws.close()
+        finally:
+            server.should_exit = True
+            await asyncio.wait_for(task, 10)
