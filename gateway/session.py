@@ -246,6 +246,10 @@ class ClientSession:
             raise AuthError("no credential: send Authorization: Bearer KEY, a ticket or a token")
         except AuthError as e:
             raise Reject("unauthorized", str(e), POLICY) from None
+        except REDIS_DOWN as e:  # a ticket lives in Redis
+            log.warning("Redis unavailable at authentication: %s", e)
+            raise Reject("unavailable", "the service is unavailable; try again later",
+                         TRY_LATER) from None
 
     async def _admit(self) -> str:
         """A new server-made session id (128 random bits), admitted and bound to the
@@ -384,8 +388,12 @@ class ClientSession:
                          "message dropped")
         self.tokens -= seconds
         self.last_audio = now
-        if self.admission is not None and not await self.admission.audio_allowed(
-                self.principal, seconds):
+        try:
+            allowed = self.admission is None or await self.admission.audio_allowed(
+                self.principal, seconds)
+        except REDIS_DOWN:
+            allowed = True  # the write below reports the outage
+        if not allowed:
             raise Reject("audio_limit", "this key or token sent its audio seconds for this "
                          "minute: message dropped")
         try:

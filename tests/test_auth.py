@@ -9,6 +9,7 @@ import asyncio
 import json
 import re
 import secrets
+import socket
 import time
 
 import httpx
@@ -417,3 +418,20 @@ def test_up_makes_a_key_and_a_login_url(capsys, monkeypatch):
     stack._print_ready("http://127.0.0.1:8000")
     assert "secret-key" not in capsys.readouterr().out
     assert up.redacted("redis://gw:pw@h:1/0") == "redis://gw:***@h:1/0"
+
+
+async def test_ticket_with_redis_down_is_unavailable_not_a_crash():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    dead = f"redis://127.0.0.1:{s.getsockname()[1]}/0"  # bound, never listening
+    settings = config.load({"redis_url": dead, **AUTH_SETTINGS}, environ={})
+    server, task, base = await serve(settings)
+    try:
+        ws = await websockets.connect(base.replace("http", "ws") + "/ws", additional_headers={})
+        await ws.send(json.dumps({"type": "hello", "ticket": "abc"}))
+        got, code = await closed_with(ws)
+        assert got[0]["code"] == "unavailable" and code == 1013
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+        s.close()
