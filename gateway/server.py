@@ -43,9 +43,9 @@ def admin_config(settings: Settings, admin_app: Any):
 
 
 def check_auth(settings: Settings) -> None:
-    from .auth import Authenticator
+    from .auth import load_keys
 
-    if not Authenticator(settings).configured:
+    if settings.auth and not (load_keys(settings) or settings.token_secret):
         raise SystemExit("s2s gateway: authentication is on but no credential is configured: "
                          "set S2S_API_KEYS (or S2S_API_KEYS_FILE, S2S_TOKEN_SECRET), or "
                          "S2S_AUTH=off for local development")
