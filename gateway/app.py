@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -17,6 +18,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
+from s2s import metrics
 from s2s.bus import Bus
 from s2s.config import Settings
 
@@ -24,6 +26,7 @@ from .admission import Admission
 from .auth import AuthError, Authenticator, new_ticket, origin_allowed, ticket_key
 from .session import ClientSession
 
+log = logging.getLogger("s2s.gateway")
 STATIC = Path(__file__).resolve().parent / "static"
 PLACEHOLDER = """<!doctype html><meta charset="utf-8"><title>s2s</title>
 <h1>s2s gateway</h1><p>The web page is not installed (gateway/static/index.html).
@@ -77,23 +80,30 @@ def create_app(settings: Settings) -> Starlette:
     async def ticket(request: Request) -> Response:
         """A one-time ticket for a browser's WebSocket, for the key in Authorization."""
         if not origin_allowed(request.scope, settings):
-            return JSONResponse({"error": "forbidden_origin"}, status_code=403)
+            return refused("forbidden_origin", "", 403)
         try:
             principal = auth.authenticate(request.scope)
         except AuthError as e:
-            return JSONResponse({"error": "unauthorized", "message": str(e)}, status_code=401,
-                                headers={"WWW-Authenticate": "Bearer"})
+            return refused("unauthorized", str(e), 401)
         if principal is None:
-            return JSONResponse({"error": "unauthorized", "message": "no credential"},
-                                status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            return refused("unauthorized", "no credential", 401)
         value = new_ticket()
         await state["bus"].put_ticket(ticket_key(value), principal.to_json(),
                                       settings.ticket_ttl_s)
         return JSONResponse({"ticket": value, "expires_in": settings.ticket_ttl_s},
                             headers={"Cache-Control": "no-store"})
 
+    def refused(code: str, message: str, status: int) -> Response:
+        metrics.REJECTED.labels(code).inc()
+        log.warning("refused %s: %s %s", "/auth/ticket", code, message)
+        return JSONResponse({"error": code, "message": message}, status_code=status,
+                            headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
+
     async def ws_endpoint(ws: WebSocket) -> None:
         if not origin_allowed(ws.scope, settings):  # a foreign web page: HTTP 403, no session
+            metrics.REJECTED.labels("forbidden_origin").inc()
+            log.warning("refused a WebSocket from origin %r",
+                        dict(ws.headers).get("origin", "")[:100])
             await ws.close(code=1008)
             return
         await ClientSession(ws, state["bus"], settings, state["sessions"], auth,

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import websockets
 
-from s2s import config, keys
+from s2s import config, keys, metrics
 from s2s.frames import SID_PATTERN, SessionEnd
 from s2s.gateway.auth import Authenticator, mint_token, origin_allowed, verify_token, AuthError
 from tests.conftest import AUTH_SETTINGS, TEST_API_KEY, TEST_TOKEN_SECRET
@@ -148,8 +148,11 @@ async def test_authenticated_ways(gw, how):
 
 async def test_ticket_is_one_time_and_needs_a_key(gw):
     async with httpx.AsyncClient(base_url=gw.http) as client:
+        before = metrics.REJECTED.labels("unauthorized")._value.get()
         r = await client.post("/auth/ticket")
         assert r.status_code == 401 and r.json()["error"] == "unauthorized"
+        assert r.headers["www-authenticate"] == "Bearer"
+        assert metrics.REJECTED.labels("unauthorized")._value.get() == before + 1
         r = await client.post("/auth/ticket", headers=bearer("not-a-key"))
         assert r.status_code == 401
         r = await client.post("/auth/ticket", headers=bearer(_expired()))
@@ -252,10 +255,12 @@ async def test_origin_check(gw, redis_url):
     await ws.send(json.dumps({"type": "hello"}))
     assert json.loads(await ws.recv())["type"] == "ready"
     await ws.close()
+    before = metrics.REJECTED.labels("forbidden_origin")._value.get()
     with pytest.raises(websockets.InvalidStatus) as e:
         await websockets.connect(gw.ws, additional_headers=bearer(TEST_API_KEY),
                                  origin="http://evil.example")
     assert e.value.response.status_code == 403
+    assert metrics.REJECTED.labels("forbidden_origin")._value.get() == before + 1
     async with httpx.AsyncClient(base_url=gw.http) as client:
         r = await client.post("/auth/ticket", headers={**bearer(TEST_API_KEY),
                                                        "Origin": "http://evil.example"})
