@@ -5,7 +5,7 @@ Talk to a running stack from recorded speech in one call::
     import asyncio, numpy as np
     from s2s.client import talk
 
-    result = asyncio.run(talk("ws://127.0.0.1:8000/ws", pcm_int16_16k, 16000))
+    result = asyncio.run(talk("ws://127.0.0.1:8000/ws", pcm_int16_16k, 16000))  # key: $S2S_API_KEY
     print(result.transcript, result.reply, result.voice_to_voice_ms)
     # result.audio: reply PCM int16 at result.sample_rate; result.turns: per-turn details
 
@@ -107,6 +107,7 @@ class Connection:
         self.session_id: str = ready["session_id"]
         self.sample_rate: int = ready["sample_rate"]
         self.output_sample_rate: int = ready["output_sample_rate"]
+        self.api_key: str | None = None  # what open() authenticated with (None: $S2S_API_KEY)
 
     @classmethod
     async def open(cls, url: str, sample_rate: int = 16000, out_rate: int | None = None,
@@ -135,7 +136,9 @@ class Connection:
             await ws.close()
             raise ProtocolError(f"session refused: {ready}",
                                 ready if ready.get("type") == "error" else None)
-        return cls(ws, ready)
+        conn = cls(ws, ready)
+        conn.api_key = api_key  # a reconnect (resume) must present the same principal
+        return conn
 
     async def send_audio(self, pcm: bytes | np.ndarray) -> None:
         if isinstance(pcm, np.ndarray):

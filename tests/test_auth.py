@@ -440,3 +440,21 @@ async def test_ticket_with_redis_down_is_unavailable_not_a_crash():
         server.should_exit = True
         await asyncio.wait_for(task, 10)
         s.close()
+
+
+async def test_python_client_sends_its_key(gw, monkeypatch):
+    from s2s.client import Connection, ProtocolError
+
+    conn = await Connection.open(gw.ws)                          # $S2S_API_KEY (conftest)
+    await conn.close()
+    conn = await Connection.open(gw.ws, api_key=token("carol"))  # an explicit token
+    assert conn.api_key is not None
+    assert await gw.redis.get(keys.owner(conn.session_id)) == b"sub:carol"
+    await conn.close()
+    with pytest.raises(ProtocolError) as e:
+        await Connection.open(gw.ws, api_key="not-a-key")
+    assert e.value.code == "unauthorized"
+    monkeypatch.delenv("S2S_API_KEY")
+    with pytest.raises(ProtocolError) as e:
+        await Connection.open(gw.ws)
+    assert e.value.code == "unauthorized" and "no credential" in e.value.error["message"]
