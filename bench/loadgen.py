@@ -87,6 +87,7 @@ class SessionSample:
     turns_expected: int = 0
     errors: list[str] = field(default_factory=list)
     wall_s: float = 0.0
+    refused: str | None = None  # the gateway's error code when it refused the session (busy…)
 
 
 def percentile(values: Iterable[float | None], q: float) -> float | None:
@@ -327,7 +328,8 @@ def session_timeout(audio_s: float, realtime: bool, reply_timeout_s: float) -> f
 
 
 async def run_session(url: str, pcm: np.ndarray, turns: int, *, delay_s: float, realtime: bool,
-                      out_rate: int | None, reply_timeout_s: float) -> SessionSample:
+                      out_rate: int | None, reply_timeout_s: float,
+                      api_key: str | None = None) -> SessionSample:
     """One client session through s2s.client.talk: the utterances paced like a microphone,
     then silence until every turn is answered or ``reply_timeout_s`` passed; the whole
     session is bounded by :func:`session_timeout`."""
@@ -339,11 +341,14 @@ async def run_session(url: str, pcm: np.ndarray, turns: int, *, delay_s: float, 
     try:
         result = await asyncio.wait_for(
             client.talk(url, pcm.tobytes(), SEND_RATE, out_rate=out_rate, realtime=realtime,
-                        reply_timeout_s=reply_timeout_s),
+                        reply_timeout_s=reply_timeout_s, api_key=api_key),
             timeout_s)
     except asyncio.TimeoutError:
         return SessionSample(turns_expected=turns, errors=[f"session timed out after {timeout_s:.0f}s"],
                              wall_s=time.monotonic() - t0)
+    except client.ProtocolError as e:  # the gateway said no (busy, session_limit…): counted
+        return SessionSample(turns_expected=turns, errors=[_error_text(e.error or str(e))],
+                             wall_s=time.monotonic() - t0, refused=e.code)
     except Exception as e:  # connection refused, protocol error...: counted, never fatal
         return SessionSample(turns_expected=turns, errors=[f"{type(e).__name__}: {e}"],
                              wall_s=time.monotonic() - t0)
@@ -359,7 +364,7 @@ async def run_level(args: argparse.Namespace, sessions: int, utterances: Sequenc
         delay = rng.uniform(0, args.ramp) if sessions > 1 else 0.0
         tasks.append(run_session(args.url, pcm, args.turns, delay_s=delay,
                                  realtime=args.realtime, out_rate=args.out_rate,
-                                 reply_timeout_s=args.turn_timeout))
+                                 reply_timeout_s=args.turn_timeout, api_key=args.api_key))
     t0 = time.monotonic()
     running = [asyncio.ensure_future(t) for t in tasks]
     done, pending = await asyncio.wait(running, timeout=args.level_timeout)
@@ -519,6 +524,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object on stdout (the table goes to stderr)")
     parser.add_argument("--seed", type=int, default=0, help="seed of start times and sentences")
+    parser.add_argument("--api-key", default=None,
+                        help="API key or signed token for the gateway [env S2S_API_KEY]")
+    parser.add_argument("--burst", type=int, default=0, metavar="N",
+                        help="burst mode: measure one session unloaded, then start N new "
+                             "sessions within --burst-window seconds; report the admitted "
+                             "ones' latency against the unloaded one and the refused ones")
+    parser.add_argument("--burst-window", type=float, default=5.0, metavar="S",
+                        help="seconds over which the --burst sessions arrive")
 
 
 def _utterances(args: argparse.Namespace) -> list[np.ndarray]:
@@ -544,7 +557,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         print("bench: warm-up session…", file=log, flush=True)
         warm = await run_session(args.url, session_audio(utterances, 1, 0, args.lead, args.gap),
                                  1, delay_s=0, realtime=args.realtime, out_rate=args.out_rate,
-                                 reply_timeout_s=args.turn_timeout)
+                                 reply_timeout_s=args.turn_timeout, api_key=args.api_key)
         if warm.errors and not warm.turns:
             print(f"bench: warm-up failed: {'; '.join(warm.errors)}", file=sys.stderr)
     levels = []
@@ -568,6 +581,10 @@ def main(args: argparse.Namespace) -> int:
     if args.turns < 1:
         print("bench: --turns must be at least 1", file=sys.stderr)
         return 2
+    if args.burst:
+        from .burst import main as burst_main
+
+        return burst_main(args)
     report = asyncio.run(run(args))
     table = format_table(report["levels"])
     if args.plot:

@@ -5,7 +5,7 @@ Talk to a running stack from recorded speech in one call::
     import asyncio, numpy as np
     from s2s.client import talk
 
-    result = asyncio.run(talk("ws://127.0.0.1:8000/ws", pcm_int16_16k, 16000))
+    result = asyncio.run(talk("ws://127.0.0.1:8000/ws", pcm_int16_16k, 16000))  # key: $S2S_API_KEY
     print(result.transcript, result.reply, result.voice_to_voice_ms)
     # result.audio: reply PCM int16 at result.sample_rate; result.turns: per-turn details
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -34,6 +35,20 @@ FRAME_MS = 20
 
 class ProtocolError(RuntimeError):
     """The gateway refused the session or answered something unexpected."""
+
+    def __init__(self, message: str, error: dict | None = None):
+        super().__init__(message)
+        self.error = error or {}   # the gateway's error event: code, message, retry_after_s
+
+    @property
+    def code(self) -> str | None:
+        return self.error.get("code")
+
+
+def auth_headers(api_key: str | None = None) -> dict[str, str]:
+    """``Authorization: Bearer`` for an API key or token (default: env S2S_API_KEY)."""
+    key = api_key if api_key is not None else os.environ.get("S2S_API_KEY", "")
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 # --- results ---------------------------------------------------------------------------------
@@ -92,14 +107,19 @@ class Connection:
         self.session_id: str = ready["session_id"]
         self.sample_rate: int = ready["sample_rate"]
         self.output_sample_rate: int = ready["output_sample_rate"]
+        self.api_key: str | None = None  # what open() authenticated with (None: $S2S_API_KEY)
 
     @classmethod
     async def open(cls, url: str, sample_rate: int = 16000, out_rate: int | None = None,
-                   session_id: str | None = None, timeout: float = 10.0) -> "Connection":
+                   session_id: str | None = None, timeout: float = 10.0,
+                   api_key: str | None = None) -> "Connection":
+        """``api_key``: an API key or signed token (default: env S2S_API_KEY), sent as
+        ``Authorization: Bearer``, never in the URL."""
         import websockets
 
         ws = await websockets.connect(url, max_size=1 << 24, open_timeout=timeout,
-                                      ping_interval=20, ping_timeout=20, compression=None)
+                                      ping_interval=20, ping_timeout=20, compression=None,
+                                      additional_headers=auth_headers(api_key))
         hello: dict[str, Any] = {"type": "hello", "sample_rate": sample_rate}
         if out_rate:
             hello["output_sample_rate"] = out_rate
@@ -114,8 +134,11 @@ class Connection:
         ready = json.loads(raw) if isinstance(raw, str) else {}
         if ready.get("type") != "ready":
             await ws.close()
-            raise ProtocolError(f"session refused: {ready}")
-        return cls(ws, ready)
+            raise ProtocolError(f"session refused: {ready}",
+                                ready if ready.get("type") == "error" else None)
+        conn = cls(ws, ready)
+        conn.api_key = api_key  # a reconnect (resume) must present the same principal
+        return conn
 
     async def send_audio(self, pcm: bytes | np.ndarray) -> None:
         if isinstance(pcm, np.ndarray):
@@ -264,7 +287,8 @@ async def talk(url: str, pcm: np.ndarray | bytes, sample_rate: int = 16000, *,
                out_rate: int | None = None, realtime: bool = True, speed: float | None = None,
                tail_silence_s: float = 3.0, reply_timeout_s: float = 30.0,
                session_id: str | None = None,
-               on_event: Callable[[dict | bytes], None] | None = None) -> TalkResult:
+               on_event: Callable[[dict | bytes], None] | None = None,
+               api_key: str | None = None) -> TalkResult:
     """Send ``pcm`` (int16 mono at ``sample_rate``) as one session and collect the answer.
 
     After the audio, silence is sent until at least ``tail_silence_s`` passed and every
@@ -276,7 +300,7 @@ async def talk(url: str, pcm: np.ndarray | bytes, sample_rate: int = 16000, *,
     speed = speed or (1.0 if realtime else 3.0)
     step = sample_rate * FRAME_MS // 1000
     silence = np.zeros(step, np.int16).tobytes()
-    conn = await Connection.open(url, sample_rate, out_rate, session_id)
+    conn = await Connection.open(url, sample_rate, out_rate, session_id, api_key=api_key)
     tracker = Tracker()
     finished = asyncio.Event()
     timed_out = False

@@ -24,6 +24,8 @@ SEND_RATE = 16000
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", nargs="?", help="speech to send: WAV, FLAC, MP3, OGG…")
     parser.add_argument("--url", default="ws://127.0.0.1:8000/ws", help="the gateway's WebSocket")
+    parser.add_argument("--api-key", default=None,
+                        help="API key or signed token for the gateway [env S2S_API_KEY]")
     parser.add_argument("--out", metavar="WAV", help="write the reply audio to this WAV file")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--mic", action="store_true", help="talk live from the microphone")
@@ -62,7 +64,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         result = asyncio.run(talk(args.url, pcm, SEND_RATE, out_rate=args.out_rate,
                                   realtime=not args.fast, tail_silence_s=args.tail,
-                                  reply_timeout_s=args.timeout))
+                                  reply_timeout_s=args.timeout, api_key=args.api_key))
     except (OSError, Exception) as e:
         print(f"s2s talk: cannot talk to {args.url}: {type(e).__name__}: {e}\n"
               "Is the stack running? Start it with `s2s up`.", file=sys.stderr)
@@ -104,7 +106,7 @@ async def _mic(args: argparse.Namespace) -> int:
         return 2
     from .protocol import Connection
 
-    conn = await Connection.open(args.url, SEND_RATE, args.out_rate)
+    conn = await Connection.open(args.url, SEND_RATE, args.out_rate, api_key=args.api_key)
     loop = asyncio.get_running_loop()
     mic: asyncio.Queue[bytes] = asyncio.Queue()
     playback = bytearray()  # what the speaker still has to play

@@ -1,10 +1,13 @@
-"""The gateway's ASGI app: ``/`` (web page), ``/static/*``, ``/healthz``, ``/metrics``
-and the ``/ws`` client sessions (protocol in docs/protocol.md)."""
+"""The gateway's ASGI app: ``/`` (web page), ``/static/*``, ``/healthz``, ``/metrics``,
+``POST /auth/ticket`` and the ``/ws`` client sessions (protocol in docs/protocol.md;
+authentication in docs/security.md).  With ``admin_port`` set, ``/healthz`` and
+``/metrics`` move to a second app (``app.state.admin_app``) served on that port."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -15,12 +18,16 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
+from s2s import metrics
 from s2s.bus import Bus
 from s2s.config import Settings
 
+from .admission import Admission
+from .auth import AuthError, Authenticator, new_ticket, origin_allowed, ticket_key
 from .discovery import sd_route
 from .session import ClientSession
 
+log = logging.getLogger("s2s.gateway")
 STATIC = Path(__file__).resolve().parent / "static"
 PLACEHOLDER = """<!doctype html><meta charset="utf-8"><title>s2s</title>
 <h1>s2s gateway</h1><p>The web page is not installed (gateway/static/index.html).
@@ -31,13 +38,17 @@ See <a href="/healthz">/healthz</a> and <a href="/metrics">/metrics</a>.</p>
 
 def create_app(settings: Settings) -> Starlette:
     state: dict = {"sessions": {}}
+    auth = Authenticator(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         state["bus"] = Bus(settings)  # created on the server's event loop
+        state["admission"] = Admission(settings, state["bus"], state["sessions"])
+        state["admission"].start()
         try:
             yield
-        finally:  # sessions still open end cleanly (SessionEnd) before Redis is let go
+        finally:
+            await state["admission"].stop()  # sessions still open end cleanly (SessionEnd) before Redis is let go
             tasks = [s.task for s in state["sessions"].values() if s.task is not None]
             for task in tasks:
                 task.cancel()
@@ -57,7 +68,9 @@ def create_app(settings: Settings) -> Starlette:
         except Exception as e:
             return JSONResponse({"ok": False, "redis": False, "workers": {},
                                  "error": f"{type(e).__name__}: {e}"[:200]}, status_code=503)
+        admission = state.get("admission")
         return JSONResponse({"ok": True, "redis": True, "workers": workers,
+                             "headroom": admission.headroom() if admission else None,
                              "missing": [s for s in ("vad", "stt", "llm", "tts")
                                          if s not in workers],
                              "sessions": len(state["sessions"])})
@@ -65,16 +78,49 @@ def create_app(settings: Settings) -> Starlette:
     async def metrics_endpoint(request: Request) -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    async def ws_endpoint(ws: WebSocket) -> None:
-        await ClientSession(ws, state["bus"], settings, state["sessions"]).run()
+    async def ticket(request: Request) -> Response:
+        """A one-time ticket for a browser's WebSocket, for the key in Authorization."""
+        if not origin_allowed(request.scope, settings):
+            return refused("forbidden_origin", "", 403)
+        try:
+            principal = auth.authenticate(request.scope)
+        except AuthError as e:
+            return refused("unauthorized", str(e), 401)
+        if principal is None:
+            return refused("unauthorized", "no credential", 401)
+        value = new_ticket()
+        await state["bus"].put_ticket(ticket_key(value), principal.to_json(),
+                                      settings.ticket_ttl_s)
+        return JSONResponse({"ticket": value, "expires_in": settings.ticket_ttl_s},
+                            headers={"Cache-Control": "no-store"})
 
+    def refused(code: str, message: str, status: int) -> Response:
+        metrics.REJECTED.labels(code).inc()
+        log.warning("refused %s: %s %s", "/auth/ticket", code, message)
+        return JSONResponse({"error": code, "message": message}, status_code=status,
+                            headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
+
+    async def ws_endpoint(ws: WebSocket) -> None:
+        if not origin_allowed(ws.scope, settings):  # a foreign web page: HTTP 403, no session
+            metrics.REJECTED.labels("forbidden_origin").inc()
+            log.warning("refused a WebSocket from origin %r",
+                        dict(ws.headers).get("origin", "")[:100])
+            await ws.close(code=1008)
+            return
+        await ClientSession(ws, state["bus"], settings, state["sessions"], auth,
+                            state.get("admission")).run()
+
+    # open (no key): probes and Prometheus; they move to admin_port when one is set
+    admin_routes = [Route("/healthz", healthz), Route("/metrics", metrics_endpoint),
+                    sd_route(lambda: state["bus"])]
+    separate = settings.admin_port > 0
     app = Starlette(routes=[
         Route("/", index),
-        Route("/healthz", healthz),
-        Route("/metrics", metrics_endpoint),
-        sd_route(lambda: state["bus"]),
+        *([] if separate else admin_routes),
+        Route("/auth/ticket", ticket, methods=["POST"]),
         WebSocketRoute("/ws", ws_endpoint),
         Mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static"),
     ], lifespan=lifespan)
     app.state.sessions = state["sessions"]
+    app.state.admin_app = Starlette(routes=admin_routes) if separate else None
     return app

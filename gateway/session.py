@@ -14,9 +14,9 @@ import collections
 import json
 import logging
 import re
+import secrets
 import time
-import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.websockets import WebSocket
 
@@ -26,7 +26,11 @@ from s2s.config import Settings
 from s2s.frames import (SAMPLE_RATES, SID_PATTERN, Audio, FrameError, SessionEnd, SessionOpen,
                         decode)
 
+from .auth import ANONYMOUS, AuthError, Authenticator, Principal, ticket_key
 from .playback import Playback
+
+if TYPE_CHECKING:
+    from .admission import Admission
 
 log = logging.getLogger("s2s.gateway")
 
@@ -46,15 +50,22 @@ NORMAL, UNSUPPORTED, POLICY, INTERNAL, TRY_LATER = 1000, 1003, 1008, 1011, 1013
 class Reject(Exception):
     """A client message refused; ``close`` is the close code when it ends the session."""
 
-    def __init__(self, code: str, message: str, close: int | None = None):
+    def __init__(self, code: str, message: str, close: int | None = None,
+                 extra: dict | None = None):
         super().__init__(message)
         self.code, self.message, self.close = code, message, close
+        self.extra = extra or {}  # more fields of the error event (retry_after_s)
 
 
 class ClientSession:
     def __init__(self, ws: WebSocket, bus: Bus, settings: Settings,
-                 sessions: dict[str, "ClientSession"]):
+                 sessions: dict[str, "ClientSession"], auth: Authenticator | None = None,
+                 admission: "Admission | None" = None):
         self.ws = ws
+        self.auth = auth or Authenticator(settings)
+        self.admission = admission
+        self.principal: Principal = ANONYMOUS
+        self.last_audio = time.monotonic()  # for the idle timeout
         self.bus = bus
         self.settings = settings
         self.sessions = sessions          # this gateway's open sessions, by sid
@@ -76,7 +87,8 @@ class ClientSession:
     async def run(self) -> None:
         self.task = asyncio.current_task()
         try:
-            await self.ws.accept()
+            _, _, subprotocol = self.auth.credentials(self.ws.scope)
+            await self.ws.accept(subprotocol=subprotocol)
             await self._hello()
             await self._receive_loop()
         except Reject as r:
@@ -96,6 +108,8 @@ class ClientSession:
             await asyncio.gather(self.reader, return_exceptions=True)
         if self.opened:
             metrics.ACTIVE_SESSIONS.dec()
+            if not self.replaced:  # auth: no longer counted against capacity and limits
+                await _quietly(self.bus.unregister_session(self.sid, self.principal.id))
             if self.sessions.get(self.sid) is self:
                 del self.sessions[self.sid]
             if self.replaced:
@@ -139,7 +153,8 @@ class ClientSession:
         metrics.REJECTED.labels(r.code).inc()
         log.warning("rejected client input: %s: %s", r.code, r.message,
                     extra={"sid": self.sid or "-", "close": r.close})
-        await self.send({"type": "error", "code": r.code, "message": r.message})
+        await self.send({"type": "error", "code": r.code, "message": r.message,
+                         **r.extra})
         if r.close is not None:
             await self._close(r.close, r.code)
             return
@@ -188,6 +203,7 @@ class ClientSession:
         hello = self._parse_text(msg["text"])
         if hello["type"] != "hello":
             raise Reject("bad_hello", 'the first message must be {"type": "hello", ...}', POLICY)
+        self.principal = await self._authenticate(hello)
         self.in_sr = _rate(hello, "sample_rate", 16000)
         self.out_sr = _rate(hello, "output_sample_rate", DEFAULT_OUT_SR)
         requested = hello.get("session_id")
@@ -197,14 +213,69 @@ class ClientSession:
         if len(self.sessions) >= self.settings.max_sessions and requested not in self.sessions:
             raise Reject("too_many_sessions", "the gateway is full; try again later", TRY_LATER)
         try:
+            if requested is not None:
+                owner = await self.bus.session_principal(requested)
+                if owner is None or not secrets.compare_digest(owner, self.principal.id):
+                    # unknown, expired, client-made or another principal's: one answer for all,
+                    # so ids cannot be probed
+                    raise Reject("unknown_session", "no session with this id for these "
+                                 "credentials; omit session_id to open a new one", POLICY)
             await self._open(requested)
         except REDIS_DOWN as e:
             log.warning("Redis unavailable at session open: %s", e)
             raise Reject("unavailable", "the service is unavailable; try again later",
                          TRY_LATER) from None
 
+    async def _authenticate(self, hello: dict) -> Principal:
+        """The header/subprotocol credential, else a ticket or token in the hello."""
+        cred, ticket, _ = self.auth.credentials(self.ws.scope)
+        try:
+            if not self.auth.enabled:
+                return ANONYMOUS
+            if cred:
+                return self.auth.check(cred)
+            if ticket is None and isinstance(hello.get("ticket"), str):
+                ticket = hello["ticket"]
+            if ticket:
+                raw = await self.bus.take_ticket(ticket_key(ticket[:200]))
+                if raw is None:
+                    raise AuthError("unknown, used or expired ticket")
+                return Principal.from_json(raw)
+            if isinstance(hello.get("token"), str):
+                return self.auth.check(hello["token"])
+            raise AuthError("no credential: send Authorization: Bearer KEY, a ticket or a token")
+        except AuthError as e:
+            raise Reject("unauthorized", str(e), POLICY) from None
+        except REDIS_DOWN as e:  # a ticket lives in Redis
+            log.warning("Redis unavailable at authentication: %s", e)
+            raise Reject("unavailable", "the service is unavailable; try again later",
+                         TRY_LATER) from None
+
+    async def _admit(self) -> str:
+        """A new server-made session id (128 random bits), admitted and bound to the
+        principal; Reject when admission control refuses it."""
+        sid = secrets.token_urlsafe(16)
+        if self.admission is not None:
+            refusal = await self.admission.admit(self.principal, sid)
+            if refusal is not None:
+                extra = {"retry_after_s": refusal.retry_after_s} \
+                    if refusal.retry_after_s is not None else {}
+                raise Reject(refusal.code, refusal.message,
+                             TRY_LATER if refusal.code == "busy" else POLICY, extra)
+        if not await self.bus.claim_session(sid, self.principal.id):
+            raise Reject("internal", "session id collision", INTERNAL)  # 2^-128: never
+        return sid
+
+    async def end_for(self, code: str, message: str) -> None:
+        """Close the session from outside (idle, expired token, over its bytes): an error
+        event with the reason, then close; the session ends (its VAD slot is freed)."""
+        log.info("closing session: %s", code, extra={"sid": self.sid})
+        metrics.REJECTED.labels(code).inc()
+        await self.send({"type": "error", "code": code, "message": message})
+        await self._close(POLICY, code)
+
     async def _open(self, requested: str | None) -> None:
-        self.sid = requested or uuid.uuid4().hex
+        self.sid = requested or await self._admit()
         new_owner = True
         if requested:
             old = self.sessions.get(self.sid)
@@ -316,6 +387,15 @@ class ClientSession:
             raise Reject("rate_limited", f"more than {rate:g} s of audio per second: "
                          "message dropped")
         self.tokens -= seconds
+        self.last_audio = now
+        try:
+            allowed = self.admission is None or await self.admission.audio_allowed(
+                self.principal, seconds)
+        except REDIS_DOWN:
+            allowed = True  # the write below reports the outage
+        if not allowed:
+            raise Reject("audio_limit", "this key or token sent its audio seconds for this "
+                         "minute: message dropped")
         try:
             await self.bus.emit(Audio(sid=self.sid, pcm=pcm, sr=self.in_sr,
                                       marks={"recv": time.time()}))
@@ -372,3 +452,10 @@ def _id(entry_id: bytes | str) -> tuple[int, int]:
         entry_id = entry_id.decode()
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+async def _quietly(coro) -> None:
+    try:
+        await asyncio.wait_for(coro, 2)
+    except (Exception, asyncio.TimeoutError):
+        pass

@@ -53,6 +53,17 @@ class Child:
     relay: asyncio.Task | None = None
 
 
+def redacted(url: str) -> str:
+    """A Redis URL fit for a log: redis://user:***@host (ACL passwords stay secret)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 class Stack:
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -68,6 +79,16 @@ class Stack:
                 self.env[config.env_name(name)] = str(value)
         self.env.setdefault("HF_HUB_OFFLINE", "1")
         self.env["PYTHONUNBUFFERED"] = "1"
+        # one-command experience with auth on: a random key for this run unless one is
+        # configured; the printed URL carries it in the fragment (never sent to the server)
+        self.key = ""
+        s = self.settings
+        if s.auth and not (s.api_keys or s.api_keys_file or s.token_secret):
+            from s2s.gateway.auth import new_api_key
+
+            self.key = new_api_key()
+            self.env["S2S_API_KEYS"] = f"up:{self.key}"
+            self.settings.api_keys = self.env["S2S_API_KEYS"]
 
     def say(self, msg: str) -> None:
         print(f"[s2s] {msg}", flush=True)
@@ -135,7 +156,7 @@ class Stack:
                 self.env["S2S_REDIS_URL"] = self.settings.redis_url = self.redis.url
                 self.say(f"started a private Redis at {self.redis.url}")
             else:
-                self.say(f"using Redis at {self.settings.redis_url}")
+                self.say(f"using Redis at {redacted(self.settings.redis_url)}")
             self.children = self.plan()
             if not self.children:
                 self.say("nothing to run")
@@ -166,9 +187,13 @@ class Stack:
         bus = Bus(self.settings)
         started = time.monotonic()
         last_msg = ""
-        url = f"http://{self.settings.host}:{self.settings.port}"
+        s = self.settings
+        scheme = "https" if s.ssl_certfile else "http"
+        url = f"{scheme}://{s.host}:{s.port}"
+        health = f"http://{s.admin_host}:{s.admin_port}" if s.admin_port else url
         try:
-            async with httpx.AsyncClient(timeout=1.0) as http:
+            # the local health check trusts the gateway's own (possibly self-signed) cert
+            async with httpx.AsyncClient(timeout=1.0, verify=False) as http:
                 while not self.stopping.is_set():
                     for child in self.children:
                         if child.proc and child.proc.returncode is not None:
@@ -184,20 +209,15 @@ class Stack:
                     waiting = sorted(s for s in self.wanted_stages() if not live.get(s))
                     if not self.args.no_gateway:
                         try:
-                            ok = (await http.get(url + "/healthz")).status_code == 200
+                            ok = (await http.get(health + "/healthz")).status_code == 200
                         except httpx.HTTPError:
                             ok = False
                         if not ok:
                             waiting.append("gateway")
                     elapsed = time.monotonic() - started
                     if not waiting:
-                        target = url if not self.args.no_gateway else self.settings.redis_url
                         self.say(f"all stages live after {elapsed:.1f}s")
-                        print(f"ready: {target}", flush=True)
-                        if not self.args.no_gateway:
-                            self.say(f"open {url} in a browser and press Start, or run "
-                                     f"`s2s talk FILE --url ws://{self.settings.host}:"
-                                     f"{self.settings.port}/ws`; Ctrl-C stops everything")
+                        self._print_ready(url)
                         return True
                     msg = "loading: " + ", ".join(waiting)
                     if msg != last_msg or int(elapsed) % 10 == 0 and elapsed - int(elapsed) < 0.5:
@@ -213,6 +233,24 @@ class Stack:
         finally:
             await bus.close()
         return False
+
+    def _print_ready(self, url: str) -> None:
+        if self.args.no_gateway:
+            print(f"ready: {redacted(self.settings.redis_url)}", flush=True)
+            return
+        ws = url.replace("http", "ws", 1) + "/ws"
+        if self.key:  # like Jupyter: this URL logs the browser in (the page drops the key)
+            print(f"ready: {url}/#key={self.key}", flush=True)
+            self.say(f"open {url}/#key={self.key} in a browser and press Start, or run "
+                     f"`S2S_API_KEY={self.key} s2s talk FILE --url {ws}`; "
+                     "Ctrl-C stops everything")
+            return
+        print(f"ready: {url}", flush=True)
+        how = ("" if not self.settings.auth else
+               " (log in with a configured key: append #key=KEY to the URL, and give "
+               "`s2s talk` --api-key KEY or S2S_API_KEY)")
+        self.say(f"open {url} in a browser and press Start, or run "
+                 f"`s2s talk FILE --url {ws}`{how}; Ctrl-C stops everything")
 
     async def supervise(self) -> int:
         """Restart a child that dies (a worker's in-flight entries are claimed by the

@@ -114,6 +114,42 @@ class Settings:
                                 "gateway")
     max_sessions: int = opt(200, "Most concurrent client sessions per gateway.", "gateway")
 
+    # --- gateway: auth and admission
+    auth: bool = opt(True, "Require authentication at the gateway (off: anyone who reaches it "
+                           "may open sessions; for local development only).", "gateway")
+    api_keys: str = opt("", "API keys the gateway accepts, comma separated; an entry NAME:KEY "
+                            "names its principal (otherwise a hash of the key does).", "gateway")
+    api_keys_file: str = opt("", "File of API keys, one KEY or NAME:KEY a line (# comments).",
+                             "gateway")
+    token_secret: str = opt("", "Secret that signs and checks `s2s token create` tokens "
+                                "(HMAC-SHA256; empty: signed tokens are refused).", "gateway")
+    ticket_ttl_s: float = opt(30.0, "Lifetime of a one-time WebSocket ticket from POST /auth/ticket.",
+                              "gateway")
+    allowed_origins: str = opt("", "Browser origins allowed to open sessions, comma separated "
+                                   "(empty: same origin only; *: any).", "gateway")
+    admin_host: str = opt("127.0.0.1", "Address of the separate /metrics and /healthz server "
+                                       "(used when admin_port is set).", "gateway")
+    admin_port: int = opt(0, "Serve /metrics and /healthz on this port instead of the public one "
+                             "(0: on the public port).", "gateway")
+    ssl_certfile: str = opt("", "TLS certificate (PEM) of the gateway: serves https/wss.", "gateway")
+    ssl_keyfile: str = opt("", "TLS private key (PEM) of the gateway.", "gateway")
+    session_capacity: int = opt(0, "Sessions the stack may hold at once, all gateways together "
+                                   "(0: 64 per live VAD worker).", "gateway")
+    admission_max_wait_s: float = opt(1.0, "New sessions get `busy` while any stage's oldest "
+                                           "waiting entry is older than this (s; 0: no check).",
+                                      "gateway")
+    principal_max_sessions: int = opt(10, "Most concurrent sessions of one principal (key or "
+                                          "token subject; a token's own limit wins; 0: no limit).",
+                                      "gateway")
+    principal_audio_s_per_min: float = opt(0.0, "Most seconds of audio one principal may send "
+                                                "per minute, all sessions together (0: no limit).",
+                                           "gateway")
+    max_session_bytes: int = opt(64 * 1024 * 1024, "Most bytes one session may hold in Redis "
+                                                   "(MEMORY USAGE of its keys; 0: no limit).",
+                                 "gateway")
+    idle_timeout_s: float = opt(300.0, "A session that sends no audio for this long is closed "
+                                       "(0: never).", "gateway")
+
     def redis(self) -> str:
         if not self.redis_url:
             raise SystemExit(

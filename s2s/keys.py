@@ -4,6 +4,7 @@ live on one Redis Cluster slot."""
 SESSIONS = "s2s:vad:sessions"  # group "vad": one entry per open session
 DEAD = "s2s:dead"              # dead letters: entries that kept killing the workers taking them
 WORKERS = "s2s:workers"        # sorted set: member "stage|worker_id|metrics_url", score heartbeat
+LIVE = "s2s:live"              # sorted set: open client sessions (all gateways), score refresh time
 STAGE_STREAMS = {"stt": "s2s:stt", "llm": "s2s:llm", "tts": "s2s:tts", "vad": SESSIONS}
 
 
@@ -39,5 +40,25 @@ def vad_state(sid: str) -> str:
     return f"s2s:vadstate:{{{sid}}}"
 
 
+def owner(sid: str) -> str:
+    """The principal that opened the session: only it may resume it."""
+    return f"s2s:owner:{{{sid}}}"
+
+
+def principal_sessions(principal: str) -> str:
+    """Sorted set of a principal's open sessions (score: last refresh)."""
+    return f"s2s:psess:{principal}"
+
+
+def principal_audio(principal: str, minute: int) -> str:
+    """Seconds of audio a principal sent in one wall-clock minute."""
+    return f"s2s:paudio:{principal}:{minute}"
+
+
+def ticket(digest: str) -> str:
+    """A one-time WebSocket ticket (by its hash), holding the principal's JSON."""
+    return f"s2s:ticket:{digest}"
+
+
 def session_keys(sid: str) -> list[str]:
-    return [audio(sid), out(sid), turn(sid), ctx(sid), vad_pos(sid), vad_state(sid)]
+    return [audio(sid), out(sid), turn(sid), ctx(sid), vad_pos(sid), vad_state(sid), owner(sid)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import websockets
 
 from s2s import config
 from s2s.audio import read_audio as load_pcm16  # noqa: F401 (the tests import it from here)
@@ -21,6 +23,33 @@ from s2s.launcher.redis_server import RedisServer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# The whole test run is one authenticated principal, transparently: every gateway a test
+# starts (in-process from these settings, or as a process inheriting os.environ) accepts
+# TEST_API_KEY, and every client (s2s.client, `s2s talk`, `s2s bench`) sends it from
+# S2S_API_KEY.  Tests of authentication itself pass their own credentials.
+TEST_API_KEY = secrets.token_urlsafe(24)
+TEST_TOKEN_SECRET = secrets.token_urlsafe(24)
+os.environ["S2S_API_KEYS"] = f"tests:{TEST_API_KEY}"
+os.environ["S2S_API_KEY"] = TEST_API_KEY
+os.environ["S2S_TOKEN_SECRET"] = TEST_TOKEN_SECRET
+os.environ.pop("S2S_AUTH", None)
+os.environ.pop("S2S_API_KEYS_FILE", None)
+AUTH_SETTINGS = {"api_keys": f"tests:{TEST_API_KEY}", "token_secret": TEST_TOKEN_SECRET}
+
+_ws_connect = websockets.connect
+
+
+def _authenticated_connect(uri, *args, **kwargs):
+    """websockets.connect for tests: raw connections (tests of the protocol) carry the
+    test key unless the test sets its own headers or subprotocols (tests of auth do:
+    ``additional_headers={}`` means "no credential")."""
+    if "additional_headers" not in kwargs and "subprotocols" not in kwargs:
+        kwargs["additional_headers"] = {"Authorization": f"Bearer {TEST_API_KEY}"}
+    return _ws_connect(uri, *args, **kwargs)
+
+
+websockets.connect = _authenticated_connect
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
@@ -46,7 +75,7 @@ def redis_url(redis_server):
 @pytest.fixture
 def settings(redis_url):
     return config.load({"redis_url": redis_url, "claim_idle_s": 1.0, "block_ms": 200,
-                        "metrics_port": 0}, environ={})
+                        "metrics_port": 0, **AUTH_SETTINGS}, environ={})
 
 
 class Workers:

@@ -22,6 +22,7 @@ from s2s.frames import (Audio, Notice, ReplyAudio, ReplyText, SessionEnd, Sessio
                         SpeechStarted, Transcript, decode)
 
 from s2s.gateway.server import uvicorn_config
+from tests.conftest import AUTH_SETTINGS
 
 
 async def serve(settings):
@@ -41,8 +42,8 @@ async def serve(settings):
 @pytest.fixture
 async def gw(redis_url):
     settings = config.load({"redis_url": redis_url, "max_message_bytes": 16000,
-                            "max_audio_rate": 4.0, "max_sessions": 5, "closed_ttl_s": 60},
-                           environ={})
+                            "max_audio_rate": 4.0, "max_sessions": 5, "closed_ttl_s": 60,
+                            **AUTH_SETTINGS}, environ={})
     server, task, base = await serve(settings)
     bus = Bus(settings)
     yield type("GW", (), {"http": base, "ws": base.replace("http", "ws") + "/ws", "bus": bus,
@@ -119,7 +120,7 @@ async def test_healthz_503_without_redis():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     dead = f"redis://127.0.0.1:{s.getsockname()[1]}/0"  # bound, never listening
-    settings = config.load({"redis_url": dead}, environ={})
+    settings = config.load({"redis_url": dead, **AUTH_SETTINGS}, environ={})
     server, task, base = await serve(settings)
     try:
         async with httpx.AsyncClient(base_url=base) as client:

@@ -4,6 +4,8 @@
   Chromium's fake microphone playing tests/data/jfk.wav: the page shows the transcript,
   the reply and plays the reply audio.
 - test_web_client_gateway_down: the page, served without a gateway, says so.
+- test_web_client_logs_in_with_the_fragment_key: the page trades the #key=… of the URL
+  `s2s up` prints for a one-time ticket, and clears it from the address bar.
 - the others drive the page against a small scripted stand-in server (below), for what
   the real stack does not do on demand: reply chunks, interrupt, dropped connections.
 
@@ -31,7 +33,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tests.conftest import ROOT, gateway_process
+from tests.conftest import ROOT, TEST_API_KEY, gateway_process
 
 STATIC = ROOT / "gateway" / "static"
 JFK = ROOT / "tests" / "data" / "jfk.wav"
@@ -132,6 +134,36 @@ def save_screenshot(page, *paths: Path) -> None:
 
 # ------------------------------------------------------------------ full stack
 
+def test_web_client_logs_in_with_the_fragment_key(redis_url, tmp_path):
+    """The real gateway (auth on, no workers needed for a session to open): the page
+    reads #key=…, removes it from the address bar, trades it for a ticket and opens a
+    session; a wrong key or none ends in a clear "refused", with no retry loop."""
+    with gateway_process(redis_url, tmp_path) as (url, _):
+        with browser(tmp_path) as page:
+            page.goto(url + "/#key=" + TEST_API_KEY)
+            assert page.evaluate("() => location.href") == url + "/"
+            page.click("#talk")
+            s = wait_for(page, lambda s: s["state"] == "ready", 30, "the session to be ready")
+            assert s["sessionId"] and len(s["sessionId"]) >= 22
+            page.click("#talk")
+            page.reload()  # the key stays with the tab, not in the address bar
+            page.click("#talk")
+            wait_for(page, lambda s: s["state"] == "ready", 30, "the session after a reload")
+            assert not [m for m in page.console if m.startswith("pageerror")]
+        with browser(tmp_path) as page:
+            page.goto(url + "/#key=wrong-key")
+            page.click("#talk")
+            wait_for(page, lambda s: s["errors"], 30, "the refusal")
+            assert "key was not accepted (unknown API key)" in page.inner_text("main")
+        with browser(tmp_path) as page:
+            page.goto(url + "/")  # no key at all: the gateway says what is missing
+            page.click("#talk")
+            wait_for(page, lambda s: s["errors"], 30, "the refusal")
+            assert "no credential" in page.inner_text("main")
+        # the key never reached the gateway in a URL (nor anything it logs)
+        assert TEST_API_KEY not in (tmp_path / "gateway.log").read_text(errors="replace")
+
+
 def _stack_missing() -> str | None:
     needed = [ROOT / "gateway" / "app.py", ROOT / "gateway" / "server.py"] + [
         ROOT / "services" / s / "worker.py" for s in ("vad", "stt", "llm", "tts")]
@@ -153,7 +185,7 @@ def test_web_client_full_stack(redis_url, workers, tmp_path):
         workers.wait_ready(stage, timeout=240)
     mic = fake_mic_wav(tmp_path)
     with gateway_process(redis_url, tmp_path) as (url, _), browser(tmp_path, mic_wav=mic) as page:
-        page.goto(url + "/")
+        page.goto(url + "/#key=" + TEST_API_KEY)  # what `s2s up` prints
         assert page.title().startswith("s2s")
         page.click("#talk")
         s = wait_for(page, lambda s: s["state"] == "ready", 30, "the session to be ready")

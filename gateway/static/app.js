@@ -1,6 +1,9 @@
 // s2s web client: wires the microphone, the WebSocket session, playback and the page.
-import { Connection, defaultUrl } from "./connection.js";
+import { Connection, defaultUrl, takeKeyFromFragment } from "./connection.js";
 import { Mic, MicError, Player } from "./audio.js";
+
+// a login link (#key=…) from `s2s up`: keep the key for this tab, clean the address bar
+takeKeyFromFragment();
 
 const MIC_RATE = 16000; // what we send: the rate the VAD and STT work at
 const OUT_RATE = 24000; // what we ask for; audio_start tells the rate that really comes

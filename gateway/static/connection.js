@@ -13,6 +13,40 @@ export function defaultUrl() {
   return `${scheme}//${location.host}/ws`;
 }
 
+// Authentication (docs/security.md): `s2s up` prints a URL with the key in its fragment
+// (#key=…), which browsers never send to a server. The page keeps the key for this tab,
+// removes it from the address bar, and before each connection trades it for a one-time
+// ticket (POST /auth/ticket) that travels as a WebSocket subprotocol: no URL the server
+// logs ever holds the key or the ticket.
+const KEY_STORE = "s2s.key";
+
+export function takeKeyFromFragment() {
+  const params = new URLSearchParams(location.hash.slice(1));
+  const key = params.get("key");
+  if (!key) return false;
+  try { sessionStorage.setItem(KEY_STORE, key); } catch { /* storage off: this load only */ }
+  storedKeyFallback = key;
+  params.delete("key");
+  const rest = params.toString();
+  history.replaceState(null, "", location.pathname + location.search + (rest ? `#${rest}` : ""));
+  return true;
+}
+
+let storedKeyFallback = null;
+
+export function storedKey() {
+  try { return sessionStorage.getItem(KEY_STORE) || storedKeyFallback; } catch { return storedKeyFallback; }
+}
+
+export function ticketUrl(wsUrl) {
+  const u = new URL(wsUrl);
+  u.protocol = u.protocol === "wss:" ? "https:" : "http:";
+  u.pathname = u.pathname.replace(/\/ws$/, "") + "/auth/ticket";
+  u.search = "";
+  u.hash = "";
+  return u.toString();
+}
+
 const MAX_AUDIO_BYTES = 256 * 1024;
 // Close codes after which reconnecting cannot help: unsupported data (1003), invalid
 // payload (1007), policy violation (1008), message too big (1009).
@@ -22,9 +56,12 @@ const DEAD_AFTER_MS = 15000; // nothing at all from the server: the link is dead
 
 export class Connection extends EventTarget {
   constructor({ url = defaultUrl(), sampleRate = 16000, outputSampleRate = 24000,
-                readyTimeoutMs = 10000, minDelayMs = 500, maxDelayMs = 15000 } = {}) {
+                readyTimeoutMs = 10000, minDelayMs = 500, maxDelayMs = 15000,
+                apiKey = storedKey() } = {}) {
     super();
     this.url = url;
+    this.apiKey = apiKey; // null: connect without credentials (a gateway with auth off)
+    this.opening = 0; // the current open() attempt (a stale ticket answer is ignored)
     this.sampleRate = sampleRate;
     this.outputSampleRate = outputSampleRate;
     this.readyTimeoutMs = readyTimeoutMs;
@@ -63,6 +100,7 @@ export class Connection extends EventTarget {
   /** Ends the session: sends bye and does not reconnect. */
   stop() {
     this.wanted = false;
+    this.opening += 1; // a ticket still on its way is not used
     clearTimeout(this.retryTimer);
     clearTimeout(this.readyTimer);
     clearInterval(this.heartbeat);
@@ -91,9 +129,39 @@ export class Connection extends EventTarget {
   open() {
     clearTimeout(this.retryTimer);
     this.isReady = false;
+    if (!this.apiKey) {
+      this.connect(null);
+      return;
+    }
+    const attempt = ++this.opening;
+    this.setState("connecting", { attempt: this.attempt });
+    fetch(ticketUrl(this.url), { method: "POST",
+                                 headers: { Authorization: `Bearer ${this.apiKey}` } })
+      .then(async (r) => {
+        if (attempt !== this.opening || !this.wanted) return;
+        if (r.status === 401 || r.status === 403) {
+          let body = {};
+          try { body = await r.json(); } catch { /* no details */ }
+          this.lastError = { code: body.error || "unauthorized",
+                             message: "the key was not accepted" +
+                                      (body.message ? ` (${body.message})` : "") };
+          this.wanted = false;
+          this.setState("failed", { reason: this.lastError.message, code: r.status });
+          return;
+        }
+        if (!r.ok) throw new Error(`HTTP ${r.status}`);
+        this.connect((await r.json()).ticket);
+      })
+      .catch(() => {
+        if (attempt === this.opening && this.wanted) this.scheduleRetry("cannot reach the s2s server");
+      });
+  }
+
+  connect(ticket) {
     let ws;
     try {
-      ws = new WebSocket(this.url);
+      // the server selects "s2s"; the ticket rides along as a second offered protocol
+      ws = ticket ? new WebSocket(this.url, ["s2s", `s2s.ticket.${ticket}`]) : new WebSocket(this.url);
     } catch (err) {
       this.scheduleRetry(`bad server address ${this.url}`);
       return;
