@@ -357,6 +357,9 @@ async def _scenario(c: Cluster, r, speech) -> None:
     print(f"turns answered {answered_at - cut_at:.1f}s after the cut; link down "
           f"{restored_at - cut_at:.1f}s; host {name} rejoined {time.time() - restored_at:.1f}s "
           "after the link came back")
+    for stage in STAGES:  # what the cut-off workers saw (for the reader of -s output)
+        seen = [x for x in c.log_of(name, stage).splitlines() if " WARNING " in x]
+        print(f"  {name}-{stage}: " + "\n    ".join(seen[-6:]))
     await asyncio.sleep(2)  # late outputs of the cut-off workers, if any, arrive meanwhile
     for s in speakers:
         s.stop.set()
