@@ -8,8 +8,9 @@ It builds the hosts of ``tests/netns.py`` (a Redis host, a gateway host and work
 hosts A and B, each running a worker of every stage with its real model; see
 docs/multihost.md).  Each round, ``--sessions`` new sessions each speak one utterance
 (the JFK sentence and short questions spoken by the bundled Piper voice); as soon as
-a worker host holds work of the turns (a VAD session, an STT, LLM or TTS entry) its
-link is cut for ``--down-s`` seconds, then restored.  Per round it reports turns
+a worker host owns a VAD session and holds an STT, LLM or TTS entry (mid-turn), its
+link is cut for ``--down-s`` seconds, then restored (a round where no host ever does
+so before the answers arrive counts without a cut).  Per round it reports turns
 answered / attempted (a reply with audio, ``reply_done``, within ``--reply-timeout``),
 how long after the cut the last one was answered, how long after the link came back
 the cut host's four workers heartbeat again, and reply audio that reached a client
@@ -48,6 +49,8 @@ def utterances() -> list:
 
 
 async def one_round(n: int, c, r, utts: list, args: argparse.Namespace) -> dict:
+    from s2s import keys
+    from s2s.frames import decode
     from tests.netns import STAGES, Speaker, out_audio, pending, registry
 
     speakers = [Speaker(c.ws_url, utts[(n * args.sessions + i) % len(utts)])
@@ -62,7 +65,9 @@ async def one_round(n: int, c, r, utts: list, args: argparse.Namespace) -> dict:
     host = name = None
     while time.monotonic() < deadline and not all(s.answered() for s in speakers):
         held = await pending(r, c)
-        busy = [(h, st) for h, st in held.items() if any(st.values())]
+        # mid-turn: a host that owns a session and holds work of another stage
+        busy = [(h, st) for h, st in held.items()
+                if st.get("vad") and any(st.get(x) for x in ("stt", "llm", "tts"))]
         if busy:
             name, stages = busy[0]
             host = c.workers[name]
@@ -71,23 +76,30 @@ async def one_round(n: int, c, r, utts: list, args: argparse.Namespace) -> dict:
             break
         await asyncio.sleep(0.05)
     cut_at = time.monotonic()
-    restored_at = None
-    while time.monotonic() < deadline and not all(s.answered() for s in speakers):
+    restored_at = restored_wall = None
+
+    async def rejoined() -> bool:  # the cut host's four workers heartbeat again
+        if restored_at is None or row["rejoined_after_s"] is not None:
+            return row["rejoined_after_s"] is not None
+        if len((await registry(r, c, restored_wall)).get(name, {})) == len(STAGES):
+            row["rejoined_after_s"] = round(time.monotonic() - restored_at, 1)
+        return row["rejoined_after_s"] is not None
+
+    answered = False
+    while time.monotonic() < deadline:
         if host and restored_at is None and time.monotonic() - cut_at >= args.down_s:
             host.restore()
             restored_at, restored_wall = time.monotonic(), time.time()
+        if not answered and all(s.answered() for s in speakers):
+            answered = True
+            if host:
+                row["answered_after_cut_s"] = round(time.monotonic() - cut_at, 1)
+        if answered and (not host or (restored_at is not None and await rejoined())):
+            break
+        await rejoined()
         await asyncio.sleep(0.1)
-    if host:
-        row["answered_after_cut_s"] = round(time.monotonic() - cut_at, 1)
-        if restored_at is None:
-            await asyncio.sleep(max(0.0, args.down_s - (time.monotonic() - cut_at)))
-            host.restore()
-            restored_at, restored_wall = time.monotonic(), time.time()
-        while time.monotonic() - restored_at < 60:
-            if len((await registry(r, c, restored_wall)).get(name, {})) == len(STAGES):
-                row["rejoined_after_s"] = round(time.monotonic() - restored_at, 1)
-                break
-            await asyncio.sleep(0.2)
+    if host and restored_at is None:
+        host.restore()
     await asyncio.sleep(1)
     for s in speakers:
         s.stop.set()
@@ -96,6 +108,14 @@ async def one_round(n: int, c, r, utts: list, args: argparse.Namespace) -> dict:
     row["answered"] = sum(s.answered() for s in speakers)
     twice = wrong = 0
     for s in speakers:
+        if not s.answered():  # what the client and the output stream saw, to look into
+            kinds = []
+            for _, fields in await r.xrange(keys.out(s.sid)):
+                f = decode(fields[b"f"])
+                kinds.append(f"{type(f).__name__}:t{f.turn}s{f.seq}")
+            print(f"  unanswered {s.sid}: turn key {await r.get(keys.turn(s.sid))}, "
+                  f"client {[(e['t'], e['type'], e.get('turn'), e.get('text')) for e in s.tracker.events]}"
+                  f", output stream {kinds}", flush=True)
         expected, dupes = await out_audio(r, s.sid)
         twice += dupes
         wrong += sum(1 for t in s.tracker.turns.values()
