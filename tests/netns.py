@@ -42,6 +42,7 @@ from s2s import keys
 from s2s.client import Connection, Tracker
 from s2s.frames import FrameError, ReplyAudio, decode
 from s2s.launcher.proc import die_with_parent
+from s2s.launcher.redis_server import find_redis_server
 
 ROOT = Path(__file__).resolve().parents[1]
 NS_PREFIX = "s2snet-"                     # namespaces: s2snet-<pid>-<host>
@@ -257,7 +258,7 @@ class Cluster:
         redis_dir = self.tmp / "redis"
         redis_dir.mkdir()
         self.redis_proc = self.redis_host.popen(
-            ["redis-server", "--bind", self.redis_host.ip, "--port", str(REDIS_PORT),
+            [find_redis_server(), "--bind", self.redis_host.ip, "--port", str(REDIS_PORT),
              "--protected-mode", "no", "--save", "", "--appendonly", "no",
              "--dir", str(redis_dir)], self.env, self.tmp / "redis.log")
         self._wait_tcp(self.redis_host.ip, REDIS_PORT, self.redis_proc, 15)
