@@ -118,7 +118,7 @@ async def _scenario(c: Cluster, r, speech) -> None:
     # --- 1. two sessions; cut the host that owns a session and holds other work ---------
     speakers = [Speaker(c.ws_url, speech["jfk"]), Speaker(c.ws_url, speech["question"])]
     runs = [asyncio.create_task(speakers[0].run(120))]
-    await asyncio.sleep(1.0)  # a VAD worker each (the other one is then the older reader)
+    await asyncio.sleep(1.0)  # the question starts while the JFK sentence goes on
     runs.append(asyncio.create_task(speakers[1].run(120)))
 
     async def victim():
