@@ -113,9 +113,10 @@ async def one_round(n: int, c, r, utts: list, args: argparse.Namespace) -> dict:
             for _, fields in await r.xrange(keys.out(s.sid)):
                 f = decode(fields[b"f"])
                 kinds.append(f"{type(f).__name__}:t{f.turn}s{f.seq}")
+            events = [(e["t"], e["type"], e.get("turn"), e.get("text"))
+                      for e in s.tracker.events]
             print(f"  unanswered {s.sid}: turn key {await r.get(keys.turn(s.sid))}, "
-                  f"client {[(e['t'], e['type'], e.get('turn'), e.get('text')) for e in s.tracker.events]}"
-                  f", output stream {kinds}", flush=True)
+                  f"client {events}, output stream {kinds}", flush=True)
         expected, dupes = await out_audio(r, s.sid)
         twice += dupes
         wrong += sum(1 for t in s.tracker.turns.values()
