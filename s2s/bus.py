@@ -237,8 +237,8 @@ class Bus:
         pipe = self.redis.pipeline(transaction=False)
         pipe.xadd(keys.DEAD, {FIELD: data, b"stream": stream, b"group": group, b"id": entry_id,
                               b"deliveries": deliveries, b"reason": reason},
-                  maxlen=max(s.dead_maxlen, 1), approximate=True)
-        pipe.xtrim(keys.DEAD, minid=self._dead_minid(), approximate=True)
+                  maxlen=max(s.dead_maxlen, 1), approximate=False)  # rare: trim exactly
+        pipe.xtrim(keys.DEAD, minid=self._dead_minid(), approximate=False)
         await pipe.execute()
         await self.ack(stream, group, entry_id)
 
