@@ -12,7 +12,7 @@ from typing import Iterable
 import redis.asyncio as aioredis
 from redis.exceptions import BusyLoadingError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import keys
@@ -49,6 +49,11 @@ def redis_error_kind(exc: BaseException) -> str:
         return "down"
     if not isinstance(exc, RedisError):
         return "none"
+    # redis-py maps OOM and READONLY to classes and strips their prefix from the text
+    if isinstance(exc, OutOfMemoryError):
+        return "oom"
+    if isinstance(exc, ReadOnlyError):
+        return "readonly"
     text = str(exc)
     head = text.split(" ", 1)[0].upper()
     if head == "OOM" or "command not allowed when used memory" in text:
@@ -97,6 +102,14 @@ if #mine > 0 then
   redis.call(unpack(args))
 end
 return lost
+"""
+
+# The heartbeat may run when Redis is out of memory (allow-oom: a few bytes; else
+# every worker would look dead to every other one until memory is back).
+HEARTBEAT = """#!lua flags=allow-oom
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[1] - 60)
+return 1
 """
 
 # Delete a consumer only if nothing is pending on it (else -1).
@@ -154,6 +167,7 @@ class Bus:
         self._keep_alive_script = self.redis.register_script(KEEP_ALIVE)
         self._forget_script = self.redis.register_script(FORGET_IF_STALE)
         self._delconsumer_script = self.redis.register_script(DELCONSUMER_IF_IDLE)
+        self._heartbeat_script = self.redis.register_script(HEARTBEAT)
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -333,11 +347,8 @@ class Bus:
     # --- liveness --------------------------------------------------------------------
     async def heartbeat(self, stage: str, worker_id: str, metrics_url: str) -> None:
         """Renew this worker's lease: its member's score is the time of its last beat."""
-        now = time.time()
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.zadd(keys.WORKERS, {f"{stage}|{worker_id}|{metrics_url}": now})
-        pipe.zremrangebyscore(keys.WORKERS, 0, now - 60)
-        await pipe.execute()
+        await self._heartbeat_script(keys=[keys.WORKERS], args=[
+            repr(time.time()), f"{stage}|{worker_id}|{metrics_url}"])
 
     async def live_workers(self, max_age_s: float = 5.0) -> dict[str, list[dict]]:
         now = time.time()
@@ -373,9 +384,11 @@ class Bus:
         pipe = self.redis.pipeline(transaction=False)
         pipe.xpending_range(stream, group, min="-", max="+", count=max(count, 1),
                             consumername=consumer, idle=min_idle_ms)
-        pipe.xpending_range(stream, group, min="-", max="+", count=1, consumername=consumer)
-        idle_rows, any_rows = await pipe.execute()
-        return [r["message_id"] for r in idle_rows][:count], len(any_rows)
+        pipe.xpending(stream, group)  # the summary: entries pending per consumer
+        idle_rows, summary = await pipe.execute()
+        total = sum(int(c["pending"]) for c in summary.get("consumers") or []
+                    if c["name"] == consumer.encode())
+        return [r["message_id"] for r in idle_rows][:count], total
 
     async def claim(self, stream: str, group: str, consumer: str, entry_ids: list[bytes],
                     min_idle_ms: int) -> list[Entry]:
@@ -390,11 +403,11 @@ class Bus:
                 if eid is not None and fields is not None]
 
     async def drop_consumer(self, stream: str, group: str, consumer: str, member: str,
-                            seen_before: float) -> None:
+                            seen_before: float) -> bool:
         """Forget a dead worker that has nothing pending any more: its consumer in the
         group and its registry member (unless it has heartbeated since)."""
         # checked and deleted in one script: DELCONSUMER also drops entries pending on
         # the consumer, and a stalled worker that comes back may have read new ones
         if await self._delconsumer_script(keys=[stream], args=[group, consumer]) == -1:
-            return
-        await self._forget_script(keys=[keys.WORKERS], args=[member, seen_before])
+            return False
+        return bool(await self._forget_script(keys=[keys.WORKERS], args=[member, seen_before]))

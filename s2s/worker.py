@@ -242,7 +242,7 @@ class Runtime:
         burst[1] += 1
         if burst[1] == 1 or now - burst[2] >= BURST_LOG_S:
             burst[2] = now
-            log.warning("Redis %s (%s): retrying with backoff%s", kind, error,
+            log.warning("Redis %s (%.200s): retrying with backoff%s", kind, error,
                         f" ({burst[1]} failures so far)" if burst[1] > 1 else "")
         return kind
 
@@ -396,8 +396,10 @@ class Runtime:
             try:
                 if not self.stopping.is_set():
                     await self.bus.heartbeat(self.name, self.consumer, self.metrics_url)
-            except Exception as e:  # any error (not only a lost connection) must not end the
-                log.debug("heartbeat: %s", e)  # loop: the worker would look dead for good
+            except RedisError as e:  # counted; must not end the loop (the worker would look
+                self._count_redis_error(e)  # dead for good)
+            except Exception as e:
+                log.debug("heartbeat: %s", e)
             await asyncio.sleep(self.settings.heartbeat_s)
 
     async def _watch_leases(self) -> None:
@@ -408,8 +410,10 @@ class Runtime:
                 continue
             try:
                 await self.take_over_expired()
-            except Exception as e:  # Redis trouble (the read loop counts it) or a bug:
-                log.debug("lease watch: %s", e)  # must not end the loop
+            except RedisError as e:  # counted; must not end the loop
+                self._count_redis_error(e)
+            except Exception:
+                log.exception("lease watch failed")
 
     async def take_over_expired(self) -> int:
         """Claim the entries (or sessions) of dead workers of this stage: XPENDING by
@@ -451,10 +455,11 @@ class Runtime:
             try:
                 lost = await self.bus.keep_alive(self.stream, self.group, self.consumer,
                                                  self.owned_ids())
-            except REDIS_DOWN:
+            except RedisError as e:  # NOGROUP etc.: an unexpected error must not end the loop,
+                self._count_redis_error(e)  # or every in-flight entry gets stolen
                 continue
-            except Exception as e:  # NOGROUP etc.: an unexpected error must not end the loop,
-                log.debug("keep-alive: %s", e)  # or every in-flight entry gets stolen
+            except Exception as e:
+                log.debug("keep-alive: %s", e)
                 continue
             for entry_id in lost:
                 # Another worker claimed it while this one looked dead (event loop stalled

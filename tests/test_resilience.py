@@ -1,0 +1,313 @@
+"""Staying up, against a real redis-server: acknowledged entries free their memory,
+Redis errors other than "down" (OOM, READONLY, BUSY, LOADING, NOGROUP) are waited
+out, dead workers are found from their missed leases and their work is taken at once,
+the keep-alive never leaves an entry with two owners, and a VAD takeover mid-utterance
+keeps the utterance whole."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import redis
+from redis.exceptions import BusyLoadingError, ResponseError
+
+from s2s import config, keys
+from s2s.bus import FIELD, Bus, redis_error_kind
+from s2s.frames import (Audio, ReplyAudio, ReplyText, SessionOpen, Transcript, Utterance, decode,
+                        encode)
+from s2s.launcher.redis_server import RedisServer, free_port
+
+from .conftest import DATA, JFK_TEXT, load_pcm16
+
+ECHO = "tests.stages:EchoStage"
+NO_IDLE_CLAIM = {"S2S_CLAIM_IDLE_S": "120"}  # only a lease takeover can claim in time
+
+
+def metric(client: redis.Redis, stage: str, name: str, **labels) -> float:
+    """A counter summed over the live workers of ``stage``, read from their /metrics."""
+    total = 0.0
+    for member in client.zrangebyscore(keys.WORKERS, time.time() - 5, "+inf"):
+        kind, _, url = member.decode().split("|", 2)
+        if kind == stage:
+            total += metric_at(url, name, **labels)
+    return total
+
+
+def metric_at(url: str, name: str, **labels) -> float:
+    total = 0.0
+    if True:
+        text = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
+        want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        for line in text.splitlines():
+            if line.startswith(name + "{") and want in line:
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise TimeoutError(f"not within {timeout}s: {what}")
+
+
+def out_frames(client: redis.Redis, sid: str) -> list:
+    return [decode(f[FIELD]) for _, f in client.xrange(keys.out(sid))]
+
+
+def owner_pid(client: redis.Redis, stream: str, group: str) -> int | None:
+    """The pid of the worker an entry is pending on (consumer names are host-pid-rand)."""
+    rows = client.xpending_range(stream, group, "-", "+", 1)
+    return int(rows[0]["consumer"].decode().split("-")[-2]) if rows else None
+
+
+# --- classification --------------------------------------------------------------------
+async def test_redis_error_kinds_from_a_real_server(redis_url):
+    client = redis.asyncio.Redis.from_url(redis_url)
+    replica = RedisServer().start()
+    try:
+        with pytest.raises(ResponseError) as e:
+            await client.xreadgroup("nogroup", "c", {"s2s:none": ">"})
+        assert redis_error_kind(e.value) == "nogroup"
+        with pytest.raises(ResponseError) as e:
+            await client.execute_command("NOSUCHCOMMAND")
+        assert redis_error_kind(e.value) == "other"
+        await client.config_set("maxmemory", 1)
+        try:
+            with pytest.raises(ResponseError) as e:
+                await client.xadd("s2s:x", {FIELD: b"x"})
+            assert redis_error_kind(e.value) == "oom"
+        finally:
+            await client.config_set("maxmemory", 0)
+        replica_client = redis.asyncio.Redis.from_url(replica.url)
+        await replica_client.replicaof("127.0.0.1", redis_url.rsplit(":", 1)[1].split("/")[0])
+        with pytest.raises(ResponseError) as e:
+            await replica_client.set("k", "v")
+        assert redis_error_kind(e.value) == "readonly"
+        await replica_client.aclose()
+        await client.config_set("busy-reply-threshold", 50)
+        busy = asyncio.create_task(redis.asyncio.Redis.from_url(redis_url).eval(
+            "local t = tonumber(redis.call('TIME')[1]) "
+            "while tonumber(redis.call('TIME')[1]) < t + 2 do end return 1", 0))
+        await asyncio.sleep(0.3)
+        with pytest.raises(ResponseError) as e:
+            await client.get("k")
+        assert redis_error_kind(e.value) == "busy"
+        await busy
+        with pytest.raises(redis.exceptions.ConnectionError) as e:
+            await redis.asyncio.Redis(port=free_port(), socket_connect_timeout=1).ping()
+        assert redis_error_kind(e.value) == "down"
+        # LOADING is raised by redis-py as BusyLoadingError, a ConnectionError subclass
+        assert redis_error_kind(BusyLoadingError("Redis is loading the dataset")) == "loading"
+        assert redis_error_kind(ValueError("x")) == "none"
+    finally:
+        await client.config_set("busy-reply-threshold", 5000)
+        await client.aclose()
+        replica.stop()
+
+
+# --- bounded by bytes: an acknowledged entry is deleted ---------------------------------
+async def test_ack_deletes_the_payload_and_only_what_it_acked(settings):
+    bus = Bus(settings)
+    try:
+        await bus.ensure_group("s2s:stt", "stt")
+        ids = [await bus.redis.xadd("s2s:stt", {FIELD: b"x" * 1000}) for _ in range(3)]
+        await bus.read_group("s2s:stt", "stt", "A", 3, 0)
+        assert await bus.ack("s2s:stt", "stt", ids[0], ids[1]) == 2
+        assert [eid for eid, _ in await bus.redis.xrange("s2s:stt")] == [ids[2]]
+        assert await bus.ack("s2s:stt", "stt", ids[0]) == 0  # twice: nothing more happens
+        assert (await bus.redis.xpending("s2s:stt", "stt"))["pending"] == 1
+    finally:
+        await bus.close()
+
+
+def test_worker_leaves_no_payload_behind(workers, redis_url):
+    workers.start(ECHO)
+    workers.wait_ready("echo")
+    r = redis.Redis.from_url(redis_url)
+    for i in range(20):
+        r.xadd("s2s:echo", {FIELD: encode(Transcript(sid="b", turn=0, text=f"n{i}"))})
+    wait_for(lambda: len(out_frames(r, "b")) == 20, 20, "20 echoes")
+    wait_for(lambda: r.xlen("s2s:echo") == 0, 5, "the stage stream emptied by the acks")
+    assert r.xpending("s2s:echo", "echo")["pending"] == 0
+
+
+# --- OOM and other passing trouble ----------------------------------------------------
+def test_output_refused_for_oom_is_not_acked_and_goes_out_once_memory_is_back(workers,
+                                                                              redis_url):
+    proc = workers.start(ECHO)
+    workers.wait_ready("echo")
+    r = redis.Redis.from_url(redis_url)
+    r.xadd("s2s:echo", {FIELD: encode(Transcript(sid="m", turn=0, text="warm"))})
+    wait_for(lambda: out_frames(r, "m"), 10, "a first echo")
+    r.config_set("maxmemory", 1)  # noeviction (the default): every XADD is refused now
+    try:
+        r.xadd("s2s:echo", {FIELD: encode(Transcript(sid="m", turn=0, text="under oom"))})
+    except redis.exceptions.OutOfMemoryError:
+        r.config_set("maxmemory", 0)
+        r.xadd("s2s:echo", {FIELD: encode(Transcript(sid="m", turn=0, text="under oom"))})
+        r.config_set("maxmemory", 1)
+    try:
+        wait_for(lambda: metric(r, "echo", "s2s_redis_faults_total", reason="oom") >= 3, 15,
+                 "OOM seen and retried")
+        assert r.xpending("s2s:echo", "echo")["pending"] == 1  # read, not acknowledged
+        assert len(out_frames(r, "m")) == 1 and proc.poll() is None
+        # the heartbeat still runs (a few bytes, allowed when out of memory)
+        time.sleep(1.5)
+        assert r.zrangebyscore(keys.WORKERS, time.time() - 1, "+inf")
+    finally:
+        r.config_set("maxmemory", 0)
+    wait_for(lambda: len(out_frames(r, "m")) == 2, 10, "the echo once memory is back")
+    wait_for(lambda: r.xpending("s2s:echo", "echo")["pending"] == 0, 5, "acked")
+    time.sleep(0.5)
+    assert [f.message for f in out_frames(r, "m")] == ["warm", "under oom"]  # once
+    assert r.xlen("s2s:echo") == 0
+    log = workers.log(proc)
+    assert log.count("Redis oom (") == 1, log  # once per burst, not once per retry
+    assert "oom trouble over" in log
+
+
+def test_busy_script_and_lost_group_do_not_crash_a_worker(workers, redis_url):
+    proc = workers.start(ECHO)
+    workers.wait_ready("echo")
+    r = redis.Redis.from_url(redis_url)
+    r.config_set("busy-reply-threshold", 50)
+    try:
+        r.eval("local t = tonumber(redis.call('TIME')[1]) "
+               "while tonumber(redis.call('TIME')[1]) < t + 2 do end return 1", 0)
+    finally:
+        r.config_set("busy-reply-threshold", 5000)
+    r.delete("s2s:echo")  # the stream and its group are gone (as after a restart)
+    r.xadd("s2s:echo", {FIELD: encode(Transcript(sid="g", turn=0, text="after"))})
+    wait_for(lambda: out_frames(r, "g"), 15, "an echo after BUSY and NOGROUP")
+    assert proc.poll() is None
+    assert metric(r, "echo", "s2s_redis_faults_total", reason="busy") >= 1
+    assert metric(r, "echo", "s2s_redis_faults_total", reason="nogroup") >= 1
+
+
+# --- liveness leases ---------------------------------------------------------------------
+def test_dead_worker_is_found_by_its_lease_and_its_entry_taken_at_once(workers, redis_url):
+    env = {**NO_IDLE_CLAIM, "S2S_TEST_DELAY_S": "3"}
+    procs = [workers.start(ECHO, env=env), workers.start(ECHO, env=env)]
+    workers.wait_ready("echo", count=2)
+    r = redis.Redis.from_url(redis_url)
+    r.xadd("s2s:echo", {FIELD: encode(Transcript(sid="l", turn=0, text="lease"))})
+    pid = wait_for(lambda: owner_pid(r, "s2s:echo", "echo"), 10, "the entry taken")
+    victim = next(p for p in procs if p.pid == pid)
+    consumer = r.xpending_range("s2s:echo", "echo", "-", "+", 1)[0]["consumer"]
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    # claim_idle_s is 120: only the lease (1 s) can hand the entry over within 15 s
+    wait_for(lambda: owner_pid(r, "s2s:echo", "echo") not in (pid,), 15, "the lease takeover")
+    wait_for(lambda: out_frames(r, "l"), 15, "the echo from the survivor")
+    wait_for(lambda: consumer not in [c["name"] for c in r.xinfo_consumers("s2s:echo", "echo")],
+             5, "the dead consumer deleted")
+    assert not [m for m in r.zrange(keys.WORKERS, 0, -1) if consumer in m]
+    assert [f.message for f in out_frames(r, "l")] == ["lease"]
+    assert metric(r, "echo", "s2s_stage_leases_expired_total") == 1
+
+
+async def test_a_live_worker_is_never_robbed_by_a_lease_takeover(settings):
+    """A member whose lease ran out but whose entries are kept fresh (it stalled, then
+    came back) keeps them: the claim needs them idle for the lease too."""
+    bus = Bus(settings)
+    try:
+        await bus.ensure_group("s2s:lv", "g")
+        ids = [await bus.redis.xadd("s2s:lv", {FIELD: b"x"}) for _ in range(3)]
+        await bus.read_group("s2s:lv", "g", "stalled", 3, 0)
+        await bus.redis.zadd(keys.WORKERS, {"lv|stalled|http://x": time.time() - 5})
+        assert [w for _, w, _ in await bus.expired_workers("lv", 1.0)] == ["stalled"]
+        await bus.keep_alive("s2s:lv", "g", "stalled", ids[:2])  # two are fresh
+        await bus.redis.xclaim("s2s:lv", "g", "stalled", 0, [ids[2]], idle=5000, justid=True)
+        idle, total = await bus.pending_of("s2s:lv", "g", "stalled", 1000, 10)
+        assert idle == [ids[2]] and total == 3
+        got = await bus.claim("s2s:lv", "g", "me", ids, 1000)
+        assert [eid for eid, _ in got] == [ids[2]]
+        assert not await bus.drop_consumer("s2s:lv", "g", "stalled", "lv|stalled|http://x", 0)
+        assert await bus.redis.zscore(keys.WORKERS, "lv|stalled|http://x")  # still there
+    finally:
+        await bus.close()
+
+
+# --- no double ownership ---------------------------------------------------------------------
+async def test_keep_alive_raced_against_xautoclaim_never_leaves_two_owners(settings):
+    a, b = Bus(settings), Bus(settings)
+    try:
+        await a.ensure_group("s2s:race", "g")
+        both = 0
+        for _ in range(300):
+            ids = [await a.redis.xadd("s2s:race", {FIELD: b"x"}) for _ in range(8)]
+            await a.read_group("s2s:race", "g", "A", 8, 0)
+            # all of A's entries look stale (A stalled): B's XAUTOCLAIM may take them
+            await a.redis.xclaim("s2s:race", "g", "A", 0, ids, idle=10_000, justid=True)
+            lost, (_, claimed) = await asyncio.gather(
+                a.keep_alive("s2s:race", "g", "A", ids),
+                b.claim_idle("s2s:race", "g", "B", 5_000, count=8))
+            a_owns = set(ids) - set(lost)
+            b_owns = {eid for eid, _ in claimed}
+            both += len(a_owns & b_owns)
+            rows = await a.redis.xpending_range("s2s:race", "g", "-", "+", 20)
+            owner = {r["message_id"]: r["consumer"] for r in rows}
+            assert all(owner[e] == b"A" for e in a_owns) and all(owner[e] == b"B" for e in b_owns)
+            await a.ack("s2s:race", "g", *ids)
+        assert both == 0
+    finally:
+        await a.close()
+        await b.close()
+
+
+# --- a whole VAD takeover mid-utterance ---------------------------------------------------
+@pytest.mark.slow
+async def test_vad_killed_mid_utterance_the_utterance_comes_out_whole(workers, settings):
+    from s2s.services.stt.worker import SttStage
+    from tests.test_stt import wer
+
+    client = redis.Redis.from_url(settings.redis_url)
+    procs = [workers.start("vad", env=NO_IDLE_CLAIM), workers.start("vad", env=NO_IDLE_CLAIM)]
+    workers.wait_ready("vad", count=2)
+    stt = SttStage(config.load({}, environ={}))
+    stt_ready = asyncio.create_task(asyncio.to_thread(stt.setup))
+    bus = Bus(settings)
+    pcm = load_pcm16(DATA / "jfk.wav")
+    pcm = np.concatenate([pcm, np.zeros(16000 * 2, np.int16)])  # silence after the speech
+    try:
+        await bus.emit(SessionOpen(sid="w"))
+        step, t0 = 320, time.monotonic()
+        killed = False
+        for i in range(0, len(pcm), 5 * step):
+            await bus.emit(*[Audio(sid="w", pcm=pcm[j:j + step].tobytes(), sr=16000,
+                                   marks={"recv": time.time()})
+                             for j in range(i, min(i + 5 * step, len(pcm)), step)])
+            if not killed and i >= int(6.5 * 16000):  # mid "ask not what your country"
+                pid = owner_pid(client, keys.SESSIONS, "vad")
+                os.kill(pid, signal.SIGKILL)
+                next(p for p in procs if p.pid == pid).wait()
+                killed = True
+            await asyncio.sleep(max(0.0, t0 + (i + 5 * step) / 16000 - time.monotonic()))
+        utts = await asyncio.to_thread(wait_for, lambda: [
+            u for _, f in client.xrange(keys.STAGE_STREAMS["stt"])
+            if isinstance(u := decode(f[FIELD]), Utterance) and u.end_s > 10.5], 20,
+            "the utterance that ends the speech")
+        await stt_ready
+        every = [decode(f[FIELD]) for _, f in client.xrange(keys.STAGE_STREAMS["stt"])]
+        last = every[-1]
+        assert last is utts[-1] or last == utts[-1]
+        text = " ".join([t.text async for t in stt.process(last)])
+        assert wer(JFK_TEXT, text) <= 0.15, text
+        assert last.start_s < 0.6, (last.start_s, last.end_s)  # from the thought's start
+        # no piece of audio went into two utterances of one turn: each turn has one
+        turns = [u.turn for u in every]
+        assert len(turns) == len(set(turns)) and turns == sorted(turns), turns
+    finally:
+        stt_ready.cancel()
+        await bus.close()
+        client.close()
