@@ -311,3 +311,79 @@ async def test_vad_killed_mid_utterance_the_utterance_comes_out_whole(workers, s
         stt_ready.cancel()
         await bus.close()
         client.close()
+
+
+# --- a worker of each model stage killed mid-turn (issue item 9) -------------------------
+def _jfk_utterance(sid: str) -> Utterance:
+    return Utterance(sid=sid, turn=0, pcm=load_pcm16(DATA / "jfk.wav").tobytes(), sr=16000,
+                     start_s=0.3, end_s=11.0, out_sr=16000, marks={"speech_end": time.time()})
+
+
+STAGE_INPUTS = {
+    "stt": lambda sid: _jfk_utterance(sid),
+    "llm": lambda sid: Transcript(sid=sid, turn=0, text="What is the capital of France?",
+                                  complete=True, out_sr=16000,
+                                  marks={"speech_end": time.time()}),
+    "tts": lambda sid: ReplyText(sid=sid, turn=0, seq=0, final=True, out_sr=16000,
+                                 text="The capital of France is Paris, a city on the Seine."),
+}
+
+
+def _complete(stage: str, frames: list) -> bool:
+    """Is the output of the one input all there (by its keys; copies allowed)?"""
+    if stage == "stt":
+        return any(isinstance(f, Transcript) for f in frames)
+    if stage == "llm":
+        replies = [f for f in frames if isinstance(f, ReplyText)]
+        return any(r.final for r in replies)
+    audio = [f for f in frames if isinstance(f, ReplyAudio)]
+    return any(a.last for a in audio)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["stt", "llm", "tts"])
+def test_model_worker_killed_mid_turn_the_turn_completes_once(stage, workers, redis_url):
+    from tests.test_stt import wer
+
+    procs = [workers.start(stage, env=NO_IDLE_CLAIM), workers.start(stage, env=NO_IDLE_CLAIM)]
+    workers.wait_ready(stage, count=2, timeout=240)
+    r = redis.Redis.from_url(redis_url)
+    stream, sid = keys.STAGE_STREAMS[stage], f"kill-{stage}"
+    r.xadd(stream, {FIELD: encode(STAGE_INPUTS[stage](sid))})
+    # the worker that took it: XPENDING's consumer -> its pid (consumer names are
+    # host-pid-rand); killed at once, so mid-processing (every model takes longer)
+    pid = wait_for(lambda: owner_pid(r, stream, stage), 30, "the input taken")
+    os.kill(pid, signal.SIGKILL)
+    victim = next(p for p in procs if p.pid == pid)
+    victim.wait()
+    wait_for(lambda: _complete(stage, out_frames(r, sid)), 120, f"the {stage} output")
+    wait_for(lambda: r.xpending(stream, stage)["pending"] == 0, 30, "acknowledged")
+    time.sleep(0.5)
+    frames = out_frames(r, sid)
+    survivor = next(p for p in procs if p is not victim)
+    assert survivor.poll() is None
+    assert r.xlen(stream) == 0  # acknowledged and deleted
+    if stage == "stt":
+        said = [f for f in frames if isinstance(f, Transcript)]
+        assert {t.turn for t in said} == {0} and len({t.text for t in said}) == 1, said
+        assert wer(JFK_TEXT, said[0].text) <= 0.15, said[0].text
+    elif stage == "llm":
+        replies = [f for f in frames if isinstance(f, ReplyText)]
+        by_seq = {}
+        for reply in replies:  # a copy (the dead worker's, re-sent) must be the same
+            assert by_seq.setdefault(reply.seq, reply.text) == reply.text, replies
+        assert sorted(by_seq) == list(range(len(by_seq))), replies  # no gap
+        assert [x.seq for x in replies if x.final] == [max(by_seq)] * len(
+            [x for x in replies if x.final])
+        assert "paris" in " ".join(by_seq.values()).lower(), by_seq
+    else:
+        audio = [f for f in frames if isinstance(f, ReplyAudio)]
+        chunks: dict[tuple, int] = {}
+        for a in audio:  # distinct (turn, seq, chunk) keys, each with one content
+            assert chunks.setdefault((a.turn, a.seq, a.chunk), len(a.pcm)) == len(a.pcm)
+        got = sorted(chunks)
+        assert got == [(0, 0, i) for i in range(len(got))], got  # complete, no gap
+        assert [a.chunk for a in audio if a.last] and max(a.chunk for a in audio if a.last) \
+            == got[-1][2]
+        seconds = sum(chunks.values()) / 2 / 16000
+        assert 1.5 < seconds < 10, seconds  # the sentence, once (not twice end to end)
