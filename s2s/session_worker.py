@@ -20,6 +20,8 @@ from .stage import SessionStage, Stage
 from .worker import Runtime
 
 log = logging.getLogger("s2s.worker")
+BATCH = 50          # audio entries read (and processed) per round trip
+MAX_MARKS = 8192    # resume points kept (a stage that never lets go must not grow forever)
 
 
 class SessionRuntime(Runtime):
@@ -72,9 +74,10 @@ class SessionRuntime(Runtime):
         marks: deque = deque([(position, self._snapshot(sid, session))])
         idle_since = time.monotonic()
         progressed = False
+        beyond = 0  # audio entries processed past where the last owner got to
         while not self.stopping.is_set():
             try:
-                res = await self.bus.redis.xread({keys.audio(sid): position}, count=50,
+                res = await self.bus.redis.xread({keys.audio(sid): position}, count=BATCH,
                                                  block=self.settings.block_ms)
             except RedisError as e:
                 await self._redis_down(e, 0.5)
@@ -94,6 +97,10 @@ class SessionRuntime(Runtime):
                     if ended:
                         break
                     marks.append((audio_id, self._snapshot_dict(sid, session)))
+                    if len(marks) > MAX_MARKS:
+                        marks.popleft()
+                    if _id(audio_id) > _id(seen_at_open):
+                        beyond += 1
                 if _id(position) > _id(seen_id):
                     seen_id = position.decode()
                 # The resume point and the stage's state there, in one MULTI (one round
@@ -105,11 +112,14 @@ class SessionRuntime(Runtime):
                 else:
                     base_id, state_json = self._resume_point(marks, seen_id)
                     await self.retrying(self._save_state, sid, base_id, state_json)
-                if not progressed and _id(position) > _id(seen_at_open):
+                if not progressed and beyond >= BATCH:
                     # A session lives long and changes owners on every worker restart
-                    # (each takeover counts as a delivery): once this owner has got past
-                    # where the last one stopped, the entry is not poison, so its count
-                    # goes back to 1.  One whose audio kills owners never gets here.
+                    # (each takeover counts as a delivery): once this owner has got a
+                    # whole batch past where the last one stopped (the last one died
+                    # within the batch after that point, if its audio killed it), the
+                    # entry is not poison, so its count goes back to 1.  One whose audio
+                    # kills owners never gets here.  (Not "any entry past that point":
+                    # a takeover re-reads from before it, in other batch boundaries.)
                     progressed = True
                     try:
                         await self.bus.keep_alive(self.stream, self.group, self.consumer,
@@ -152,10 +162,7 @@ class SessionRuntime(Runtime):
         for _ in range(base):
             marks.popleft()
         base_id, base_snap = marks[0]
-        state = dict(base_snap)
-        if len(marks) > 1 or "latest" not in state:
-            state["latest"] = latest
-        state["_seen_id"] = seen_id
+        state = {**base_snap, "latest": latest, "_seen_id": seen_id}
         try:
             return base_id, json.dumps(state)
         except (TypeError, ValueError) as e:  # a stage bug must not stop the session

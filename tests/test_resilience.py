@@ -176,6 +176,34 @@ def test_output_refused_for_oom_is_not_acked_and_goes_out_once_memory_is_back(wo
     assert "oom trouble over" in log
 
 
+def xadd_despite_oom(r: redis.Redis, stream: str, frame) -> None:
+    """What a client of a full Redis cannot do: write (a script flagged allow-oom)."""
+    r.eval("#!lua flags=allow-oom\nreturn redis.call('XADD', KEYS[1], '*', 'f', ARGV[1])", 1,
+           stream, encode(frame))
+
+
+def test_session_owner_waits_out_oom_and_loses_no_output(workers, redis_url):
+    proc = workers.start("tests.stages:CrashSessionStage")
+    workers.wait_ready("vad")
+    r = redis.Redis.from_url(redis_url)
+    r.xadd(keys.SESSIONS, {FIELD: encode(SessionOpen(sid="o"))})
+    r.xadd(keys.audio("o"), {FIELD: encode(Audio(sid="o", pcm=b"\0" * 2, sr=16000))})
+    wait_for(lambda: out_frames(r, "o"), 10, "the first notice")
+    r.config_set("maxmemory", 1)
+    try:
+        for n in (4, 6):
+            xadd_despite_oom(r, keys.audio("o"), Audio(sid="o", pcm=b"\0" * n, sr=16000))
+        wait_for(lambda: metric(r, "vad", "s2s_redis_faults_total", reason="oom") >= 3, 15,
+                 "OOM seen and retried")
+        assert len(out_frames(r, "o")) == 1 and proc.poll() is None
+    finally:
+        r.config_set("maxmemory", 0)
+    wait_for(lambda: len(out_frames(r, "o")) == 3, 10, "the notices once memory is back")
+    time.sleep(0.5)
+    assert [f.message for f in out_frames(r, "o")] == ["2", "4", "6"]  # each once, in order
+    assert r.xpending(keys.SESSIONS, "vad")["pending"] == 1  # still owned
+
+
 def test_busy_script_and_lost_group_do_not_crash_a_worker(workers, redis_url):
     proc = workers.start(ECHO)
     workers.wait_ready("echo")
