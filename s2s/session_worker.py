@@ -71,7 +71,7 @@ class SessionRuntime(Runtime):
                                           "restored": bool(snapshot)})
         # (audio id processed through, the stage's snapshot just after it): the points a
         # new owner could resume from, back to the one the written state points at
-        marks: deque = deque([(position, self._snapshot(sid, session))])
+        marks: deque = deque([(position, self._snapshot_dict(sid, session))])
         idle_since = time.monotonic()
         progressed = False
         beyond = 0  # audio entries processed past where the last owner got to
@@ -195,9 +195,6 @@ class SessionRuntime(Runtime):
             log.warning("session snapshot not restored (%s): starting afresh", e,
                         extra={"sid": opened.sid})
             return self.stage.open_session(opened)
-
-    def _snapshot(self, sid: str, session: Any) -> dict:
-        return self._snapshot_dict(sid, session)
 
     def _snapshot_dict(self, sid: str, session: Any) -> dict:
         try:

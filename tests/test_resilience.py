@@ -40,14 +40,11 @@ def metric(client: redis.Redis, stage: str, name: str, **labels) -> float:
 
 
 def metric_at(url: str, name: str, **labels) -> float:
-    total = 0.0
-    if True:
-        text = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
-        want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-        for line in text.splitlines():
-            if line.startswith(name + "{") and want in line:
-                total += float(line.rsplit(" ", 1)[1])
-    return total
+    """A counter of one worker (its /metrics at ``url``), summed over matching labels."""
+    text = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") and want in line)
 
 
 def wait_for(predicate, timeout: float, what: str):
