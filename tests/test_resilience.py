@@ -219,6 +219,33 @@ def test_busy_script_and_lost_group_do_not_crash_a_worker(workers, redis_url):
     assert metric(r, "echo", "s2s_redis_faults_total", reason="nogroup") >= 1
 
 
+def test_worker_rides_out_its_redis_turned_replica_and_back(workers, tmp_path):
+    """A failover seen from a worker: its Redis becomes a read-only replica (of an empty
+    master: the data and the group are gone), then a primary again."""
+    with RedisServer() as mine, RedisServer() as other:
+        w = type(workers)(mine.url, tmp_path)
+        try:
+            proc = w.start(ECHO)
+            w.wait_ready("echo")
+            r = redis.Redis.from_url(mine.url)
+            r.xadd("s2s:echo", {FIELD: encode(Transcript(sid="f", turn=0, text="before"))})
+            wait_for(lambda: out_frames(r, "f"), 10, "an echo before")
+            url = w.log(proc).split("metrics=", 1)[1].split()[0]
+            r.replicaof("127.0.0.1", other.port)
+            wait_for(lambda: r.info("replication").get("master_link_status") == "up", 15,
+                     "the replica in sync (with the empty master: flushed)")
+            wait_for(lambda: metric_at(url, "s2s_redis_faults_total", reason="readonly") >= 1,
+                     15, "READONLY seen")
+            assert proc.poll() is None and not r.exists("s2s:echo")
+            r.replicaof("NO", "ONE")
+            r.xadd("s2s:echo", {FIELD: encode(Transcript(sid="f", turn=0, text="after"))})
+            wait_for(lambda: out_frames(r, "f"), 15, "an echo after")
+            assert [f.message for f in out_frames(r, "f")] == ["after"]
+            assert proc.poll() is None
+        finally:
+            w.stop_all()
+
+
 # --- liveness leases ---------------------------------------------------------------------
 def test_dead_worker_is_found_by_its_lease_and_its_entry_taken_at_once(workers, redis_url):
     env = {**NO_IDLE_CLAIM, "S2S_TEST_DELAY_S": "3"}
