@@ -55,12 +55,17 @@ def redis_error_kind(exc: BaseException) -> str:
     if isinstance(exc, ReadOnlyError):
         return "readonly"
     text = str(exc)
+    # an error inside a pipeline reads "Command # 1 (XADD …) of pipeline caused error: …"
+    # (the command's arguments may hold any text: look only at the error's own words)
+    text = text.rsplit("caused error: ", 1)[-1].lstrip("('\"")
     head = text.split(" ", 1)[0].upper()
-    if head == "OOM" or "command not allowed when used memory" in text:
+    if head == "OOM" or text.startswith("command not allowed when used memory"):
         return "oom"
     for prefix, kind in (("READONLY", "readonly"), ("LOADING", "loading"), ("BUSY", "busy"),
-                         ("NOGROUP", "nogroup"), ("MASTERDOWN", "readonly")):
-        if head == prefix or text.startswith(prefix) or f" {prefix} " in f" {text}":
+                         ("NOGROUP", "nogroup"), ("MASTERDOWN", "readonly"),
+                         # a blocked read cut off as the server became a replica
+                         ("UNBLOCKED", "readonly")):
+        if head == prefix:
             return kind
     return "other"
 

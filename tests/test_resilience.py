@@ -112,6 +112,17 @@ async def test_redis_error_kinds_from_a_real_server(redis_url):
         replica.stop()
 
 
+def test_redis_error_kind_reads_only_the_errors_own_words():
+    wrapped = "Command # 2 (XADD s2s:out:{{a}} * f {}) of pipeline caused error: ({!r},)"
+    assert redis_error_kind(ResponseError(wrapped.format("x", "BUSY Redis is busy"))) == "busy"
+    # a payload that happens to say BUSY or OOM does not make a WRONGTYPE passing trouble
+    assert redis_error_kind(ResponseError(
+        wrapped.format("I am BUSY OOM", "WRONGTYPE Operation against a key"))) == "other"
+    assert redis_error_kind(ResponseError("UNBLOCKED force unblock from blocking operation, "
+                                          "instance state changed (master -> replica?)")) \
+        == "readonly"
+
+
 # --- bounded by bytes: an acknowledged entry is deleted ---------------------------------
 async def test_ack_deletes_the_payload_and_only_what_it_acked(settings):
     bus = Bus(settings)
