@@ -248,7 +248,7 @@ class Bus:
         return {eid: r[0] for eid, r in zip(ids, rows) if r}
 
     async def dead_letter(self, stream: str, group: str, entry_id: bytes, data: bytes,
-                          deliveries: int, reason: str) -> None:
+                          deliveries: int, reason: str, delete: bool = True) -> None:
         """Move a poison entry to ``s2s:dead`` (bounded) and acknowledge it.  Not one
         MULTI: the two keys need not share a Cluster slot; a crash between the two
         commands only leaves a duplicate dead letter once the entry is claimed again."""
@@ -259,7 +259,7 @@ class Bus:
                   maxlen=max(s.dead_maxlen, 1), approximate=False)  # rare: trim exactly
         pipe.xtrim(keys.DEAD, minid=self._dead_minid(), approximate=False)
         await pipe.execute()
-        await self.ack(stream, group, entry_id)
+        await self.ack(stream, group, entry_id, delete=delete)
 
     def _dead_minid(self, max_age_s: float | None = None) -> str:
         age = self.settings.dead_max_age_s if max_age_s is None else max_age_s

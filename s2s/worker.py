@@ -63,6 +63,10 @@ class Runtime:
         self.metrics_url = ""
         self.claim_cursor: bytes = b"0-0"
         self.bursts: dict[str, list] = {}  # Redis error kind -> [first seen, count, last log]
+        # ack deletes the entry (its payload frees Redis memory) while this stage's group
+        # is the stream's only one; another group (added by an operator to tap the
+        # stream) still needs the entries, so then ack only (see _watch_stream)
+        self.delete_acked = True
 
     # --- life cycle ----------------------------------------------------------------------
     async def run(self) -> None:
@@ -196,7 +200,8 @@ class Runtime:
                 continue
             reason = (f"delivered {n} times (max_deliveries {limit}); "
                       "every worker that took it died before acknowledging it")
-            await self.bus.dead_letter(self.stream, self.group, entry_id, data, n, reason)
+            await self.bus.dead_letter(self.stream, self.group, entry_id, data, n, reason,
+                                       delete=self.delete_acked)
             metrics.DEAD_LETTERED.labels(self.name).inc()
             try:
                 frame = decode(data, self.settings.max_frame_bytes)
@@ -215,6 +220,7 @@ class Runtime:
         while not self.stopping.is_set():
             try:
                 await self.bus.ensure_group(self.stream, self.group)
+                self._note_groups(len(await self.bus.redis.xinfo_groups(self.stream)))
                 self._redis_up()
                 return
             except RedisError as e:
@@ -377,7 +383,7 @@ class Runtime:
         backoff = 0.1
         while True:  # an ack lost to a Redis blip would re-run the item: retry a while
             try:
-                await self.bus.ack(self.stream, self.group, entry_id)
+                await self.bus.ack(self.stream, self.group, entry_id, delete=self.delete_acked)
                 return
             except RedisError as e:
                 kind = self._count_redis_error(e)
@@ -474,11 +480,20 @@ class Runtime:
     def owned_ids(self) -> list[bytes]:
         return list(self.inflight)
 
+    def _note_groups(self, count: int) -> None:
+        alone = count <= 1
+        if alone != self.delete_acked:
+            log.warning("%s has %d consumer groups: acknowledged entries are %s", self.stream,
+                        count, "deleted" if alone else "kept (the other groups read them)")
+            self.delete_acked = alone
+
     async def _watch_stream(self) -> None:
-        """Export the stage stream's lag and pending count."""
+        """Export the stage stream's lag and pending count; notice other groups."""
         while True:
             try:
-                for group in await self.bus.redis.xinfo_groups(self.stream):
+                groups = await self.bus.redis.xinfo_groups(self.stream)
+                self._note_groups(len(groups))
+                for group in groups:
                     if group["name"].decode() == self.group:
                         metrics.STREAM_PENDING.labels(self.name).set(group.get("pending") or 0)
                         metrics.STREAM_LAG.labels(self.name).set(group.get("lag") or 0)

@@ -149,6 +149,20 @@ def test_worker_leaves_no_payload_behind(workers, redis_url):
     assert r.xpending("s2s:echo", "echo")["pending"] == 0
 
 
+def test_entries_another_group_reads_are_kept(workers, redis_url):
+    """An operator's second group on a stage stream (a tap) still gets every entry."""
+    r = redis.Redis.from_url(redis_url)
+    r.xgroup_create("s2s:echo", "tap", id="0", mkstream=True)
+    workers.start(ECHO)
+    workers.wait_ready("echo")
+    r.xadd("s2s:echo", {FIELD: encode(Transcript(sid="t", turn=0, text="tapped"))})
+    wait_for(lambda: out_frames(r, "t"), 10, "the echo")
+    wait_for(lambda: r.xpending("s2s:echo", "echo")["pending"] == 0, 5, "acked")
+    assert r.xlen("s2s:echo") == 1
+    (_, entries), = r.xreadgroup("tap", "me", {"s2s:echo": ">"})
+    assert decode(entries[0][1][FIELD]).text == "tapped"
+
+
 # --- OOM and other passing trouble ----------------------------------------------------
 def test_output_refused_for_oom_is_not_acked_and_goes_out_once_memory_is_back(workers,
                                                                               redis_url):
