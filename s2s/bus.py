@@ -10,8 +10,9 @@ import time
 from typing import Iterable
 
 import redis.asyncio as aioredis
+from redis.exceptions import BusyLoadingError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import keys
@@ -23,6 +24,114 @@ FIELD = b"f"
 #: what "Redis is unreachable" looks like: callers retry with backoff
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 Entry = tuple[bytes, bytes]  # (entry id, encoded frame)
+#: kinds of Redis trouble that pass: wait (with backoff) and do the same again
+RETRYABLE = frozenset({"down", "loading", "oom", "readonly", "busy"})
+
+
+def redis_error_kind(exc: BaseException) -> str:
+    """What a Redis failure means for the caller, in one word:
+
+    - ``down``: unreachable (connection refused/reset, timeout): retry with backoff;
+    - ``loading``: restarted, still loading its AOF/RDB (``LOADING``): retry;
+    - ``oom``: ``maxmemory`` reached with ``noeviction`` ("OOM command not allowed"):
+      writes fail, reads, acks and deletes still work: retry the write later;
+    - ``readonly``: talking to a replica (``READONLY``, e.g. during a failover): retry;
+    - ``busy``: a script runs too long (``BUSY``): retry;
+    - ``nogroup``: the stream or its consumer group is gone (``NOGROUP``: Redis
+      restarted empty): create the group again;
+    - ``other``: anything else (a bug, a wrong type): log it, do not retry in a loop;
+    - ``none``: not a Redis error at all.
+
+    One place for this, used by the worker runtime and the gateway alike."""
+    if isinstance(exc, BusyLoadingError):  # a ConnectionError subclass: test it first
+        return "loading"
+    if isinstance(exc, REDIS_DOWN):
+        return "down"
+    if not isinstance(exc, RedisError):
+        return "none"
+    # redis-py maps OOM and READONLY to classes and strips their prefix from the text
+    if isinstance(exc, OutOfMemoryError):
+        return "oom"
+    if isinstance(exc, ReadOnlyError):
+        return "readonly"
+    text = str(exc)
+    # an error inside a pipeline reads "Command # 1 (XADD …) of pipeline caused error: …"
+    # (the command's arguments may hold any text: look only at the error's own words)
+    text = text.rsplit("caused error: ", 1)[-1].lstrip("('\"")
+    head = text.split(" ", 1)[0].upper()
+    if head == "OOM" or text.startswith("command not allowed when used memory"):
+        return "oom"
+    for prefix, kind in (("READONLY", "readonly"), ("LOADING", "loading"), ("BUSY", "busy"),
+                         ("NOGROUP", "nogroup"), ("MASTERDOWN", "readonly"),
+                         # a blocked read cut off as the server became a replica
+                         ("UNBLOCKED", "readonly")):
+        if head == prefix:
+            return kind
+    return "other"
+
+
+# Acknowledge and delete in one step: every stage stream has exactly one consumer
+# group, so an entry it acknowledged is needed by nobody and its payload (a whole
+# utterance in s2s:stt) must not wait for MAXLEN to push it out.  A script, not MULTI,
+# so that XDEL runs only for ids this call acknowledged (an id already acknowledged by
+# another consumer that claimed it was deleted by that one).  XACK and XDEL are allowed
+# when Redis is out of memory, and they free it.
+ACK_DEL = """
+local n = 0
+for i = 1, #ARGV - 1 do
+  if redis.call('XACK', KEYS[1], ARGV[1], ARGV[i + 1]) == 1 then
+    redis.call('XDEL', KEYS[1], ARGV[i + 1])
+    n = n + 1
+  end
+end
+return n
+"""
+
+# The keep-alive, atomic: re-claim (XCLAIM JUSTID, which does not count a delivery)
+# only the ids this consumer still owns, and return the ids another consumer owns by
+# now.  In two round trips (XPENDING, then XCLAIM with min-idle 0) an XAUTOCLAIM by
+# another worker between the two would be stolen back, leaving two owners.
+KEEP_ALIVE = """
+local mine, lost = {}, {}
+for i = 4, #ARGV do
+  local row = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if #row > 0 then
+    if row[1][2] == ARGV[2] then mine[#mine + 1] = ARGV[i] else lost[#lost + 1] = ARGV[i] end
+  end
+end
+if #mine > 0 then
+  local args = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}
+  for _, id in ipairs(mine) do args[#args + 1] = id end
+  if ARGV[3] == '1' then args[#args + 1] = 'RETRYCOUNT'; args[#args + 1] = '1' end
+  args[#args + 1] = 'JUSTID'
+  redis.call(unpack(args))
+end
+return lost
+"""
+
+# The heartbeat may run when Redis is out of memory (allow-oom: a few bytes; else
+# every worker would look dead to every other one until memory is back).
+HEARTBEAT = """#!lua flags=allow-oom
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[1] - 60)
+return 1
+"""
+
+# Delete a consumer only if nothing is pending on it (else -1).
+DELCONSUMER_IF_IDLE = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return -1 end
+return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+"""
+
+# Drop a registry member only if it has not heartbeated since it was seen dead (a
+# stalled worker that came back keeps its member).
+FORGET_IF_STALE = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) < tonumber(ARGV[2]) then
+  return redis.call('ZREM', KEYS[1], ARGV[1])
+end
+return 0
+"""
 
 
 def routes(frame: Frame) -> list[str]:
@@ -56,6 +165,14 @@ class Bus:
         self.redis = client or aioredis.from_url(
             settings.redis(), decode_responses=False, socket_connect_timeout=2,
             socket_keepalive=True, health_check_interval=10)
+
+        # registered once per client; redis-py sends EVALSHA and loads on NOSCRIPT
+        # (a Redis restarted empty has no scripts)
+        self._ack_del_script = self.redis.register_script(ACK_DEL)
+        self._keep_alive_script = self.redis.register_script(KEEP_ALIVE)
+        self._forget_script = self.redis.register_script(FORGET_IF_STALE)
+        self._delconsumer_script = self.redis.register_script(DELCONSUMER_IF_IDLE)
+        self._heartbeat_script = self.redis.register_script(HEARTBEAT)
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -131,16 +248,58 @@ class Bus:
         return {eid: r[0] for eid, r in zip(ids, rows) if r}
 
     async def dead_letter(self, stream: str, group: str, entry_id: bytes, data: bytes,
-                          deliveries: int, reason: str) -> None:
+                          deliveries: int, reason: str, delete: bool = True) -> None:
         """Move a poison entry to ``s2s:dead`` (bounded) and acknowledge it.  Not one
         MULTI: the two keys need not share a Cluster slot; a crash between the two
         commands only leaves a duplicate dead letter once the entry is claimed again."""
+        s = self.settings
         pipe = self.redis.pipeline(transaction=False)
         pipe.xadd(keys.DEAD, {FIELD: data, b"stream": stream, b"group": group, b"id": entry_id,
                               b"deliveries": deliveries, b"reason": reason},
-                  maxlen=self.settings.stream_maxlen, approximate=True)
-        pipe.xack(stream, group, entry_id)
+                  maxlen=max(s.dead_maxlen, 1), approximate=False)  # rare: trim exactly
+        pipe.xtrim(keys.DEAD, minid=self._dead_minid(), approximate=False)
         await pipe.execute()
+        await self.ack(stream, group, entry_id, delete=delete)
+
+    def _dead_minid(self, max_age_s: float | None = None) -> str:
+        age = self.settings.dead_max_age_s if max_age_s is None else max_age_s
+        return f"{max(int((time.time() - age) * 1000), 0)}-0"
+
+    # --- dead letters (``s2s dead``) -------------------------------------------------
+    async def dead_letters(self, count: int = 100, newest_first: bool = True
+                           ) -> list[tuple[bytes, dict]]:
+        """Dead letters as (id, fields), newest first by default."""
+        if newest_first:
+            return await self.redis.xrevrange(keys.DEAD, count=count)
+        return await self.redis.xrange(keys.DEAD, count=count)
+
+    async def dead_letter_get(self, dead_id: str) -> dict | None:
+        rows = await self.redis.xrange(keys.DEAD, min=dead_id, max=dead_id, count=1)
+        return rows[0][1] if rows else None
+
+    async def dead_letter_replay(self, dead_id: str) -> bytes | None:
+        """XADD the dead letter's frame to its original stream again (bounded like any
+        stage entry) and delete the dead letter.  None if there is no such dead letter.
+        Not one MULTI (two keys, maybe two Cluster slots): a crash between the two
+        leaves the dead letter in place, to be replayed or purged again."""
+        fields = await self.dead_letter_get(dead_id)
+        if fields is None:
+            return None
+        stream = fields.get(b"stream", b"").decode()
+        if not stream.startswith("s2s:") or FIELD not in fields:
+            raise ValueError(f"dead letter {dead_id} names no stream to replay to")
+        new_id = await self.redis.xadd(stream, {FIELD: fields[FIELD]},
+                                       maxlen=self.settings.stream_maxlen, approximate=True)
+        await self.redis.xdel(keys.DEAD, dead_id)
+        return new_id
+
+    async def dead_letter_purge(self, older_than_s: float | None = None) -> int:
+        """Delete every dead letter, or those older than ``older_than_s``; how many."""
+        if older_than_s is None:
+            n = await self.redis.xlen(keys.DEAD)
+            await self.redis.delete(keys.DEAD)
+            return int(n)
+        return int(await self.redis.xtrim(keys.DEAD, minid=self._dead_minid(older_than_s)))
 
     async def keep_alive(self, stream: str, group: str, consumer: str,
                          entry_ids: Iterable[bytes], reset_deliveries: bool = False
@@ -153,17 +312,24 @@ class Bus:
         then work on (and, for a VAD session, own) the same entry.  ``reset_deliveries``
         also sets their delivery count back to 1 (see SessionRuntime: a session that
         makes progress is not poison)."""
-        mine, lost = [], []
-        # ids no longer pending (acked meanwhile, or Redis restarted empty): nothing to do
-        for eid, row in (await self._pending_rows(stream, group, entry_ids)).items():
-            (mine if row["consumer"] == consumer.encode() else lost).append(eid)
-        if mine:  # JUSTID: does not count as a new delivery
-            await self.redis.xclaim(stream, group, consumer, min_idle_time=0, message_ids=mine,
-                                    justid=True, retrycount=1 if reset_deliveries else None)
-        return lost
+        ids = list(entry_ids)
+        if not ids:
+            return []
+        # one script (KEEP_ALIVE): ids no longer pending (acked meanwhile, or Redis
+        # restarted empty) are left out of both lists
+        lost = await self._keep_alive_script(keys=[stream], args=[
+            group, consumer, "1" if reset_deliveries else "0", *ids])
+        return [bytes(eid) for eid in lost]
 
-    async def ack(self, stream: str, group: str, entry_id: bytes) -> None:
-        await self.redis.xack(stream, group, entry_id)
+    async def ack(self, stream: str, group: str, *entry_ids: bytes, delete: bool = True) -> int:
+        """Acknowledge entries and (``delete``, the default: every stage stream has one
+        consumer group) delete them, in one script: an acknowledged entry holds no
+        memory.  Returns how many were acknowledged by this call."""
+        if not entry_ids:
+            return 0
+        if not delete:
+            return int(await self.redis.xack(stream, group, *entry_ids))
+        return int(await self._ack_del_script(keys=[stream], args=[group, *entry_ids]))
 
     # --- turns -----------------------------------------------------------------------
     async def current_turn(self, sid: str) -> int:
@@ -185,11 +351,9 @@ class Bus:
 
     # --- liveness --------------------------------------------------------------------
     async def heartbeat(self, stage: str, worker_id: str, metrics_url: str) -> None:
-        now = time.time()
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.zadd(keys.WORKERS, {f"{stage}|{worker_id}|{metrics_url}": now})
-        pipe.zremrangebyscore(keys.WORKERS, 0, now - 60)
-        await pipe.execute()
+        """Renew this worker's lease: its member's score is the time of its last beat."""
+        await self._heartbeat_script(keys=[keys.WORKERS], args=[
+            repr(time.time()), f"{stage}|{worker_id}|{metrics_url}"])
 
     async def live_workers(self, max_age_s: float = 5.0) -> dict[str, list[dict]]:
         now = time.time()
@@ -285,3 +449,51 @@ class Bus:
         for key in keys.session_keys(sid):
             pipe.memory_usage(key)
         return sum(int(n or 0) for n in await pipe.execute())
+
+    async def expired_workers(self, stage: str, lease_s: float) -> list[tuple[str, str, float]]:
+        """Registry members of ``stage`` whose lease ran out: [(member, worker id,
+        last beat)].  Members older than a minute are gone already (heartbeat)."""
+        now = time.time()
+        rows = await self.redis.zrangebyscore(keys.WORKERS, now - 60, now - lease_s,
+                                              withscores=True)
+        out = []
+        for member, score in rows:
+            parts = member.decode().split("|", 2)
+            if len(parts) == 3 and parts[0] == stage:
+                out.append((member.decode(), parts[1], score))
+        return out
+
+    async def pending_of(self, stream: str, group: str, consumer: str, min_idle_ms: int,
+                         count: int) -> tuple[list[bytes], int]:
+        """Ids pending on ``consumer`` idle for at least ``min_idle_ms`` (up to ``count``),
+        and how many it has pending in all."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xpending_range(stream, group, min="-", max="+", count=max(count, 1),
+                            consumername=consumer, idle=min_idle_ms)
+        pipe.xpending(stream, group)  # the summary: entries pending per consumer
+        idle_rows, summary = await pipe.execute()
+        total = sum(int(c["pending"]) for c in summary.get("consumers") or []
+                    if c["name"] == consumer.encode())
+        return [r["message_id"] for r in idle_rows][:count], total
+
+    async def claim(self, stream: str, group: str, consumer: str, entry_ids: list[bytes],
+                    min_idle_ms: int) -> list[Entry]:
+        """XCLAIM entries still idle for ``min_idle_ms`` (so a live owner, whose
+        keep-alive keeps them fresh, is never robbed); counts as a delivery.  Entries
+        deleted meanwhile are dropped from the pending list by Redis and left out."""
+        if not entry_ids:
+            return []
+        res = await self.redis.xclaim(stream, group, consumer, min_idle_time=min_idle_ms,
+                                      message_ids=entry_ids)
+        return [(eid, fields.get(FIELD, b"")) for eid, fields in res or []
+                if eid is not None and fields is not None]
+
+    async def drop_consumer(self, stream: str, group: str, consumer: str, member: str,
+                            seen_before: float) -> bool:
+        """Forget a dead worker that has nothing pending any more: its consumer in the
+        group and its registry member (unless it has heartbeated since)."""
+        # checked and deleted in one script: DELCONSUMER also drops entries pending on
+        # the consumer, and a stalled worker that comes back may have read new ones
+        if await self._delconsumer_script(keys=[stream], args=[group, consumer]) == -1:
+            return False
+        return bool(await self._forget_script(keys=[keys.WORKERS], args=[member, seen_before]))

@@ -28,6 +28,7 @@ COMMANDS = {
     "talk": ("s2s.client.talk_command", "Talk to a running stack from a WAV/FLAC/MP3 file or the microphone."),
     "bench": ("s2s.bench.loadgen", "Load-test a running stack: voice-to-voice latency vs sessions."),
     "token": ("s2s.gateway.token_command", "Mint a signed, expiring token for the gateway (s2s token create)."),
+    "dead": ("s2s.dead", "List, show, replay or purge dead letters (entries that kept killing workers)."),
     "config": ("s2s.cli", "Print every setting with its environment variable and value."),
 }
 

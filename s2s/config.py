@@ -41,6 +41,15 @@ class Settings:
                                  "(segfault, OOM kill) is then moved to the dead-letter stream "
                                  "`s2s:dead`, acknowledged and reported to its session, instead "
                                  "of being claimed again forever (0: never).")
+    heartbeat_s: float = opt(0.25, "Seconds between a worker's liveness heartbeats (its lease "
+                                   "renewals in `s2s:workers`).")
+    lease_s: float = opt(1.0, "Seconds without a heartbeat after which a worker counts as dead: "
+                              "a live worker of its stage then claims its pending entries (those "
+                              "idle this long) and sessions at once.")
+    dead_max_age_s: float = opt(7 * 86400.0, "Dead letters (`s2s:dead`) older than this many "
+                                             "seconds are trimmed away.")
+    dead_maxlen: int = opt(200, "Approximate most entries kept in the dead-letter stream "
+                                "`s2s:dead` (each may hold a whole utterance).")
     block_ms: int = opt(500, "How long one blocking stream read waits, in milliseconds.")
     stream_maxlen: int = opt(10000, "Approximate MAXLEN of shared stage streams (XADD MAXLEN ~).")
     session_maxlen: int = opt(2000, "Approximate MAXLEN of per-session streams.")

@@ -35,6 +35,12 @@ BAD_FRAMES = Counter("s2s_bad_frames", "Frames rejected as malformed, by compone
                      ["component", "reason"])
 REDIS_ERRORS = Counter("s2s_redis_errors", "Redis connection errors seen (then retried).",
                        ["component"])
+REDIS_FAULTS = Counter("s2s_redis_faults", "Redis command failures by component and kind "
+                       "(s2s.bus.redis_error_kind: down, loading, oom, readonly, busy, nogroup, "
+                       "other); retried with backoff.", ["component", "reason"])
+LEASES_EXPIRED = Counter("s2s_stage_leases_expired", "Workers of this stage found dead by a "
+                         "missed heartbeat lease (their pending work then claimed at once).",
+                         ["stage"])
 MODEL_LOAD = Gauge("s2s_model_load_seconds", "Seconds the stage took to load its model.", ["stage"])
 STAGE_LATENCY = Histogram("s2s_stage_first_output_seconds",
                           "Item picked up -> first output frame written, by stage.", ["stage"],

@@ -7,26 +7,37 @@ import asyncio
 import json
 import logging
 import time
+from collections import deque
 from typing import Any
 
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError
 
 from . import keys, metrics
-from .bus import entry_ms
+from .bus import RETRYABLE, entry_ms, redis_error_kind
 from .frames import FrameError, SessionEnd, SessionOpen, decode
 from .config import Settings
 from .stage import SessionStage, Stage
-from .worker import REDIS_DOWN, Runtime
+from .worker import Runtime
 
 log = logging.getLogger("s2s.worker")
+BATCH = 50          # audio entries read (and processed) per round trip
+MAX_MARKS = 8192    # resume points kept (a stage that never lets go must not grow forever)
 
 
 class SessionRuntime(Runtime):
     """Runtime of a session-owning stage (VAD).  The entry of a session in
     ``s2s:vad:sessions`` stays pending while its owner lives (kept fresh); if the
-    owner dies another worker claims it and resumes from the last audio entry the
-    dead owner processed (``s2s:vadpos:{sid}``), with the stage's snapshot of the
-    session at that entry (``s2s:vadstate:{sid}``, ``SessionStage.snapshot``)."""
+    owner dies another worker claims it (within about ``lease_s``: see
+    ``Runtime.take_over_expired``) and resumes at ``s2s:vadpos:{sid}`` with the
+    stage's snapshot of the session there (``s2s:vadstate:{sid}``).
+
+    That point is not always the last audio entry processed: a stage whose snapshot
+    says ``replay_from`` (a position in its own units, with ``at``, the position of
+    the snapshot) is resumed from the latest point at or before it, so the new owner
+    re-reads the audio of an utterance in progress from its start and the utterance
+    comes out whole.  The snapshot written is that point's, with the latest one under
+    ``latest`` (so the stage knows what the dead owner already emitted and does not
+    emit it twice) and the last audio entry id processed under ``_seen_id``."""
 
     stage: SessionStage
 
@@ -41,25 +52,34 @@ class SessionRuntime(Runtime):
             await self._ack(entry_id)
             return
         sid = opened.sid
-        try:
-            position, state = await self.bus.redis.mget(keys.vad_pos(sid), keys.vad_state(sid))
-        except REDIS_DOWN as e:
-            # Not acked and no longer in flight (so no longer kept fresh): the entry is
-            # claimed again after claim_idle_s, by this worker or another.
-            log.warning("Redis lost while opening a session (%s); it will be retried", e,
-                        extra={"sid": sid})
-            return
+        backoff = 0.1
+        while True:
+            try:
+                position, state = await self.bus.redis.mget(keys.vad_pos(sid),
+                                                            keys.vad_state(sid))
+                break
+            except RedisError as e:  # still in flight (kept fresh): retry here
+                if self.stopping.is_set():
+                    return
+                backoff = await self._redis_down(e, backoff)
         position = position or b"0-0"
-        session = self._open_session(opened, state)
+        snapshot = self._read_snapshot(sid, state)
+        seen_id = str(snapshot.pop("_seen_id", "0-0")) if snapshot else "0-0"
+        seen_at_open = seen_id  # where the last owner got to
+        session = self._open_session(opened, snapshot)
         log.info("owning session", extra={"sid": sid, "resume_from": position.decode(),
-                                          "restored": bool(state and state != b"{}")})
+                                          "restored": bool(snapshot)})
+        # (audio id processed through, the stage's snapshot just after it): the points a
+        # new owner could resume from, back to the one the written state points at
+        marks: deque = deque([(position, self._snapshot_dict(sid, session))])
         idle_since = time.monotonic()
         progressed = False
+        beyond = 0  # audio entries processed past where the last owner got to
         while not self.stopping.is_set():
             try:
-                res = await self.bus.redis.xread({keys.audio(sid): position}, count=50,
+                res = await self.bus.redis.xread({keys.audio(sid): position}, count=BATCH,
                                                  block=self.settings.block_ms)
-            except REDIS_DOWN as e:
+            except RedisError as e:
                 await self._redis_down(e, 0.5)
                 continue
             if not res:
@@ -76,30 +96,37 @@ class SessionRuntime(Runtime):
                     position = audio_id
                     if ended:
                         break
-                # The position and the stage's state at that position, in one MULTI (one
-                # round trip): a new owner resumes from both or from neither.  An ended
-                # session drops its state: a reopened session starts anew (its client
-                # counts audio positions from its new connection).
-                pipe = self.bus.redis.pipeline(transaction=True)
-                pipe.set(keys.vad_pos(sid), position, ex=self.settings.session_ttl_s)
+                    marks.append((audio_id, self._snapshot_dict(sid, session)))
+                    if len(marks) > MAX_MARKS:
+                        marks.popleft()
+                    if _id(audio_id) > _id(seen_at_open):
+                        beyond += 1
+                if _id(position) > _id(seen_id):
+                    seen_id = position.decode()
+                # The resume point and the stage's state there, in one MULTI (one round
+                # trip): a new owner resumes from both or from neither.  An ended session
+                # drops its state: a reopened session starts anew (its client counts audio
+                # positions from its new connection).
                 if ended:
-                    pipe.delete(keys.vad_state(sid))
+                    await self.retrying(self._save_end, sid, position)
                 else:
-                    pipe.set(keys.vad_state(sid), self._snapshot(sid, session),
-                             ex=self.settings.session_ttl_s)
-                await pipe.execute()
-                if not progressed:
+                    base_id, state_json = self._resume_point(marks, seen_id)
+                    await self.retrying(self._save_state, sid, base_id, state_json)
+                if not progressed and beyond >= BATCH:
                     # A session lives long and changes owners on every worker restart
-                    # (each takeover counts as a delivery): once this owner has got past
-                    # where the last one stopped, the entry is not poison, so its count
-                    # goes back to 1.  One whose audio kills owners never gets here.
+                    # (each takeover counts as a delivery): once this owner has got a
+                    # whole batch past where the last one stopped (the last one died
+                    # within the batch after that point, if its audio killed it), the
+                    # entry is not poison, so its count goes back to 1.  One whose audio
+                    # kills owners never gets here.  (Not "any entry past that point":
+                    # a takeover re-reads from before it, in other batch boundaries.)
                     progressed = True
                     try:
                         await self.bus.keep_alive(self.stream, self.group, self.consumer,
                                                   [entry_id], reset_deliveries=True)
-                    except ResponseError as e:  # NOGROUP etc.: must not end the session
+                    except RedisError as e:  # NOGROUP etc.: must not end the session
                         log.debug("resetting the delivery count: %s", e, extra={"sid": sid})
-            except REDIS_DOWN as e:
+            except RedisError as e:
                 await self._redis_down(e, 0.5)
                 continue
             if ended:
@@ -109,19 +136,57 @@ class SessionRuntime(Runtime):
             return  # shutting down: leave the session entry pending for another owner
         await self._ack(entry_id)
 
-    def _open_session(self, opened: SessionOpen, state: bytes | None) -> Any:
+    async def _save_state(self, sid: str, base_id: bytes, state_json: str) -> None:
+        pipe = self.bus.redis.pipeline(transaction=True)
+        pipe.set(keys.vad_pos(sid), base_id, ex=self.settings.session_ttl_s)
+        pipe.set(keys.vad_state(sid), state_json, ex=self.settings.session_ttl_s)
+        await pipe.execute()
+
+    async def _save_end(self, sid: str, position: bytes) -> None:
+        pipe = self.bus.redis.pipeline(transaction=True)
+        pipe.set(keys.vad_pos(sid), position, ex=self.settings.session_ttl_s)
+        pipe.delete(keys.vad_state(sid))
+        await pipe.execute()
+
+    def _resume_point(self, marks: deque, seen_id: str) -> tuple[bytes, str]:
+        """Where a new owner should resume (audio id) and the state to write: the latest
+        mark at or before the stage's ``replay_from`` (all of them when it says none),
+        with the latest snapshot under ``latest``.  Marks older than it are dropped."""
+        latest = marks[-1][1]
+        replay_from = latest.get("replay_from") if isinstance(latest, dict) else None
+        base = len(marks) - 1
+        if isinstance(replay_from, (int, float)):
+            while base > 0 and not (isinstance(marks[base][1].get("at"), (int, float))
+                                    and marks[base][1]["at"] <= replay_from):
+                base -= 1
+        for _ in range(base):
+            marks.popleft()
+        base_id, base_snap = marks[0]
+        state = {**base_snap, "latest": latest, "_seen_id": seen_id}
+        try:
+            return base_id, json.dumps(state)
+        except (TypeError, ValueError) as e:  # a stage bug must not stop the session
+            log.warning("session snapshot failed: %s", e)
+            return marks[-1][0], "{}"
+
+    @staticmethod
+    def _read_snapshot(sid: str, state: bytes | None) -> dict | None:
+        """The last owner's snapshot; one that cannot be read is logged and ignored."""
+        if not state:
+            return None
+        try:
+            snapshot = json.loads(state)
+        except ValueError:
+            snapshot = None
+        if not isinstance(snapshot, dict):
+            log.warning("unreadable session snapshot ignored", extra={"sid": sid})
+            return None
+        return snapshot
+
+    def _open_session(self, opened: SessionOpen, snapshot: dict | None) -> Any:
         """The stage's session object, restored from the last owner's snapshot if any.
-        A snapshot that cannot be read or restored is logged and ignored: the session
-        then starts afresh rather than not at all."""
-        snapshot = None
-        if state:
-            try:
-                snapshot = json.loads(state)
-            except ValueError:
-                pass
-            if not isinstance(snapshot, dict):
-                log.warning("unreadable session snapshot ignored", extra={"sid": opened.sid})
-                snapshot = None
+        A snapshot that cannot be restored is logged and ignored: the session then
+        starts afresh rather than not at all."""
         if not snapshot:
             return self.stage.open_session(opened)
         try:
@@ -131,12 +196,13 @@ class SessionRuntime(Runtime):
                         extra={"sid": opened.sid})
             return self.stage.open_session(opened)
 
-    def _snapshot(self, sid: str, session: Any) -> str:
+    def _snapshot_dict(self, sid: str, session: Any) -> dict:
         try:
-            return json.dumps(self.stage.snapshot(session))
+            snap = self.stage.snapshot(session)
+            return snap if isinstance(snap, dict) else {}
         except Exception as e:  # a stage bug must not stop the session; nothing is restored
             log.warning("session snapshot failed: %s", e, extra={"sid": sid})
-            return "{}"
+            return {}
 
     async def _handle_audio(self, sid: str, session: Any, audio_id: bytes, data: bytes) -> bool:
         picked = time.time()
@@ -154,10 +220,13 @@ class SessionRuntime(Runtime):
         metrics.QUEUE_WAIT.labels(self.name).observe(max(0.0, picked - entry_ms(audio_id) / 1000))
         try:
             async for out in self.stage.process(frame, session):
-                await self.bus.emit(out)
+                await self.emit(out)
             outcome = "ok"
-        except REDIS_DOWN:
-            raise
+        except RedisError as e:
+            if redis_error_kind(e) in RETRYABLE or redis_error_kind(e) == "nogroup":
+                raise
+            log.warning("audio frame failed: %s", e, extra={"sid": sid})
+            outcome = "error"
         except Exception as e:
             log.warning("audio frame rejected: %s", e, extra={"sid": sid})
             metrics.BAD_FRAMES.labels(self.name, "invalid_audio").inc()
@@ -165,6 +234,17 @@ class SessionRuntime(Runtime):
         metrics.ITEMS.labels(self.name, outcome).inc()
         metrics.PROCESSING.labels(self.name).observe(time.time() - picked)
         return False
+
+
+def _id(entry_id: bytes | str) -> tuple[int, int]:
+    """A stream entry id as a comparable (ms, seq)."""
+    if isinstance(entry_id, bytes):
+        entry_id = entry_id.decode()
+    ms, _, seq = entry_id.partition("-")
+    try:
+        return int(ms or 0), int(seq or 0)
+    except ValueError:  # a corrupt snapshot: as if nothing was seen
+        return 0, 0
 
 
 def run_stage(stage: Stage, settings: Settings) -> None:

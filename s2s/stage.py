@@ -30,22 +30,30 @@ class SessionState:
     """The per-session state a stage may keep in Redis (so any worker can serve any
     turn), behind plain methods: stages never see Redis commands."""
 
-    def __init__(self, bus: Any):
+    def __init__(self, bus: Any, retrying: Any = None):
         self._bus = bus
+        # the runtime's Runtime.retrying: passing Redis trouble (OOM, a replica, a
+        # restart still loading) is waited out inside these calls, never seen by stages
+        self._retry = retrying
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await (self._retry(fn, *args) if self._retry else fn(*args))
 
     async def current_turn(self, sid: str) -> int:
-        return await self._bus.current_turn(sid)
+        return await self._call(self._bus.current_turn, sid)
 
     async def advance_turn(self, sid: str) -> int:
-        return await self._bus.advance_turn(sid)
+        return await self._call(self._bus.advance_turn, sid)
 
     async def load(self, sid: str, default: Any = None) -> Any:
-        raw = await self._bus.redis.get(keys.ctx(sid))
+        raw = await self._call(self._bus.redis.get, keys.ctx(sid))
         return json.loads(raw) if raw else default
 
     async def save(self, sid: str, value: Any) -> None:
-        await self._bus.redis.set(keys.ctx(sid), json.dumps(value),
-                                  ex=self._bus.settings.session_ttl_s)
+        await self._call(self._set, keys.ctx(sid), json.dumps(value))
+
+    async def _set(self, key: str, value: str) -> None:
+        await self._bus.redis.set(key, value, ex=self._bus.settings.session_ttl_s)
 
 
 class Stage:

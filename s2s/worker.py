@@ -7,7 +7,17 @@ pending are claimed after ``claim_idle_s``; entries still being worked on are
 kept fresh so nobody steals them.  When a session's turn advances, work of the
 old turn is cancelled and acknowledged as stale.  SIGTERM/SIGINT stop reading,
 let in-flight work finish for ``shutdown_grace_s`` and leave the rest pending
-for another worker.  Redis going away is retried with backoff.
+for another worker.  Redis going away is retried with backoff, and so is
+every other passing Redis trouble (out of memory, read-only replica, loading,
+busy script: see ``s2s.bus.redis_error_kind``): counted by kind, logged once per
+burst; an output that cannot be written (OOM) is retried in place and its input is
+not acknowledged before it is written.
+
+Liveness: each worker renews a lease in ``s2s:workers`` every ``heartbeat_s``; a
+worker that misses its lease (``lease_s``) is dead, and a live worker of the same
+stage claims its pending entries at once (only those idle for the lease, so a
+stalled-but-alive worker is not robbed), then deletes the dead consumer.  The
+idle-time XAUTOCLAIM after ``claim_idle_s`` stays as the fallback.
 """
 
 from __future__ import annotations
@@ -19,18 +29,20 @@ import signal
 import socket
 import time
 import uuid
-from typing import Any
+from typing import Any, Awaitable, Callable, TypeVar
 
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError
 
 from . import keys, metrics
-from .bus import REDIS_DOWN, Bus, entry_ms
+from .bus import REDIS_DOWN, RETRYABLE, Bus, entry_ms, redis_error_kind
 from .config import Settings
 from .frames import Frame, FrameError, Notice, decode
 from .stage import SessionState, Stage
 
 log = logging.getLogger("s2s.worker")
+T = TypeVar("T")
 TURN_POLL_S = 0.05  # how often in-flight work checks whether its turn was superseded
+BURST_LOG_S = 30.0  # a Redis trouble that goes on is logged again after this long
 
 
 class Runtime:
@@ -43,13 +55,18 @@ class Runtime:
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.concurrency = settings.concurrency or stage.concurrency
         self.bus = Bus(settings)
-        stage.state = SessionState(self.bus)
+        stage.state = SessionState(self.bus, self.retrying)
         self.inflight: dict[bytes, asyncio.Task] = {}
         self.stopping = asyncio.Event()
         self.loaded = False
         self.redis_ok = False
         self.metrics_url = ""
         self.claim_cursor: bytes = b"0-0"
+        self.bursts: dict[str, list] = {}  # Redis error kind -> [first seen, count, last log]
+        # ack deletes the entry (its payload frees Redis memory) while this stage's group
+        # is the stream's only one; another group (added by an operator to tap the
+        # stream) still needs the entries, so then ack only (see _watch_stream)
+        self.delete_acked = True
 
     # --- life cycle ----------------------------------------------------------------------
     async def run(self) -> None:
@@ -73,6 +90,7 @@ class Runtime:
         log.info("%s model ready in %.1fs: %s", self.name, load_s, self.stage.describe())
         background = [asyncio.create_task(self._heartbeat()),
                       asyncio.create_task(self._keep_alive()),
+                      asyncio.create_task(self._watch_leases()),
                       asyncio.create_task(self._watch_stream())]
         try:
             await self._read_loop()
@@ -144,20 +162,23 @@ class Runtime:
                                                         free, self.settings.block_ms)
                 self._redis_up()
                 backoff = 0.1
-                for entry_id, data in entries:
-                    self.inflight[entry_id] = asyncio.create_task(self._handle(entry_id, data))
-                    self.inflight[entry_id].add_done_callback(
-                        lambda _t, eid=entry_id: self.inflight.pop(eid, None))
-                metrics.IN_FLIGHT.labels(self.name).set(len(self.inflight))
-            except REDIS_DOWN as e:
-                backoff = await self._redis_down(e, backoff)
-            except ResponseError as e:
-                if "NOGROUP" in str(e):  # Redis restarted empty: recreate and go on
+                self._start(entries)
+            except RedisError as e:
+                if redis_error_kind(e) == "nogroup":  # Redis restarted empty: recreate, go on
+                    self._count_redis_error(e)
                     log.warning("consumer group missing (Redis restarted?): recreating")
                     await self._ensure_groups()
                 else:
-                    log.exception("unexpected Redis error")
-                    await asyncio.sleep(1)
+                    backoff = await self._redis_down(e, backoff)
+
+    def _start(self, entries: list[tuple[bytes, bytes]]) -> None:
+        for entry_id, data in entries:
+            if entry_id in self.inflight:
+                continue
+            self.inflight[entry_id] = asyncio.create_task(self._handle(entry_id, data))
+            self.inflight[entry_id].add_done_callback(
+                lambda _t, eid=entry_id: self.inflight.pop(eid, None))
+        metrics.IN_FLIGHT.labels(self.name).set(len(self.inflight))
 
     async def _drop_poison(self, entries: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
         """Dead-letter claimed entries delivered more than ``max_deliveries`` times.
@@ -181,7 +202,8 @@ class Runtime:
                 continue
             reason = (f"delivered {n} times (max_deliveries {limit}); "
                       "every worker that took it died before acknowledging it")
-            await self.bus.dead_letter(self.stream, self.group, entry_id, data, n, reason)
+            await self.bus.dead_letter(self.stream, self.group, entry_id, data, n, reason,
+                                       delete=self.delete_acked)
             metrics.DEAD_LETTERED.labels(self.name).inc()
             try:
                 frame = decode(data, self.settings.max_frame_bytes)
@@ -200,21 +222,43 @@ class Runtime:
         while not self.stopping.is_set():
             try:
                 await self.bus.ensure_group(self.stream, self.group)
+                self._note_groups(len(await self.bus.redis.xinfo_groups(self.stream)))
                 self._redis_up()
                 return
-            except REDIS_DOWN as e:
+            except RedisError as e:
                 backoff = await self._redis_down(e, backoff)
 
     def _redis_up(self) -> None:
         if not self.redis_ok:
             log.info("connected to Redis")
         self.redis_ok = True
+        if self.bursts:
+            for kind, (first, count, _) in self.bursts.items():
+                log.info("Redis %s trouble over after %.1fs (%d failed command(s))", kind,
+                         time.monotonic() - first, count)
+            self.bursts.clear()
+
+    def _count_redis_error(self, error: BaseException) -> str:
+        """Count a Redis failure by kind; log it once per burst (again every
+        BURST_LOG_S while it goes on), not once per retry."""
+        kind = redis_error_kind(error)
+        metrics.REDIS_FAULTS.labels(self.name, kind).inc()
+        if kind == "down":
+            metrics.REDIS_ERRORS.labels(self.name).inc()
+        now = time.monotonic()
+        burst = self.bursts.setdefault(kind, [now, 0, 0.0])
+        burst[1] += 1
+        if burst[1] == 1 or now - burst[2] >= BURST_LOG_S:
+            burst[2] = now
+            log.warning("Redis %s (%.200s): retrying with backoff%s", kind, error,
+                        f" ({burst[1]} failures so far)" if burst[1] > 1 else "")
+        return kind
 
     async def _redis_down(self, error: Exception, backoff: float) -> float:
-        metrics.REDIS_ERRORS.labels(self.name).inc()
-        if self.redis_ok or backoff >= 2:
-            log.warning("Redis unavailable (%s); retrying in %.1fs", error, backoff)
-        self.redis_ok = False
+        """Count and log a Redis failure, wait ``backoff`` (or until stopping); the next
+        backoff.  ``redis_ok`` (health) goes false only when Redis is unreachable."""
+        if self._count_redis_error(error) in ("down", "loading"):
+            self.redis_ok = False
         try:
             await asyncio.wait_for(self.stopping.wait(), backoff)
         except asyncio.TimeoutError:
@@ -233,11 +277,19 @@ class Runtime:
             await self._ack(entry_id)
             return
         metrics.QUEUE_WAIT.labels(self.name).observe(max(0.0, picked - entry_ms(entry_id) / 1000))
-        try:
-            outcome = await self.run_item(frame, picked)
-        except REDIS_DOWN as e:  # not acked: the entry stays pending and is re-run
-            log.warning("Redis lost mid-item (%s); the entry will be retried", e)
-            return
+        backoff = 0.1
+        while True:
+            try:
+                outcome = await self.run_item(frame, picked)
+                break
+            except RedisError as e:
+                # Not acked: re-run here while this worker lives (the entry stays in flight,
+                # so kept fresh and not claimed; a re-run's duplicate outputs carry the same
+                # (turn, seq, chunk) keys), else left pending for another worker.
+                if self.stopping.is_set():
+                    log.warning("Redis failed mid-item (%s); the entry stays pending", e)
+                    return
+                backoff = await self._redis_down(e, backoff)
         metrics.ITEMS.labels(self.name, outcome).inc()
         metrics.PROCESSING.labels(self.name).observe(time.time() - picked)
         await self._ack(entry_id)
@@ -270,8 +322,12 @@ class Runtime:
             return "stale"
         except asyncio.CancelledError:
             raise
-        except REDIS_DOWN:
-            raise
+        except RedisError as e:
+            if redis_error_kind(e) in RETRYABLE or redis_error_kind(e) == "nogroup":
+                raise  # passing trouble: the caller retries the item, unacknowledged
+            log.exception("processing failed", extra={"sid": frame.sid, "turn": frame.turn})
+            await self._notify_error(frame, f"{self.name} failed: {e}")
+            return "error"
         except Exception as e:
             log.exception("processing failed", extra={"sid": frame.sid, "turn": frame.turn})
             await self._notify_error(frame, f"{self.name} failed: {e}")
@@ -288,10 +344,30 @@ class Runtime:
     async def _produce(self, frame: Frame, picked: float, *extra: Any) -> None:
         first = True
         async for out in self.stage.process(frame, *extra):
-            await self.bus.emit(out)
+            await self.emit(out)
             if first:
                 metrics.STAGE_LATENCY.labels(self.name).observe(time.time() - picked)
                 first = False
+
+    async def emit(self, *frames: Frame) -> None:
+        """Write outputs; a passing Redis trouble (out of memory above all: XADD is
+        refused, reads and acks still work) is waited out here, in place, so the
+        outputs go out once and in order and the input is acknowledged only after.
+        Stale work is still cancelled meanwhile (the turn watch only reads)."""
+        await self.retrying(self.bus.emit, *frames)
+
+    async def retrying(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """``await fn(*args)``, waiting out passing Redis trouble (RETRYABLE kinds) with
+        backoff.  While stopping the error is raised: the input then stays pending for
+        another worker."""
+        backoff = 0.1
+        while True:
+            try:
+                return await fn(*args)
+            except RedisError as e:
+                if redis_error_kind(e) not in RETRYABLE or self.stopping.is_set():
+                    raise
+                backoff = await self._redis_down(e, backoff)
 
     async def _watch_turn(self, frame: Frame) -> None:
         """Returns once the frame's turn is superseded (never, for turnless frames)."""
@@ -300,46 +376,98 @@ class Runtime:
             try:
                 if frame.turn < await self.bus.current_turn(frame.sid):
                     return
-            except REDIS_DOWN:
+            except RedisError:  # passing: the work goes on; it raises on its own if it must
                 pass
 
     async def _ack(self, entry_id: bytes) -> None:
+        """Acknowledge and delete the entry (Bus.ack).  Errors never end the task with an
+        unretrieved exception."""
         backoff = 0.1
         while True:  # an ack lost to a Redis blip would re-run the item: retry a while
             try:
-                await self.bus.ack(self.stream, self.group, entry_id)
+                await self.bus.ack(self.stream, self.group, entry_id, delete=self.delete_acked)
                 return
-            except REDIS_DOWN as e:
-                if backoff > 2:
-                    log.warning("could not ack %s (%s): it will be re-run", entry_id, e)
+            except RedisError as e:
+                kind = self._count_redis_error(e)
+                if kind not in RETRYABLE or backoff > 2:
+                    # NOGROUP: Redis restarted empty, nothing left to ack; else re-run later
+                    log.warning("could not ack %s (%s): it may be re-run", entry_id.decode(), e)
                     return
                 await asyncio.sleep(backoff)
                 backoff *= 2
-            except ResponseError as e:  # NOGROUP: Redis restarted empty, nothing left to ack;
-                log.warning("could not ack %s: %s", entry_id, e)  # must not end the task
-                return                                            # with an unretrieved error
 
     # --- background ------------------------------------------------------------------------
     async def _heartbeat(self) -> None:
+        """Renew the liveness lease every heartbeat_s (sub-second: a dead worker is
+        found from its missed lease within about lease_s)."""
         while True:
             try:
                 if not self.stopping.is_set():
                     await self.bus.heartbeat(self.name, self.consumer, self.metrics_url)
-            except Exception as e:  # any error (not only a lost connection) must not end the
-                log.debug("heartbeat: %s", e)  # loop: the worker would look dead for good
-            await asyncio.sleep(1)
+            except RedisError as e:  # counted; must not end the loop (the worker would look
+                self._count_redis_error(e)  # dead for good)
+            except Exception as e:
+                log.debug("heartbeat: %s", e)
+            await asyncio.sleep(self.settings.heartbeat_s)
+
+    async def _watch_leases(self) -> None:
+        """Take over the pending work of workers of this stage whose lease ran out."""
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_s)
+            if self.stopping.is_set():
+                continue
+            try:
+                await self.take_over_expired()
+            except RedisError as e:  # counted; must not end the loop
+                self._count_redis_error(e)
+            except Exception:
+                log.exception("lease watch failed")
+
+    async def take_over_expired(self) -> int:
+        """Claim the entries (or sessions) of dead workers of this stage: XPENDING by
+        consumer + XCLAIM with a min-idle of the lease (a live worker's keep-alive keeps
+        its own entries fresher than that, so it is never robbed), as many as this worker
+        has free slots; then delete the dead consumer and its registry member once
+        nothing is left pending on it.  Returns how many entries were claimed."""
+        lease_ms = int(self.settings.lease_s * 1000)
+        claimed = 0
+        for member, worker_id, beat in await self.bus.expired_workers(self.name,
+                                                                      self.settings.lease_s):
+            if worker_id == self.consumer:
+                continue
+            free = max(self.concurrency - len(self.inflight), 0)
+            ids, total = await self.bus.pending_of(self.stream, self.group, worker_id, lease_ms,
+                                                   free)
+            entries = []
+            if ids and free:
+                entries = await self.bus.claim(self.stream, self.group, self.consumer, ids,
+                                               lease_ms)
+            if entries:
+                claimed += len(entries)
+                metrics.CLAIMED.labels(self.name).inc(len(entries))
+                log.warning("worker %s missed its lease (last beat %.1fs ago): claimed %d "
+                            "entr%s", worker_id, time.time() - beat, len(entries),
+                            "y" if len(entries) == 1 else "ies")
+                self._start(await self._drop_poison(entries))
+            if total <= len(entries) and await self.bus.drop_consumer(
+                    self.stream, self.group, worker_id, member, beat + 1e-3):
+                metrics.LEASES_EXPIRED.labels(self.name).inc()
+                log.info("dead worker %s removed from the group and the registry", worker_id)
+        return claimed
 
     async def _keep_alive(self) -> None:
-        """Reset the idle time of in-flight entries so live work is never claimed."""
+        """Reset the idle time of in-flight entries so live work is never claimed (more
+        often than the lease: a lease takeover claims only entries idle that long)."""
         while True:
-            await asyncio.sleep(self.settings.claim_idle_s / 3)
+            await asyncio.sleep(min(self.settings.claim_idle_s / 3, self.settings.lease_s / 2))
             try:
                 lost = await self.bus.keep_alive(self.stream, self.group, self.consumer,
                                                  self.owned_ids())
-            except REDIS_DOWN:
+            except RedisError as e:  # NOGROUP etc.: an unexpected error must not end the loop,
+                self._count_redis_error(e)  # or every in-flight entry gets stolen
                 continue
-            except Exception as e:  # NOGROUP etc.: an unexpected error must not end the loop,
-                log.debug("keep-alive: %s", e)  # or every in-flight entry gets stolen
+            except Exception as e:
+                log.debug("keep-alive: %s", e)
                 continue
             for entry_id in lost:
                 # Another worker claimed it while this one looked dead (event loop stalled
@@ -354,11 +482,20 @@ class Runtime:
     def owned_ids(self) -> list[bytes]:
         return list(self.inflight)
 
+    def _note_groups(self, count: int) -> None:
+        alone = count <= 1
+        if alone != self.delete_acked:
+            log.warning("%s has %d consumer groups: acknowledged entries are %s", self.stream,
+                        count, "deleted" if alone else "kept (the other groups read them)")
+            self.delete_acked = alone
+
     async def _watch_stream(self) -> None:
-        """Export the stage stream's lag and pending count."""
+        """Export the stage stream's lag and pending count; notice other groups."""
         while True:
             try:
-                for group in await self.bus.redis.xinfo_groups(self.stream):
+                groups = await self.bus.redis.xinfo_groups(self.stream)
+                self._note_groups(len(groups))
+                for group in groups:
                     if group["name"].decode() == self.group:
                         metrics.STREAM_PENDING.labels(self.name).set(group.get("pending") or 0)
                         metrics.STREAM_LAG.labels(self.name).set(group.get("lag") or 0)

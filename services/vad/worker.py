@@ -19,13 +19,15 @@ included, up to ``vad_max_utterance_s``), so STT hears the whole thought instead
 fragments it transcribes badly.  Each piece still opens a new turn, so the work on
 the earlier pieces is dropped as stale: the continuation carries their audio.
 
-Takeover: when the owner dies, the next one resumes at the last audio entry the dead
-one processed, with its ``snapshot`` (input samples received), so session positions
-(``at_s``, ``start_s``, ``end_s``: the client's audio timeline) go on where they were
-instead of restarting at 0.  Only the position survives: the model state, the recent
-audio and any speech in progress are lost, and the endpointer starts afresh at that
-position (speech going on at the takeover is heard from there on; a pause right after
-it does not continue the earlier thought).
+Takeover: when the owner dies, the next one resumes with its ``snapshot``, so session
+positions (``at_s``, ``start_s``, ``end_s``: the client's audio timeline) go on where
+they were instead of restarting at 0.  While speech is in progress (or may still be
+continued) the snapshot asks to be resumed from before the thought's start
+(``replay_from``, with ``REPLAY_WARMUP_S`` for the model state to settle): the new owner
+re-reads that audio with a fresh endpointer and model, so the utterance comes out
+whole.  What the dead owner already sent (up to ``seen16``, its last position) is not
+sent again: events of the replayed audio are only re-lived, and the turn goes on from
+the dead owner's ``turn``.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ CHUNK = 512         # samples per model call (32 ms)
 CONTEXT = 64        # samples of the previous chunk the v5 model sees again
 NEG_OFFSET = 0.15   # speech ends only below threshold - 0.15 (silero's hysteresis)
 MAX_FRAME_S = 10.0  # live audio comes in pieces of tens of ms; a longer frame is abuse
+REPLAY_WARMUP_S = 0.5  # audio re-read before a thought at a takeover, for the model state
 
 
 def silero_model_path() -> Path:
@@ -119,23 +122,33 @@ class VadSession:
         self.thought = 0        # start of the thought: where the next utterance begins
         self.last_end: int | None = None  # end of the last utterance (None: nothing to continue)
         self.turn = 0
+        self.replay_until = 0  # at a takeover: the dead owner sent events up to here
 
     def snapshot(self) -> dict:
         """What a new owner needs for positions to go on: the input samples received.
         ``samples_16k`` is the same position at 16 kHz (a fresh resampler starts there:
-        the old one's few unflushed samples are skipped, so no drift builds up)."""
-        return {"in_sr": self.in_sr, "in_samples": self.in_samples,
-                "samples_16k": self.in_samples * SR // self.in_sr}
+        the old one's few unflushed samples are skipped, so no drift builds up).  ``at``
+        (= samples_16k) and ``replay_from`` tell the runtime where a new owner must
+        resume for speech in progress to be whole; ``seen16`` and ``turn`` what was sent."""
+        at = self.in_samples * SR // self.in_sr
+        busy = self.triggered or self.continues(self.n_vad)
+        replay_from = max(self.thought - self.pad - int(REPLAY_WARMUP_S * SR), 0) if busy else at
+        return {"in_sr": self.in_sr, "in_samples": self.in_samples, "samples_16k": at,
+                "at": at, "replay_from": min(replay_from, at),
+                "seen16": max(at, self.replay_until), "turn": self.turn}
 
     def restore(self, snap: dict) -> None:
         """Continue positions from ``snap`` (``snapshot`` of the last owner); the model
         and the endpointer start afresh there.  A malformed snapshot raises ValueError."""
         in_sr, in_samples, at16 = (snap.get(k) for k in ("in_sr", "in_samples", "samples_16k"))
+        latest = snap.get("latest") if isinstance(snap.get("latest"), dict) else {}
+        seen, turn = latest.get("seen16", at16), latest.get("turn", 0)
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
-                   for v in (in_sr, in_samples, at16)) or not in_sr:
+                   for v in (in_sr, in_samples, at16, seen, turn)) or not in_sr:
             raise ValueError(f"bad VAD snapshot {snap!r:.200}")
         self.in_samples = in_samples if in_sr == self.in_sr else at16 * self.in_sr // SR
         self.buf_start = self.n_vad = at16
+        self.replay_until, self.turn = seen, turn
 
     @property
     def now_s(self) -> float:
@@ -244,6 +257,8 @@ class VadStage(SessionStage):
         chunks = await self.run_blocking(session.feed, frame.pcm, self.vad)
         for at, prob in chunks:
             for event in session.step(at, prob):
+                if at + CHUNK <= session.replay_until:
+                    continue  # re-lived after a takeover: the dead owner sent it already
                 if event[0] == "speech":
                     session.turn = await self.state.advance_turn(session.sid)
                     yield SpeechStarted(sid=session.sid, turn=session.turn, at_s=event[1] / SR,
