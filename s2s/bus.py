@@ -6,6 +6,7 @@ gateway do.  Every stream entry has one field, ``f``, holding one encoded frame.
 
 from __future__ import annotations
 
+import socket
 import time
 from typing import Iterable
 
@@ -159,12 +160,26 @@ def entry_ms(entry_id: bytes | str) -> int:
     return int(entry_id.split("-", 1)[0])
 
 
+def _keepalive_options() -> dict[int, int]:
+    """TCP_USER_TIMEOUT (Linux): the kernel drops data it could not deliver within 3 s.
+    Without it, a command a client already gave up on (a timeout during a network cut)
+    still reaches Redis when the link comes back and runs late: a stale owner's output
+    or turn change would land after another worker took over (docs/multihost.md)."""
+    if hasattr(socket, "TCP_USER_TIMEOUT"):
+        return {socket.TCP_USER_TIMEOUT: 3000}
+    return {}
+
+
 class Bus:
     def __init__(self, settings: Settings, client: aioredis.Redis | None = None):
         self.settings = settings
         self.redis = client or aioredis.from_url(
             settings.redis(), decode_responses=False, socket_connect_timeout=2,
-            socket_keepalive=True, health_check_interval=10)
+            # a cut link must surface as an error, not a read that hangs: redis-py < 8
+            # has no read timeout of its own; blocking reads wait block_ms at most
+            socket_timeout=settings.block_ms / 1000 + 5,
+            socket_keepalive=True, socket_keepalive_options=_keepalive_options(),
+            health_check_interval=10)
 
         # registered once per client; redis-py sends EVALSHA and loads on NOSCRIPT
         # (a Redis restarted empty has no scripts)
