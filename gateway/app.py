@@ -18,6 +18,7 @@ from starlette.websockets import WebSocket
 from s2s.bus import Bus
 from s2s.config import Settings
 
+from .realtime import RealtimeSocket
 from .session import ClientSession
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -67,11 +68,17 @@ def create_app(settings: Settings) -> Starlette:
     async def ws_endpoint(ws: WebSocket) -> None:
         await ClientSession(ws, state["bus"], settings, state["sessions"]).run()
 
+    async def realtime_endpoint(ws: WebSocket) -> None:
+        # the same native session, behind the Realtime protocol translation
+        await ClientSession(RealtimeSocket(ws, settings), state["bus"], settings,
+                            state["sessions"]).run()
+
     app = Starlette(routes=[
         Route("/", index),
         Route("/healthz", healthz),
         Route("/metrics", metrics_endpoint),
         WebSocketRoute("/ws", ws_endpoint),
+        WebSocketRoute("/v1/realtime", realtime_endpoint),
         Mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static"),
     ], lifespan=lifespan)
     app.state.sessions = state["sessions"]
