@@ -327,7 +327,8 @@ def session_timeout(audio_s: float, realtime: bool, reply_timeout_s: float) -> f
 
 
 async def run_session(url: str, pcm: np.ndarray, turns: int, *, delay_s: float, realtime: bool,
-                      out_rate: int | None, reply_timeout_s: float) -> SessionSample:
+                      out_rate: int | None, reply_timeout_s: float,
+                      protocol: str = "native") -> SessionSample:
     """One client session through s2s.client.talk: the utterances paced like a microphone,
     then silence until every turn is answered or ``reply_timeout_s`` passed; the whole
     session is bounded by :func:`session_timeout`."""
@@ -338,8 +339,8 @@ async def run_session(url: str, pcm: np.ndarray, turns: int, *, delay_s: float, 
     timeout_s = session_timeout(len(pcm) / SEND_RATE, realtime, reply_timeout_s)
     try:
         result = await asyncio.wait_for(
-            client.talk(url, pcm.tobytes(), SEND_RATE, out_rate=out_rate, realtime=realtime,
-                        reply_timeout_s=reply_timeout_s),
+            client.talk(endpoint(url, protocol), pcm.tobytes(), SEND_RATE, out_rate=out_rate,
+                        realtime=realtime, reply_timeout_s=reply_timeout_s, protocol=protocol),
             timeout_s)
     except asyncio.TimeoutError:
         return SessionSample(turns_expected=turns, errors=[f"session timed out after {timeout_s:.0f}s"],
@@ -348,6 +349,15 @@ async def run_session(url: str, pcm: np.ndarray, turns: int, *, delay_s: float, 
         return SessionSample(turns_expected=turns, errors=[f"{type(e).__name__}: {e}"],
                              wall_s=time.monotonic() - t0)
     return to_session_sample(result, turns, time.monotonic() - t0)
+
+
+def endpoint(url: str, protocol: str) -> str:
+    """The gateway's WebSocket for ``protocol``: ``--url`` names the native ``/ws``; the
+    Realtime endpoint is ``/v1/realtime`` on the same host."""
+    if protocol == "realtime" and not url.rstrip("/").endswith("/v1/realtime"):
+        parts = urllib.parse.urlsplit(url)
+        return urllib.parse.urlunsplit(parts._replace(path="/v1/realtime", query=""))
+    return url
 
 
 async def run_level(args: argparse.Namespace, sessions: int, utterances: Sequence[np.ndarray],
@@ -359,7 +369,7 @@ async def run_level(args: argparse.Namespace, sessions: int, utterances: Sequenc
         delay = rng.uniform(0, args.ramp) if sessions > 1 else 0.0
         tasks.append(run_session(args.url, pcm, args.turns, delay_s=delay,
                                  realtime=args.realtime, out_rate=args.out_rate,
-                                 reply_timeout_s=args.turn_timeout))
+                                 reply_timeout_s=args.turn_timeout, protocol=args.protocol))
     t0 = time.monotonic()
     running = [asyncio.ensure_future(t) for t in tasks]
     done, pending = await asyncio.wait(running, timeout=args.level_timeout)
@@ -519,6 +529,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object on stdout (the table goes to stderr)")
     parser.add_argument("--seed", type=int, default=0, help="seed of start times and sentences")
+    parser.add_argument("--protocol", choices=("native", "realtime"), default="native",
+                        help="native: the gateway's /ws protocol; realtime: the OpenAI Realtime "
+                             "endpoint /v1/realtime on the same host (same sessions and workers)")
 
 
 def _utterances(args: argparse.Namespace) -> list[np.ndarray]:
@@ -544,7 +557,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         print("bench: warm-up session…", file=log, flush=True)
         warm = await run_session(args.url, session_audio(utterances, 1, 0, args.lead, args.gap),
                                  1, delay_s=0, realtime=args.realtime, out_rate=args.out_rate,
-                                 reply_timeout_s=args.turn_timeout)
+                                 reply_timeout_s=args.turn_timeout, protocol=args.protocol)
         if warm.errors and not warm.turns:
             print(f"bench: warm-up failed: {'; '.join(warm.errors)}", file=sys.stderr)
     levels = []
@@ -557,7 +570,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         after = await asyncio.to_thread(scrape, urls)
         levels.append(summarize(n, samples, wall, server_breakdown(before, after)))
     return {
-        "url": args.url, "turns_per_session": args.turns, "realtime": args.realtime,
+        "url": endpoint(args.url, args.protocol), "protocol": args.protocol,
+        "turns_per_session": args.turns, "realtime": args.realtime,
         "utterances": len(utterances),
         "utterance_s": [round(len(u) / SEND_RATE, 2) for u in utterances],
         "levels": levels,

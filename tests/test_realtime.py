@@ -284,3 +284,29 @@ def test_g711_matches_the_reference():
     every = bytes(range(256))
     assert g711.decode(every, "ulaw") == audioop.ulaw2lin(every, 2)
     assert g711.decode(every, "alaw") == audioop.alaw2lin(every, 2)
+
+
+async def test_client_talk_over_realtime(rt):
+    """s2s.client.talk(protocol="realtime") (what `s2s bench --protocol realtime` runs)
+    measures the same things as on the native protocol."""
+    from s2s.client import talk
+
+    reply_pcm = np.arange(2400, dtype=np.int16).tobytes()
+
+    async def pipeline():
+        sid = await session_id(rt)
+        async with asyncio.timeout(10):
+            while await audio_seconds(rt, sid) < 1.3:
+                await asyncio.sleep(0.02)
+        await rt.bus.emit(SpeechStarted(sid=sid, turn=1, at_s=0.1))
+        await play_turn(rt, sid, 1, "Hello there.", ["Hi!", "How are you?"], reply_pcm)
+
+    task = asyncio.create_task(pipeline())
+    result = await talk(rt.ws, np.full(16000, 500, np.int16), 16000, realtime=False, speed=4.0,
+                        tail_silence_s=3.0, reply_timeout_s=10, protocol="realtime")
+    await task
+    assert not result.timed_out and not result.errors, result.to_dict()
+    assert result.transcript == "Hello there."
+    assert result.reply == "Hi! How are you?"
+    assert result.audio == reply_pcm * 2 and result.sample_rate == 24000
+    assert result.turns[-1].done and result.voice_to_voice_ms is not None
