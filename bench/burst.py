@@ -32,7 +32,8 @@ async def _sessions(args: argparse.Namespace, count: int, window_s: float, utter
                                                  lead_s=args.lead, gap_s=args.gap),
                          args.turns, delay_s=rng.uniform(0, window_s) if count > 1 else 0.0,
                          realtime=args.realtime, out_rate=args.out_rate,
-                         reply_timeout_s=args.turn_timeout, api_key=args.api_key)
+                         reply_timeout_s=args.turn_timeout, api_key=args.api_key,
+                         protocol=args.protocol)
              for i in range(count)]
     samples = await asyncio.wait_for(asyncio.gather(*tasks), args.level_timeout)
     return list(samples), time.monotonic() - t0

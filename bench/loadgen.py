@@ -329,7 +329,7 @@ def session_timeout(audio_s: float, realtime: bool, reply_timeout_s: float) -> f
 
 async def run_session(url: str, pcm: np.ndarray, turns: int, *, delay_s: float, realtime: bool,
                       out_rate: int | None, reply_timeout_s: float,
-                      api_key: str | None = None) -> SessionSample:
+                      api_key: str | None = None, protocol: str = "native") -> SessionSample:
     """One client session through s2s.client.talk: the utterances paced like a microphone,
     then silence until every turn is answered or ``reply_timeout_s`` passed; the whole
     session is bounded by :func:`session_timeout`."""
@@ -340,8 +340,9 @@ async def run_session(url: str, pcm: np.ndarray, turns: int, *, delay_s: float, 
     timeout_s = session_timeout(len(pcm) / SEND_RATE, realtime, reply_timeout_s)
     try:
         result = await asyncio.wait_for(
-            client.talk(url, pcm.tobytes(), SEND_RATE, out_rate=out_rate, realtime=realtime,
-                        reply_timeout_s=reply_timeout_s, api_key=api_key),
+            client.talk(endpoint(url, protocol), pcm.tobytes(), SEND_RATE, out_rate=out_rate,
+                        realtime=realtime, reply_timeout_s=reply_timeout_s, api_key=api_key,
+                        protocol=protocol),
             timeout_s)
     except asyncio.TimeoutError:
         return SessionSample(turns_expected=turns, errors=[f"session timed out after {timeout_s:.0f}s"],
@@ -355,6 +356,15 @@ async def run_session(url: str, pcm: np.ndarray, turns: int, *, delay_s: float, 
     return to_session_sample(result, turns, time.monotonic() - t0)
 
 
+def endpoint(url: str, protocol: str) -> str:
+    """The gateway's WebSocket for ``protocol``: ``--url`` names the native ``/ws``; the
+    Realtime endpoint is ``/v1/realtime`` on the same host."""
+    if protocol == "realtime" and not url.rstrip("/").endswith("/v1/realtime"):
+        parts = urllib.parse.urlsplit(url)
+        return urllib.parse.urlunsplit(parts._replace(path="/v1/realtime", query=""))
+    return url
+
+
 async def run_level(args: argparse.Namespace, sessions: int, utterances: Sequence[np.ndarray],
                     rng: random.Random) -> tuple[list[SessionSample], float]:
     """``sessions`` concurrent sessions, started spread over ``--ramp`` seconds."""
@@ -364,7 +374,8 @@ async def run_level(args: argparse.Namespace, sessions: int, utterances: Sequenc
         delay = rng.uniform(0, args.ramp) if sessions > 1 else 0.0
         tasks.append(run_session(args.url, pcm, args.turns, delay_s=delay,
                                  realtime=args.realtime, out_rate=args.out_rate,
-                                 reply_timeout_s=args.turn_timeout, api_key=args.api_key))
+                                 reply_timeout_s=args.turn_timeout, api_key=args.api_key,
+                                 protocol=args.protocol))
     t0 = time.monotonic()
     running = [asyncio.ensure_future(t) for t in tasks]
     done, pending = await asyncio.wait(running, timeout=args.level_timeout)
@@ -532,6 +543,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "ones' latency against the unloaded one and the refused ones")
     parser.add_argument("--burst-window", type=float, default=5.0, metavar="S",
                         help="seconds over which the --burst sessions arrive")
+    parser.add_argument("--protocol", choices=("native", "realtime"), default="native",
+                        help="native: the gateway's /ws protocol; realtime: the OpenAI Realtime "
+                             "endpoint /v1/realtime on the same host (same sessions and workers)")
 
 
 def _utterances(args: argparse.Namespace) -> list[np.ndarray]:
@@ -557,7 +571,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         print("bench: warm-up session…", file=log, flush=True)
         warm = await run_session(args.url, session_audio(utterances, 1, 0, args.lead, args.gap),
                                  1, delay_s=0, realtime=args.realtime, out_rate=args.out_rate,
-                                 reply_timeout_s=args.turn_timeout, api_key=args.api_key)
+                                 reply_timeout_s=args.turn_timeout, api_key=args.api_key,
+                                 protocol=args.protocol)
         if warm.errors and not warm.turns:
             print(f"bench: warm-up failed: {'; '.join(warm.errors)}", file=sys.stderr)
     levels = []
@@ -570,7 +585,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         after = await asyncio.to_thread(scrape, urls)
         levels.append(summarize(n, samples, wall, server_breakdown(before, after)))
     return {
-        "url": args.url, "turns_per_session": args.turns, "realtime": args.realtime,
+        "url": endpoint(args.url, args.protocol), "protocol": args.protocol,
+        "turns_per_session": args.turns, "realtime": args.realtime,
         "utterances": len(utterances),
         "utterance_s": [round(len(u) / SEND_RATE, 2) for u in utterances],
         "levels": levels,

@@ -286,7 +286,7 @@ class Tracker:
 async def talk(url: str, pcm: np.ndarray | bytes, sample_rate: int = 16000, *,
                out_rate: int | None = None, realtime: bool = True, speed: float | None = None,
                tail_silence_s: float = 3.0, reply_timeout_s: float = 30.0,
-               session_id: str | None = None,
+               session_id: str | None = None, protocol: str = "native",
                on_event: Callable[[dict | bytes], None] | None = None,
                api_key: str | None = None) -> TalkResult:
     """Send ``pcm`` (int16 mono at ``sample_rate``) as one session and collect the answer.
@@ -294,13 +294,21 @@ async def talk(url: str, pcm: np.ndarray | bytes, sample_rate: int = 16000, *,
     After the audio, silence is sent until at least ``tail_silence_s`` passed and every
     turn is answered, or ``reply_timeout_s`` passed (``timed_out`` is then set).
     ``speed``: seconds of audio sent per wall second (default 1 when ``realtime``,
-    else 3).  ``on_event`` sees every message as it arrives."""
+    else 3).  ``on_event`` sees every message as it arrives.  ``protocol="realtime"``
+    talks to the OpenAI Realtime endpoint (``url`` ending in ``/v1/realtime``) instead,
+    with the same measures."""
     samples = np.frombuffer(pcm, np.int16) if isinstance(pcm, (bytes, bytearray)) else \
         np.asarray(pcm).astype(np.int16, copy=False)
     speed = speed or (1.0 if realtime else 3.0)
     step = sample_rate * FRAME_MS // 1000
     silence = np.zeros(step, np.int16).tobytes()
-    conn = await Connection.open(url, sample_rate, out_rate, session_id, api_key=api_key)
+    if protocol == "realtime":
+        from .realtime import RealtimeConnection
+
+        conn: Any = await RealtimeConnection.open(url, sample_rate, out_rate, session_id,
+                                                  api_key=api_key)
+    else:
+        conn = await Connection.open(url, sample_rate, out_rate, session_id, api_key=api_key)
     tracker = Tracker()
     finished = asyncio.Event()
     timed_out = False

@@ -25,6 +25,7 @@ from s2s.config import Settings
 from .admission import Admission
 from .auth import AuthError, Authenticator, new_ticket, origin_allowed, ticket_key
 from .discovery import sd_route
+from .realtime import RealtimeSocket
 from .session import ClientSession
 
 log = logging.getLogger("s2s.gateway")
@@ -100,15 +101,22 @@ def create_app(settings: Settings) -> Starlette:
         return JSONResponse({"error": code, "message": message}, status_code=status,
                             headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
 
-    async def ws_endpoint(ws: WebSocket) -> None:
+    async def session(ws: WebSocket, socket) -> None:
         if not origin_allowed(ws.scope, settings):  # a foreign web page: HTTP 403, no session
             metrics.REJECTED.labels("forbidden_origin").inc()
             log.warning("refused a WebSocket from origin %r",
                         dict(ws.headers).get("origin", "")[:100])
             await ws.close(code=1008)
             return
-        await ClientSession(ws, state["bus"], settings, state["sessions"], auth,
+        await ClientSession(socket, state["bus"], settings, state["sessions"], auth,
                             state.get("admission")).run()
+
+    async def ws_endpoint(ws: WebSocket) -> None:
+        await session(ws, ws)
+
+    async def realtime_endpoint(ws: WebSocket) -> None:
+        # the same native session (auth, limits, streams), behind the Realtime translation
+        await session(ws, RealtimeSocket(ws, settings))
 
     # open (no key): probes and Prometheus; they move to admin_port when one is set
     admin_routes = [Route("/healthz", healthz), Route("/metrics", metrics_endpoint),
@@ -119,6 +127,7 @@ def create_app(settings: Settings) -> Starlette:
         *([] if separate else admin_routes),
         Route("/auth/ticket", ticket, methods=["POST"]),
         WebSocketRoute("/ws", ws_endpoint),
+        WebSocketRoute("/v1/realtime", realtime_endpoint),
         Mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static"),
     ], lifespan=lifespan)
     app.state.sessions = state["sessions"]

@@ -103,6 +103,14 @@ class Playback:
                             "turn": frame.turn})
         return out
 
+    def supersede(self, turn: int) -> list[Message]:
+        """The session moved on to ``turn`` without a frame saying so (the client cancelled
+        the reply): drop the old turn's state, with an ``interrupt`` if it was playing."""
+        out: list[Message] = []
+        if turn > self.t.turn:
+            self._advance(turn, out)
+        return out
+
     def check_gaps(self) -> list[Message]:
         """Skip a piece that never came (a lost entry) so the reply goes on."""
         out: list[Message] = []

@@ -24,7 +24,7 @@ from s2s import keys, metrics
 from s2s.bus import FIELD, REDIS_DOWN, Bus
 from s2s.config import Settings
 from s2s.frames import (SAMPLE_RATES, SID_PATTERN, Audio, FrameError, SessionEnd, SessionOpen,
-                        decode)
+                        Transcript, decode)
 
 from .auth import ANONYMOUS, AuthError, Authenticator, Principal, ticket_key
 from .playback import Playback
@@ -41,6 +41,7 @@ STRIKES = 10                # rejected messages within STRIKE_WINDOW_S that end 
 STRIKE_WINDOW_S = 10.0
 RATE_WINDOW_S = 2.0         # max_audio_rate is averaged over this long
 RESUME_WAIT_S = 5.0         # how long a resume waits for the old VAD owner to let go
+MAX_TEXT_CHARS = 4000       # typed user input
 REPLAY_SCAN = 500           # output entries a resume looks back for the current turn
 
 # close codes
@@ -362,12 +363,34 @@ class ClientSession:
                         return
                     if kind == "ping":
                         await self.send({"type": "pong", "t": obj.get("t")})
+                    elif kind == "text":
+                        await self._typed_text(obj)
+                    elif kind == "cancel":
+                        await self._cancel()
                     elif kind == "hello":
                         raise Reject("already_open", "hello was already received")
                     else:
                         raise Reject("unknown_type", f"unknown message type {kind[:40]!r}")
             except Reject as r:
                 await self._reject(r)
+
+    async def _typed_text(self, obj: dict) -> None:
+        """Typed user input: a turn of its own, answered like a transcript."""
+        text = obj.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise Reject("bad_text", '"text" must be a non-empty string')
+        if len(text) > MAX_TEXT_CHARS:
+            raise Reject("message_too_large", f"text over {MAX_TEXT_CHARS} characters")
+        turn = await self.bus.advance_turn(self.sid)
+        await self.bus.emit(Transcript(sid=self.sid, turn=turn, text=text.strip(),
+                                       out_sr=self.out_sr, marks={"speech_end": time.time()}))
+
+    async def _cancel(self) -> None:
+        """Stop the reply in progress: a new turn supersedes it (every stage drops its
+        work of the old turn) and the client is told to flush its playback."""
+        turn = await self.bus.advance_turn(self.sid)
+        for message in self.playback.supersede(turn):
+            await self.send(message)
 
     async def _audio(self, pcm: bytes) -> None:
         if not pcm:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -202,3 +203,100 @@ def test_malformed_clients_do_not_hurt_a_good_session(stack):
     assert httpx.get(stack.http + "/healthz").status_code == 200
     assert not result.errors and result.reply, result.to_dict()
     assert "country" in words(result.transcript)
+
+
+# --- the same stack through the OpenAI Realtime API, with the official SDK -----------------
+def test_realtime_sdk_spoken_barge_in_and_text(stack, whisper):
+    """/v1/realtime with `openai`'s own client: a spoken question in as 24 kHz PCM deltas
+    (real speech), transcript, reply text and audio out; a second utterance that talks over
+    the first reply (cancelled or already done, then truncated to what was heard); a typed
+    question with response.create."""
+    import base64
+
+    import soxr
+
+    openai = pytest.importorskip("openai")
+    jfk = load_pcm16(DATA / "jfk.wav")
+    first = soxr.resample(jfk[int(5.2 * SR):int(7.9 * SR)], SR, 24000).astype(np.int16)
+    second = soxr.resample(jfk[int(8.0 * SR):], SR, 24000).astype(np.int16)
+    chunk = 2400  # 100 ms at 24 kHz
+
+    async def send(conn, pcm: np.ndarray) -> None:
+        start = time.monotonic()
+        for i in range(0, len(pcm), chunk):
+            await conn.input_audio_buffer.append(
+                audio=base64.b64encode(pcm[i:i + chunk].tobytes()).decode())
+            await asyncio.sleep(max(0.0, start + (i + chunk) / 24000 - time.monotonic()))
+
+    async def silence_until(conn, events: list, done, timeout: float) -> None:
+        """Stream silence in real time (server VAD hears the end of speech) while
+        collecting events, until done(events)."""
+        quiet = base64.b64encode(bytes(chunk * 2)).decode()
+        start = time.monotonic()
+        while not done(events):
+            assert time.monotonic() - start < timeout, [e.type for e in events]
+            await conn.input_audio_buffer.append(audio=quiet)
+            try:
+                async with asyncio.timeout(0.1):
+                    while True:
+                        events.append(await conn.recv())
+            except TimeoutError:
+                pass
+
+    def finished(events: list, after: int = 0) -> bool:
+        return any(e.type == "response.done" and e.response.status == "completed"
+                   for e in events[after:])
+
+    async def scenario():
+        client = openai.AsyncOpenAI(api_key=os.environ.get("S2S_API_KEY", "unused"),
+                                    base_url=stack.http + "/v1",
+                                    websocket_base_url=stack.http.replace("http", "ws") + "/v1")
+        events: list = []
+        async with client.realtime.connect(model="s2s") as conn:
+            await send(conn, first)
+            await silence_until(conn, events, lambda ev: any(
+                e.type == "response.output_audio.delta" for e in ev), 60)
+            mark = len(events)
+            await send(conn, second)  # talks over the reply
+            await silence_until(conn, events, lambda ev: finished(ev, mark), 90)
+            spoken = [e for e in events[:mark] if e.type == "response.output_item.added"][-1]
+            await conn.conversation.item.truncate(item_id=spoken.item.id, content_index=0,
+                                                  audio_end_ms=300)
+            mark2 = len(events)
+            await silence_until(conn, events, lambda ev: any(
+                e.type == "conversation.item.truncated" for e in ev[mark2:]), 10)
+            mark3 = len(events)
+            await conn.conversation.item.create(item={
+                "type": "message", "role": "user",
+                "content": [{"type": "input_text", "text": "What is the capital of France?"}]})
+            await conn.response.create()
+            await silence_until(conn, events, lambda ev: finished(ev, mark3), 60)
+        await client.close()
+        return events, mark, mark3
+
+    events, mark, mark3 = asyncio.run(scenario())
+    kinds = [e.type for e in events]
+    heard = [e.transcript for e in events
+             if e.type == "conversation.item.input_audio_transcription.completed"]
+    assert "country" in words(" ".join(heard)), heard
+    # the first reply: text and audio deltas, then cancelled by the user or completed
+    assert "response.output_audio_transcript.delta" in kinds[:mark]
+    ended = [e.response.status for e in events if e.type == "response.done"]
+    assert ended and set(ended) <= {"completed", "cancelled"}, ended
+    assert kinds.index("input_audio_buffer.speech_started", mark) > 0
+    # the answer to the spoken follow-up and to the typed question, as audio
+    for lo, hi in ((mark, mark3), (mark3, len(events))):
+        done = [e for e in events[lo:hi] if e.type == "response.done"
+                and e.response.status == "completed"][-1]
+        audio = b"".join(base64.b64decode(e.delta) for e in events[lo:hi]
+                         if e.type == "response.output_audio.delta"
+                         and e.response_id == done.response.id)
+        text = done.response.output[0].content[0].transcript
+        assert text.strip() and audio, (text, len(audio))
+        # the audio speaks the text (short replies: one misheard word is a large WER)
+        assert wer(text, hear(whisper, audio, 24000)) <= 0.5, text
+    typed = [e for e in events[mark3:] if e.type == "response.done"][-1]
+    answer = typed.response.output[0].content[0].transcript
+    print("\ntyped answer:", answer)
+    assert "paris" in words(answer), answer
+    assert "input_audio_buffer.committed" not in kinds[mark3:]
