@@ -347,9 +347,9 @@ class ClientSession:
                         frame = decode((fields or {}).get(FIELD, b""),
                                        self.settings.max_frame_bytes)
                         if frame.sid != self.sid:
-                            raise FrameError(f"frame of session {frame.sid!r}")
+                            raise FrameError(f"frame of session {frame.sid!r}", "wrong_session")
                     except FrameError as e:
-                        metrics.BAD_FRAMES.labels("gateway", "malformed").inc()
+                        metrics.BAD_FRAMES.labels("gateway", e.reason).inc()
                         log.warning("skipped a bad output frame: %s", e, extra={"sid": self.sid})
                         continue
                     for message in self.playback.feed(frame):
