@@ -96,8 +96,6 @@ class ClientSession:
             await asyncio.gather(self.reader, return_exceptions=True)
         if self.opened:
             metrics.ACTIVE_SESSIONS.dec()
-            if self.sessions.get(self.sid) is self:
-                del self.sessions[self.sid]
             if self.replaced:
                 await self._close(NORMAL, "replaced by a newer connection")
             else:
@@ -105,6 +103,11 @@ class ClientSession:
                     await asyncio.wait_for(self._end_session(), 3)
                 except (Exception, asyncio.TimeoutError) as e:
                     log.warning("could not end the session cleanly: %s", e, extra={"sid": self.sid})
+            # Only now: a resume arriving meanwhile finds this connection and waits for it,
+            # so it sees the SessionEnd and opens a new VAD owner (before, it could miss it
+            # and the SessionEnd written after released the owner of the resumed session).
+            if self.sessions.get(self.sid) is self:
+                del self.sessions[self.sid]
             log.info("session closed", extra={"sid": self.sid, "replaced": self.replaced})
         await self._close(NORMAL, "bye")
 

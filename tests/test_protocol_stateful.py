@@ -252,3 +252,25 @@ def test_any_order_of_client_messages(redis_url, workers, tmp_path):
     assert RAN["machines"] >= 20 and RAN["checks"] >= 200, RAN
     log = (tmp_path / "gateway.log").read_text(errors="replace")
     assert "session failed" not in log and "Traceback" not in log, log[-3000:]
+
+
+@pytest.mark.timeout(300)
+def test_resume_right_after_bye_keeps_a_vad_owner(redis_url, workers, tmp_path):
+    """Found by the state machine: a resume that arrived between the gateway's close
+    (1000, bye) and its SessionEnd found no SessionEnd, so it sent no SessionOpen; the
+    SessionEnd written just after then released the VAD owner, and the resumed session
+    was never heard again.  The gateway now ends the session before letting go of it."""
+    workers.start("tests.test_protocol_stateful:HeardStage")
+    workers.wait_ready("vad")
+    with gateway_process(redis_url, tmp_path) as (http, proc):
+        Protocol.url = http.replace("http", "ws") + "/ws"
+        p = Protocol.__new__(Protocol)
+        p.clients, p.n = [], 0
+        c = p._hello(16000)
+        for _ in range(15):
+            p._heard(c)
+            c.send(json.dumps({"type": "bye"}))
+            c = p._hello(16000, c.sid)  # at once: before the old connection is cleaned up
+        p._heard(c)
+        for c in p.clients:
+            c.close()
