@@ -101,6 +101,9 @@ class ClientSession:
             else:
                 try:
                     await asyncio.wait_for(self._end_session(), 3)
+                except asyncio.CancelledError:  # a resume took over while it ended: fine,
+                    if not self.replaced:       # the resume looks at the stream after this
+                        raise
                 except (Exception, asyncio.TimeoutError) as e:
                     log.warning("could not end the session cleanly: %s", e, extra={"sid": self.sid})
             # Only now: a resume arriving meanwhile finds this connection and waits for it,
