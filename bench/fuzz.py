@@ -155,7 +155,8 @@ def _hostile_once(target: str, sid: str, rng: random.Random, valid: bool, huge_o
         "unknown_kind": lambda: raw.__setitem__("kind", rng.choice(
             ["", "AUDIO", "x" * 300, "utt ", "reply_audio2", 5])),
         "bad_rate": lambda: raw.__setitem__(rng.choice(["sr", "in_sr", "out_sr"]), rng.choice(
-            [0, -1, 16001, 96000, 2**40, 7999, 44101])),
+            [0, -1, 16001, 96000, 2**40, 7999, 44101, 8000, 48000])),  # the last two: valid
+                                                                   # rates, not the session's
         "odd_pcm": lambda: raw.__setitem__("pcm", rng.randbytes(rng.randrange(1, 999, 2))),
         "nan_inf": lambda: raw.__setitem__(rng.choice(["marks", "start_s", "end_s", "at_s"]),
                                            rng.choice([{"t": math.nan}, math.inf, -math.inf,
