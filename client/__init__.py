@@ -1,6 +1,8 @@
-"""The client role: a Python client of the gateway's protocol (``protocol``) and the
-``s2s talk`` command (``talk_command``).  Installed as ``s2s.client`` (``pip install 's2s[client]'``);
-it needs no model engine."""
+"""The client role: a Python client of the gateway's protocol (``protocol``), of its
+OpenAI Realtime endpoint (``realtime``) and the ``s2s talk`` command (``talk_command``).
+Installed as ``s2s.client`` (``pip install 's2s[client]'``); it needs no model engine."""
 
-from .protocol import (FRAME_MS, Connection, ProtocolError, TalkResult, Tracker,  # noqa: F401
-                       TurnResult, talk)
+from .protocol import (FRAME_MS, Connection, ProtocolError, TalkResult, Tracker, TurnResult,
+                       talk)
+
+__all__ = ["FRAME_MS", "Connection", "ProtocolError", "TalkResult", "Tracker", "TurnResult", "talk"]

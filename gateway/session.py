@@ -111,15 +111,21 @@ class ClientSession:
             metrics.ACTIVE_SESSIONS.dec()
             if not self.replaced:  # auth: no longer counted against capacity and limits
                 await _quietly(self.bus.unregister_session(self.sid, self.principal.id))
-            if self.sessions.get(self.sid) is self:
-                del self.sessions[self.sid]
             if self.replaced:
                 await self._close(NORMAL, "replaced by a newer connection")
             else:
                 try:
                     await asyncio.wait_for(self._end_session(), 3)
+                except asyncio.CancelledError:  # a resume took over while it ended: fine,
+                    if not self.replaced:       # the resume looks at the stream after this
+                        raise
                 except (Exception, asyncio.TimeoutError) as e:
                     log.warning("could not end the session cleanly: %s", e, extra={"sid": self.sid})
+            # Only now: a resume arriving meanwhile finds this connection and waits for it,
+            # so it sees the SessionEnd and opens a new VAD owner (before, it could miss it
+            # and the SessionEnd written after released the owner of the resumed session).
+            if self.sessions.get(self.sid) is self:
+                del self.sessions[self.sid]
             log.info("session closed", extra={"sid": self.sid, "replaced": self.replaced})
         await self._close(NORMAL, "bye")
 
@@ -450,9 +456,9 @@ class ClientSession:
                         frame = decode((fields or {}).get(FIELD, b""),
                                        self.settings.max_frame_bytes)
                         if frame.sid != self.sid:
-                            raise FrameError(f"frame of session {frame.sid!r}")
+                            raise FrameError(f"frame of session {frame.sid!r}", "wrong_session")
                     except FrameError as e:
-                        metrics.BAD_FRAMES.labels("gateway", "malformed").inc()
+                        metrics.BAD_FRAMES.labels("gateway", e.reason).inc()
                         log.warning("skipped a bad output frame: %s", e, extra={"sid": self.sid})
                         continue
                     for message in self.playback.feed(frame):

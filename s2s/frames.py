@@ -1,7 +1,10 @@
 """Typed frames and their one msgpack codec.
 
 Every frame is a msgspec struct tagged by ``kind``; ``decode`` validates types,
-so a malformed or hostile payload raises :class:`FrameError` and nothing else.
+so a malformed or hostile payload raises :class:`FrameError` and nothing else;
+its ``reason`` (a short fixed word, see ``REASONS``) is what the rejection counters
+``s2s_bad_frames{reason}`` are labelled with.  Every field is bounded (lengths,
+finite numbers, sample rates), so a frame that decodes is safe to hand to a stage.
 The envelope (``v``, ``sid``, ``turn``, ``seq``, ``marks``) is shared; ``marks``
 carries wall-clock stamps (seconds since the epoch) set by each stage so
 latency can be measured end to end.
@@ -19,12 +22,29 @@ SAMPLE_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
 
 SID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"  # also checked by the gateway on a resume
 SessionId = Annotated[str, msgspec.Meta(pattern=SID_PATTERN)]
-NonNeg = Annotated[int, msgspec.Meta(ge=0)]
+# 2**53 - 1: turn/seq/chunk reach the client as JSON numbers, exact in JavaScript.
+NonNeg = Annotated[int, msgspec.Meta(ge=0, le=2**53 - 1)]
 Rate = Annotated[int, msgspec.Meta(ge=8000, le=48000)]
+OutRate = Annotated[int, msgspec.Meta(ge=0, le=48000)]  # 0: the voice's own rate
+# Finite and bounded: NaN/inf would poison latency histograms and audio positions.
+Num = Annotated[float, msgspec.Meta(ge=-1e12, le=1e12)]
+MAX_TEXT = 20_000  # characters: ~20 minutes of speech; a stage never gets a novel
+Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT)]
+Word = Annotated[str, msgspec.Meta(max_length=64)]
+Marks = Annotated[dict[Word, Num], msgspec.Meta(max_length=64)]
+
+# Why a frame was refused: the label of the rejection counters (a fixed, small set).
+REASONS = ("not_bytes", "too_large", "not_msgpack", "bad_utf8", "unknown_kind",
+           "missing_field", "wrong_type", "bad_sid", "bad_value", "bad_version",
+           "odd_length", "bad_rate", "wrong_kind", "wrong_session")
 
 
 class FrameError(ValueError):
-    """Bytes that are not a valid frame of this schema."""
+    """Bytes that are not a valid frame of this schema; ``reason`` is one of REASONS."""
+
+    def __init__(self, message: str, reason: str = "bad_value"):
+        super().__init__(message)
+        self.reason = reason
 
 
 class Frame(msgspec.Struct, tag_field="kind", kw_only=True, omit_defaults=True):
@@ -32,7 +52,7 @@ class Frame(msgspec.Struct, tag_field="kind", kw_only=True, omit_defaults=True):
     v: int = SCHEMA_VERSION
     turn: NonNeg = 0
     seq: NonNeg = 0
-    marks: dict[str, float] = msgspec.field(default_factory=dict)
+    marks: Marks = msgspec.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.v != SCHEMA_VERSION:
@@ -76,34 +96,34 @@ class SessionEnd(Frame, tag="end"):
 # --- VAD -> out / STT ---------------------------------------------------------------
 class SpeechStarted(Frame, tag="speech"):
     """The user started speaking; ``turn`` is the new turn (barge-in signal)."""
-    at_s: float = 0.0  # session audio position, seconds
+    at_s: Num = 0.0  # session audio position, seconds
 
 
 class Utterance(_Pcm, tag="utt"):
     """One utterance, 16 kHz; ``start_s``/``end_s`` are session audio positions of
     the speech, ``marks['speech_end']`` the wall time the speech really ended."""
-    start_s: float = 0.0
-    end_s: float = 0.0
-    out_sr: int = 0  # reply audio rate the client asked for (0: the voice's own)
+    start_s: Num = 0.0
+    end_s: Num = 0.0
+    out_sr: OutRate = 0  # reply audio rate the client asked for (0: the voice's own)
 
 
 # --- STT -> out / LLM ----------------------------------------------------------------
 class Transcript(Frame, tag="transcript"):
-    text: str
-    language: str = ""
-    confidence: float = 0.0
-    start_s: float = 0.0
-    end_s: float = 0.0
+    text: Text
+    language: Word = ""
+    confidence: Num = 0.0
+    start_s: Num = 0.0
+    end_s: Num = 0.0
     complete: bool = True  # ends like a finished sentence (not mid-thought)
-    out_sr: int = 0
+    out_sr: OutRate = 0
 
 
 # --- LLM -> out / TTS ----------------------------------------------------------------
 class ReplyText(Frame, tag="reply"):
     """One speakable chunk of the reply, ``seq`` 0, 1, 2…; ``final`` marks the last."""
-    text: str
+    text: Text
     final: bool = False
-    out_sr: int = 0  # rate the client wants (0: the voice's own)
+    out_sr: OutRate = 0  # rate the client wants (0: the voice's own)
 
 
 # --- TTS -> out ----------------------------------------------------------------------
@@ -116,8 +136,8 @@ class ReplyAudio(_Pcm, tag="reply_audio"):
 
 class Notice(Frame, tag="notice"):
     """An event for the client: error, stale, etc."""
-    event: str
-    message: str = ""
+    event: Word
+    message: Text = ""
 
 
 AnyFrame = Union[SessionOpen, Audio, SessionEnd, SpeechStarted, Utterance, Transcript, ReplyText,
@@ -131,15 +151,61 @@ def encode(frame: Frame) -> bytes:
     return _encoder.encode(frame)
 
 
-def decode(data: bytes, max_bytes: int = 16 * 1024 * 1024) -> AnyFrame:
-    """Bytes -> frame; raises FrameError for anything that is not a valid frame."""
+def _reason(message: str) -> str:
+    """The counter label for a msgspec error message (they are stable, documented
+    strings; an unknown one is a plain ``bad_value``)."""
+    m = message
+    if "schema version" in m:
+        return "bad_version"
+    if "16-bit samples" in m:
+        return "odd_length"
+    if "sample rate" in m or "`$.sr`" in m or "`$.in_sr`" in m or "`$.out_sr`" in m:
+        return "bad_rate"
+    if "`$.sid`" in m:
+        return "bad_sid"
+    if "length <=" in m:
+        return "too_large"
+    if "`$.kind`" in m or "missing required field `kind`" in m:
+        return "unknown_kind"
+    if "missing required field" in m:
+        return "missing_field"
+    if "UTF-8" in m:
+        return "bad_utf8"
+    if m.startswith("Expected `") and ", got `" in m:
+        return "wrong_type"
+    return "bad_value"
+
+
+def decode(data: bytes, max_bytes: int = 16 * 1024 * 1024,
+           expect: type | tuple[type, ...] | None = None) -> AnyFrame:
+    """Bytes -> frame; raises FrameError (with a ``reason``) for anything that is not a
+    valid frame, or (``expect``) not a frame of the kind(s) the caller reads."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise FrameError(f"frame must be bytes, not {type(data).__name__}")
+        raise FrameError(f"frame must be bytes, not {type(data).__name__}", "not_bytes")
     if len(data) > max_bytes:
-        raise FrameError(f"frame of {len(data)} bytes exceeds the {max_bytes}-byte limit")
+        raise FrameError(f"frame of {len(data)} bytes exceeds the {max_bytes}-byte limit",
+                         "too_large")
     try:
-        return _decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
-        raise FrameError(str(e)) from None
+        frame = _decoder.decode(data)
+    except msgspec.ValidationError as e:
+        raise FrameError(str(e), _reason(str(e))) from None
+    except msgspec.DecodeError as e:
+        reason = "bad_utf8" if "UTF-8" in str(e) else "not_msgpack"
+        raise FrameError(str(e), reason) from None
     except Exception as e:  # any other surprise from hostile bytes is still a bad frame
-        raise FrameError(f"{type(e).__name__}: {e}") from None
+        raise FrameError(f"{type(e).__name__}: {e}", "bad_value") from None
+    if expect is not None and not isinstance(frame, expect):
+        raise FrameError(f"a {frame.__class__.__name__} frame where "
+                         f"{_kinds(expect)} was expected", "wrong_kind")
+    return frame
+
+
+def _kinds(expect: type | tuple[type, ...]) -> str:
+    types = expect if isinstance(expect, tuple) else (expect,)
+    return " or ".join(t.__name__ for t in types)
+
+
+#: the frame kinds a built-in stage's input stream carries (``routes`` in s2s.bus);
+#: the runtime refuses any other kind there as ``wrong_kind`` before the stage sees it
+STAGE_INPUTS: dict[str, tuple[type, ...]] = {"stt": (Utterance,), "llm": (Transcript,),
+                                             "tts": (ReplyText,), "vad": (SessionOpen,)}

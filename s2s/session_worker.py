@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 
 from . import keys, metrics
 from .bus import RETRYABLE, entry_ms, redis_error_kind
-from .frames import FrameError, SessionEnd, SessionOpen, decode
+from .frames import Audio, FrameError, SessionEnd, SessionOpen, decode
 from .config import Settings
 from .stage import SessionStage, Stage
 from .worker import Runtime
@@ -43,11 +43,9 @@ class SessionRuntime(Runtime):
 
     async def _handle(self, entry_id: bytes, data: bytes) -> None:
         try:
-            opened = decode(data, self.settings.max_frame_bytes)
-            if not isinstance(opened, SessionOpen):
-                raise FrameError(f"expected an 'open' frame, got {type(opened).__name__}")
+            opened = decode(data, self.settings.max_frame_bytes, SessionOpen)
         except FrameError as e:
-            metrics.BAD_FRAMES.labels(self.name, "malformed").inc()
+            metrics.BAD_FRAMES.labels(self.name, e.reason).inc()
             log.warning("rejected malformed session entry %s: %s", entry_id.decode(), e)
             await self._ack(entry_id)
             return
@@ -207,11 +205,12 @@ class SessionRuntime(Runtime):
     async def _handle_audio(self, sid: str, session: Any, audio_id: bytes, data: bytes) -> bool:
         picked = time.time()
         try:
-            frame = decode(data, self.settings.max_frame_bytes)
+            frame = decode(data, self.settings.max_frame_bytes, (Audio, SessionEnd))
             if frame.sid != sid:
-                raise FrameError(f"frame for session {frame.sid!r} in the stream of {sid!r}")
+                raise FrameError(f"frame for session {frame.sid!r} in the stream of {sid!r}",
+                                 "wrong_session")
         except FrameError as e:
-            metrics.BAD_FRAMES.labels(self.name, "malformed").inc()
+            metrics.BAD_FRAMES.labels(self.name, e.reason).inc()
             metrics.ITEMS.labels(self.name, "error").inc()
             log.warning("rejected malformed audio frame: %s", e, extra={"sid": sid})
             return False

@@ -36,7 +36,7 @@ from redis.exceptions import RedisError
 from . import keys, metrics
 from .bus import REDIS_DOWN, RETRYABLE, Bus, entry_ms, redis_error_kind
 from .config import Settings
-from .frames import Frame, FrameError, Notice, decode
+from .frames import STAGE_INPUTS, Frame, FrameError, Notice, decode
 from .stage import SessionState, Stage
 
 log = logging.getLogger("s2s.worker")
@@ -269,9 +269,9 @@ class Runtime:
     async def _handle(self, entry_id: bytes, data: bytes) -> None:
         picked = time.time()
         try:
-            frame = decode(data, self.settings.max_frame_bytes)
+            frame = decode(data, self.settings.max_frame_bytes, STAGE_INPUTS.get(self.name))
         except FrameError as e:
-            metrics.BAD_FRAMES.labels(self.name, "malformed").inc()
+            metrics.BAD_FRAMES.labels(self.name, e.reason).inc()
             metrics.ITEMS.labels(self.name, "error").inc()
             log.warning("rejected malformed frame %s: %s", entry_id.decode(), e)
             await self._ack(entry_id)
