@@ -158,15 +158,26 @@ def _sid(data: bytes) -> str:
 
 
 async def load_main(url: str, sessions: int, stages: bool, args, stop: float, q) -> None:
-    pool = aioredis.ConnectionPool.from_url(url, max_connections=4 * sessions + 64)
+    # socket_timeout above the longest blocking read (1 s): a connection reset by something
+    # else on the machine ends one simulated session (counted) instead of hanging the step
+    pool = aioredis.ConnectionPool.from_url(url, max_connections=4 * sessions + 64,
+                                            socket_timeout=5)
     client = aioredis.Redis(connection_pool=pool)
     settings = config.load({"redis_url": url}, environ={})
     bus = Bus(settings, client=client)
-    counts = {"cmds": 0, "frames": 0, "late": 0}
+    counts = {"cmds": 0, "frames": 0, "late": 0, "errors": 0}
+
+    async def guarded(job) -> None:  # a dropped connection ends one simulated session, counted
+        try:
+            await job
+        except (redis.RedisError, OSError) as e:
+            counts["errors"] += 1
+            counts.setdefault("error", repr(e))
+
     jobs = [session(bus, args, stop, counts) for _ in range(sessions)]
     if stages:
         jobs += [stage_consumer(bus, st, args, stop, counts) for st in STAGE_GROUPS for _ in range(2)]
-    await asyncio.gather(*jobs)
+    await asyncio.gather(*map(guarded, jobs))
     await client.aclose()
     q.put(counts)
 
@@ -182,12 +193,16 @@ def load_proc(url, sessions, stages, args, stop_wall, core, q) -> None:
 def probe_proc(url: str, stop_wall: float, core, q) -> None:
     if core is not None:
         os.sched_setaffinity(0, {core})
-    r = redis.Redis.from_url(url)
+    r = redis.Redis.from_url(url, socket_timeout=2, retry_on_error=[redis.ConnectionError])
     key = keys.audio("probe")
     samples = []
     while time.time() < stop_wall:
         t0 = time.perf_counter()
-        r.xadd(key, {b"f": FRAME}, maxlen=2000, approximate=True)
+        try:
+            r.xadd(key, {b"f": FRAME}, maxlen=2000, approximate=True)
+        except redis.RedisError:
+            samples.append(float("inf"))  # a failed call counts as over any bound
+            continue
         samples.append((time.perf_counter() - t0) * 1000)
         time.sleep(0.01)
     q.put(samples)
@@ -214,7 +229,9 @@ class PinnedRedis:
                "--latency-monitor-threshold", "1"]
         if shutil.which("taskset"):
             cmd = ["taskset", "-c", str(core), *cmd]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.log = os.path.join(self.dir, "redis.log")
+        self.proc = subprocess.Popen(cmd + ["--logfile", self.log], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.client = redis.Redis.from_url(self.url)
         for _ in range(100):
@@ -234,6 +251,17 @@ class PinnedRedis:
         except OSError:  # no /proc: Redis' own account of its main thread
             info = self.client.info("cpu")
             return info["used_cpu_user"] + info["used_cpu_sys"]
+
+    def died(self) -> str | None:
+        """Why redis-server is gone (its log's tail), or None while it runs."""
+        with open(self.log, errors="replace") as f:
+            tail = f.read()[-1500:]
+        if self.proc.poll() is None:
+            stats = {k: v for k, v in self.client.info("stats").items() if "reject" in k or
+                     "disconnect" in k or "evicted" in k}
+            print(f"redis-server still runs: {stats}; its log ends:\n{tail}", file=sys.stderr)
+            return None
+        return f"redis-server exited ({self.proc.returncode}): {tail}"
 
     def close(self) -> None:
         self.proc.terminate()
@@ -278,10 +306,13 @@ def step(server: PinnedRedis, n: int, args, load_cores: list[int]) -> dict:
     samples = pq.get(timeout=args.duration + 60)
     probe.join()
     cpu1, t1 = server.cpu(), time.time()
-    counts = {"cmds": 0, "frames": 0, "late": 0}
+    counts = {"cmds": 0, "frames": 0, "late": 0, "errors": 0}
     for _ in workers:
         for k, v in q.get(timeout=args.duration + 120).items():
-            counts[k] += v
+            if k == "error":
+                print(f"  load error: {v}", file=sys.stderr)
+            else:
+                counts[k] += v
     for w in workers:
         w.join()
     total = warm + args.duration
@@ -298,6 +329,7 @@ def step(server: PinnedRedis, n: int, args, load_cores: list[int]) -> dict:
         "frames_per_s": counts["frames"] / total,
         "frames_target": n / FRAME_S,
         "late": counts["late"],
+        "errors": counts["errors"],
         "p50_ms": pct(samples, 50),
         "p99_ms": pct(samples, 99),
         "server_xadd_p99_us": (lat.get("xadd") or (None, None))[1],
@@ -310,7 +342,7 @@ def print_row(row: dict) -> None:
     print(f"{row['sessions']:>8} {row['redis_cpu']:>8.0%} {row['cmds_per_s']:>8.0f} "
           f"{row['usec_per_call']:>7.1f} {row['frames_per_s']:>6.0f}/{row['frames_target']:<6.0f} "
           f"{row['p50_ms']:>7.2f} {row['p99_ms']:>7.2f} {str(row['server_xadd_p99_us']):>15} "
-          f"{row['used_memory_mb']:>7.0f}", flush=True)
+          f"{row['used_memory_mb']:>7.0f} {row['errors']:>6}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -342,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"redis-server pinned to core {redis_core}; load on cores {load_cores} "
           f"({args.procs} processes); {args.duration:.0f} s per step", flush=True)
     header = (f"{'sessions':>8} {'redis CPU':>9} {'cmds/s':>8} {'us/call':>7} {'frames/s':>13} "
-              f"{'p50 ms':>7} {'p99 ms':>7} {'srv XADD p99 us':>15} {'mem MB':>7}")
+              f"{'p50 ms':>7} {'p99 ms':>7} {'srv XADD p99 us':>15} {'mem MB':>7} {'errors':>6}")
     print(header)
     rows, verdict = [], None
     try:
@@ -355,7 +387,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"machine is busier than the bound, so the latency verdict is skipped and only "
                   f"the CPU figure counts", flush=True)
         for n in ramp:
-            row = step(server, n, args, load_cores)
+            try:
+                row = step(server, n, args, load_cores)
+            except Exception as e:  # noqa: BLE001 - report what was measured so far
+                reason = server.died() or f"{type(e).__name__}: {e}"
+                print(f"{n:>8} step failed ({reason}); the ramp stops here", flush=True)
+                verdict = ("failed", n)
+                break
             rows.append(row)
             print_row(row)
             if row["p99_ms"] > args.p99_ms and not noisy:
@@ -376,6 +414,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{best['redis_cpu']:.0%} of one Redis core, p99 {best['p99_ms']:.2f} ms")
         print(f"Redis CPU per session: {best['redis_cpu'] / best['sessions'] * 1000:.2f} ms/s -> "
               f"~{per_core:.0f} sessions per Redis core at 100% CPU (extrapolated)")
+        # The same from Redis' own command timer (wall time inside each command: on a busy
+        # machine it includes preemption, so it is the conservative figure).
+        busy = best["cmds_per_s"] * best["usec_per_call"] / 1e6
+        print(f"Redis command time per session: {busy / best['sessions'] * 1000:.2f} ms/s -> "
+              f"~{best['sessions'] / busy:.0f} sessions per Redis core (conservative; "
+              f"{best['cmds_per_s'] / best['sessions']:.0f} commands per session per s)")
     if verdict and verdict[0] == "redis":
         print(f"p99 passed {args.p99_ms} ms at {verdict[1]} sessions: Redis (or this machine) is the limit")
     elif verdict and verdict[0] == "load":
