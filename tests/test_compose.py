@@ -123,8 +123,6 @@ def stack(docker, tmp_path_factory):
     try:
         assert up.returncode == 0, f"compose up failed:\n{up.stdout[-2000:]}\n{up.stderr[-3000:]}"
         yield info
-    except BaseException:
-        raise
     finally:
         logs = sh(*base, "logs", "--no-color", "--tail", "40", timeout=60, env=env, cwd=ROOT)
         (tmp_path_factory.getbasetemp() / "compose.log").write_text(logs.stdout + logs.stderr)

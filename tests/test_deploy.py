@@ -206,6 +206,8 @@ def test_dockerfiles_pin_torch_and_install_the_weights():
     assert (DEPLOY / "Dockerfile").read_text().startswith("#") and \
         "ARG BASE_IMAGE=python:3.11-slim" in (DEPLOY / "Dockerfile").read_text()
     assert "nvidia/cuda" in (DEPLOY / "Dockerfile.cuda").read_text()
+    # one CUDA image for every role: it must install every role's engines
+    assert re.search(r'pip install "/app\[all[,\]]', (DEPLOY / "Dockerfile.cuda").read_text())
 
 
 # --- Prometheus and Grafana ----------------------------------------------------------------
