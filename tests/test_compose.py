@@ -102,9 +102,10 @@ def stack(docker, tmp_path_factory):
     missing = [f"s2s-{r}" for r in ROLES if not have(f"s2s-{r}")]
     env = {**os.environ}
     for var, choices in INFRA.items():
-        image = env.get(var) or next((c for c in choices if have(c)), None)
+        wanted = [env[var]] if env.get(var) else list(choices)
+        image = next((c for c in wanted if have(c)), None)
         if image is None:
-            missing.append(" or ".join(choices))
+            missing.append(" or ".join(wanted))
         env[var] = image or ""
     if missing:
         pytest.skip(f"images missing: {', '.join(missing)} (build them with `make images`; "
