@@ -22,7 +22,7 @@ import yaml
 from s2s import keys
 from s2s.bus import FIELD
 from s2s.config import Settings
-from s2s.frames import SessionOpen, Transcript, encode
+from s2s.frames import ReplyText, SessionOpen, Transcript, Utterance, encode
 
 from .conftest import ROOT, Workers
 from .stages import CrashSessionStage, EchoStage
@@ -151,8 +151,10 @@ def test_every_stage_asks_for_more_replicas_under_overload_and_none_when_idle(re
         for stage in STAGES:
             for i in range(2 * slots[stage]):
                 sid = f"{stage}{i:03d}"
-                frame = (SessionOpen(sid=sid) if stage == "vad"
-                         else Transcript(sid=sid, turn=1, text="hello"))
+                frame = {"vad": SessionOpen(sid=sid),  # each stage's own input kind
+                         "stt": Utterance(sid=sid, turn=1, pcm=bytes(3200), sr=16000),
+                         "llm": Transcript(sid=sid, turn=1, text="hello"),
+                         "tts": ReplyText(sid=sid, turn=1, text="hello")}[stage]
                 r.xadd(keys.stage_stream(stage), {FIELD: encode(frame)})
         for stage in STAGES:
             meta = next(t["metadata"] for t in scaled[stage]["spec"]["triggers"]
