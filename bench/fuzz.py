@@ -606,6 +606,10 @@ def main(argv: list[str] | None = None) -> int:
     targets = [t.strip() for t in args.target.split(",") if t.strip()]
     if unknown := set(targets) - set(TARGETS):
         ap.error(f"unknown target(s) {sorted(unknown)}")
+    if args.url and not args.redis_url:
+        ap.error("--url needs --redis-url (the stage targets write to its streams)")
+    if "gateway" in targets and args.redis_url and not args.url:
+        ap.error("the gateway target needs --url")
     if args.redis_url:
         results = asyncio.run(fuzz(targets, args.count, args.redis_url, args.url, args.seed,
                                    args.valid, args.canary_timeout))
