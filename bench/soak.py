@@ -10,7 +10,7 @@ change over the run after warm-up (%), Redis ``used_memory`` against the target
 (50 MB + 2 MB per open session), turns completed, and writes JSON and a plot.
 
 Without ``--url`` it starts its own stack (Redis, one worker per stage, the gateway:
-``s2s.bench.fuzz.Stack``).  With ``--url``/``--redis-url`` it samples the workers it
+``s2s.bench.stack.Stack``).  With ``--url``/``--redis-url`` it samples the workers it
 finds heartbeating in Redis (their pid is in the consumer id, so only when they run
 on this machine), Redis itself (INFO's process_id) and ``--pid`` processes (e.g. the
 gateway).
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         fixed = {n: int(p) for n, _, p in (x.partition("=") for x in args.pid)}
         asyncio.run(run(args.url, args.redis_url, soak, fixed, wavs, log))
     else:
-        from s2s.bench.fuzz import Stack, parse_stages
+        from s2s.bench.stack import Stack, parse_stages
 
         with Stack(parse_stages(args.stage)) as stack:
             log(f"stack up (logs in {stack.logdir})")

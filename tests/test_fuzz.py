@@ -16,7 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from s2s.bench.fuzz import TARGETS, Fuzzer, Stack, expected, hostile, table
+from s2s.bench.fuzz import TARGETS, Fuzzer, expected, hostile, table
+from s2s.bench.stack import Stack
 from s2s.frames import (REASONS, Audio, FrameError, Notice, ReplyAudio, ReplyText, SessionEnd,
                         SessionOpen, SpeechStarted, Transcript, Utterance, decode, encode)
 from s2s.stage import Stage
