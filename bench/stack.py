@@ -33,6 +33,14 @@ class Stack:
         self.logdir = logdir or Path(tempfile.mkdtemp(prefix="s2s-stack-"))
         self.env = {**os.environ, "S2S_METRICS_PORT": "0", "PYTHONUNBUFFERED": "1",
                     "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+        auth_off = self.env.get("S2S_AUTH", "on").lower() in ("0", "false", "no", "off")
+        if not self.env.get("S2S_API_KEYS") and not auth_off:
+            # the gateway lets nobody in without a key: a private one for this run, which
+            # this process's clients (auth_headers) present too
+            import secrets
+
+            key = os.environ.setdefault("S2S_API_KEY", secrets.token_urlsafe(24))
+            self.env.update(S2S_API_KEYS=f"bench:{key}", S2S_API_KEY=key)
         self.procs: dict[str, Any] = {}
 
     @property
