@@ -26,7 +26,7 @@ from s2s.audio import StreamResampler
 from s2s.config import Settings
 
 from . import g711
-from .realtime_events import (Response, SessionConfig, UnsupportedConfig, user_audio_item,
+from .realtime_events import (RealtimeConfig, Response, UnsupportedConfig, user_audio_item,
                               user_text_item)
 
 log = logging.getLogger("s2s.gateway.realtime")
@@ -51,7 +51,7 @@ class RealtimeSocket:
     def __init__(self, ws: Any, settings: Settings):
         self._ws = ws
         self.settings = settings
-        self.config = SessionConfig()
+        self.config = RealtimeConfig(settings)
         self.inbox: asyncio.Queue[dict] = asyncio.Queue()
         self.pump: asyncio.Task | None = None
         self.send_lock = asyncio.Lock()
@@ -156,7 +156,15 @@ class RealtimeSocket:
         session = event.get("session")
         if not isinstance(session, dict):
             raise UnsupportedConfig("invalid_value", "session must be an object", eid, "session")
-        self.config = self.config.updated(session, eid)
+        old, self.config = self.config, self.config.updated(session, eid)
+        configure: dict = {}
+        if self.config.instructions != old.instructions:
+            configure["instructions"] = self.config.instructions
+        vad = self.config.vad_settings()
+        if vad and vad != old.vad_settings():
+            configure["vad"] = vad
+        if configure:  # the native session applies them (the LLM's prompt, the VAD)
+            self._native({"type": "configure", **configure})
         await self.emit("session.updated", session=self.config.describe(self.sid))
 
     def _to_native_pcm(self, audio: bytes) -> bytes:
@@ -302,7 +310,8 @@ class RealtimeSocket:
             await self.error("invalid_value", "audio_end_ms must be a non-negative integer", eid,
                              "audio_end_ms")
             return
-        response.truncated_at = end_ms / 1000
+        self._native({"type": "truncate", "turn": response.turn,
+                      "text": response.heard_text(end_ms / 1000)})
         await self.emit("conversation.item.truncated", item_id=item_id,
                         content_index=event.get("content_index", 0), audio_end_ms=end_ms)
 

@@ -25,21 +25,23 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:20]}"
 
 
-class SessionConfig:
+class RealtimeConfig:
     """What ``session.update`` may set, validated; the rest is the native session's."""
 
-    def __init__(self) -> None:
+    def __init__(self, settings: Any = None) -> None:
         self.instructions = ""
         self.input_format = "audio/pcm"
         self.output_format = "audio/pcm"
         self.modalities = ["audio"]
         self.transcription: dict | None = {"model": "s2s-stt", "language": "en"}
+        # the stack's own VAD settings, until the client changes them
         self.turn_detection: dict | None = {
-            "type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 100,
-            "silence_duration_ms": 300, "idle_timeout_ms": None, "create_response": True,
-            "interrupt_response": True}
+            "type": "server_vad", "threshold": getattr(settings, "vad_threshold", 0.5),
+            "prefix_padding_ms": getattr(settings, "vad_speech_pad_ms", 100),
+            "silence_duration_ms": getattr(settings, "vad_min_silence_ms", 300),
+            "idle_timeout_ms": None, "create_response": True, "interrupt_response": True}
 
-    def updated(self, session: dict, eid: str | None) -> "SessionConfig":
+    def updated(self, session: dict, eid: str | None) -> "RealtimeConfig":
         """A copy with ``session`` applied; raises UnsupportedConfig and changes nothing
         when any field is invalid or asks for something s2s cannot do."""
         new = copy.deepcopy(self)
@@ -86,10 +88,13 @@ class SessionConfig:
     def vad_settings(self) -> dict[str, float]:
         """The native VAD settings this session's turn detection maps to."""
         td = self.turn_detection or {}
-        return {k: float(td[src]) for k, src in (("threshold", "threshold"),
-                                                 ("min_silence_ms", "silence_duration_ms"),
-                                                 ("speech_pad_ms", "prefix_padding_ms"))
-                if td.get(src) is not None}
+        out = {k: float(td[src]) for k, src in (("threshold", "threshold"),
+                                                ("min_silence_ms", "silence_duration_ms"),
+                                                ("speech_pad_ms", "prefix_padding_ms"))
+               if td.get(src) is not None}
+        if "threshold" in out:  # 0 or 1 would make every chunk speech, or none
+            out["threshold"] = min(max(out["threshold"], 0.05), 0.95)
+        return out
 
     def describe(self, sid: str) -> dict:
         def fmt(name: str) -> dict:
@@ -155,7 +160,7 @@ def user_audio_item(item_id: str, transcript: str | None, status: str) -> dict:
 class Response:
     """One assistant response: the reply of one native turn."""
 
-    def __init__(self, turn: int, config: SessionConfig, previous_item: str):
+    def __init__(self, turn: int, config: RealtimeConfig, previous_item: str):
         self.turn = turn
         self.id = _new_id("resp")
         self.item_id = _new_id("item")

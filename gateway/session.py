@@ -23,8 +23,8 @@ from starlette.websockets import WebSocket
 from s2s import keys, metrics
 from s2s.bus import FIELD, REDIS_DOWN, Bus
 from s2s.config import Settings
-from s2s.frames import (SAMPLE_RATES, SID_PATTERN, Audio, FrameError, SessionEnd, SessionOpen,
-                        Transcript, decode)
+from s2s.frames import (SAMPLE_RATES, SID_PATTERN, Audio, FrameError, SessionConfig, SessionEnd,
+                        SessionOpen, Transcript, decode)
 
 from .auth import ANONYMOUS, AuthError, Authenticator, Principal, ticket_key
 from .playback import Playback
@@ -41,7 +41,9 @@ STRIKES = 10                # rejected messages within STRIKE_WINDOW_S that end 
 STRIKE_WINDOW_S = 10.0
 RATE_WINDOW_S = 2.0         # max_audio_rate is averaged over this long
 RESUME_WAIT_S = 5.0         # how long a resume waits for the old VAD owner to let go
-MAX_TEXT_CHARS = 4000       # typed user input
+MAX_TEXT_CHARS = 4000       # typed user input, instructions
+VAD_LIMITS = {"threshold": (0.05, 0.95), "min_silence_ms": (100, 5000),
+              "speech_pad_ms": (0, 2000)}
 REPLAY_SCAN = 500           # output entries a resume looks back for the current turn
 
 # close codes
@@ -373,6 +375,10 @@ class ClientSession:
                         await self._typed_text(obj)
                     elif kind == "cancel":
                         await self._cancel()
+                    elif kind == "configure":
+                        await self._configure(obj)
+                    elif kind == "truncate":
+                        await self._truncate(obj)
                     elif kind == "hello":
                         raise Reject("already_open", "hello was already received")
                     else:
@@ -397,6 +403,34 @@ class ClientSession:
         turn = await self.bus.advance_turn(self.sid)
         for message in self.playback.supersede(turn):
             await self.send(message)
+
+    async def _configure(self, obj: dict) -> None:
+        """Per-session settings: ``instructions`` (the system prompt of this session's
+        replies) and ``vad`` (turn detection; applied in order with the audio)."""
+        instructions, vad = obj.get("instructions"), obj.get("vad")
+        if instructions is not None:
+            if not isinstance(instructions, str) or len(instructions) > MAX_TEXT_CHARS:
+                raise Reject("bad_configure", f'"instructions" must be a string of at most '
+                             f"{MAX_TEXT_CHARS} characters")
+            await self.bus.set_prefs(self.sid, instructions=instructions)
+        if vad is not None:
+            if not isinstance(vad, dict) or not vad or any(
+                    k not in VAD_LIMITS or isinstance(v, bool) or not isinstance(v, (int, float))
+                    or not VAD_LIMITS[k][0] <= v <= VAD_LIMITS[k][1] for k, v in vad.items()):
+                raise Reject("bad_configure", '"vad" takes ' + ", ".join(
+                    f"{k} in [{lo}, {hi}]" for k, (lo, hi) in VAD_LIMITS.items()))
+            await self.bus.emit(SessionConfig(sid=self.sid, vad={k: float(v)
+                                                                 for k, v in vad.items()}))
+
+    async def _truncate(self, obj: dict) -> None:
+        """What the user heard of a reply (the client stopped playing it early): the
+        conversation history keeps only that."""
+        turn, text = obj.get("turn"), obj.get("text")
+        if isinstance(turn, bool) or not isinstance(turn, int) or turn < 0 or \
+                not isinstance(text, str) or len(text) > MAX_TEXT_CHARS:
+            raise Reject("bad_truncate", '"turn" (an integer) and "text" (what was heard) '
+                         "are required")
+        await self.bus.set_prefs(self.sid, **{f"heard:{turn}": text})
 
     async def _audio(self, pcm: bytes) -> None:
         if not pcm:

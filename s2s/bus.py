@@ -18,8 +18,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import keys
 from .config import Settings
-from .frames import (Audio, Frame, Notice, ReplyAudio, ReplyText, SessionEnd, SessionOpen,
-                     SpeechStarted, Transcript, Utterance, encode)
+from .frames import (Audio, Frame, Notice, ReplyAudio, ReplyText, SessionConfig, SessionEnd,
+                     SessionOpen, SpeechStarted, Transcript, Utterance, encode)
 
 FIELD = b"f"
 #: what "Redis is unreachable" looks like: callers retry with backoff
@@ -140,7 +140,7 @@ def routes(frame: Frame) -> list[str]:
     sid = frame.sid
     if isinstance(frame, SessionOpen):
         return [keys.SESSIONS]
-    if isinstance(frame, (Audio, SessionEnd)):
+    if isinstance(frame, (Audio, SessionEnd, SessionConfig)):
         return [keys.audio(sid)]
     if isinstance(frame, Utterance):
         return [keys.STAGE_STREAMS["stt"]]
@@ -356,6 +356,19 @@ class Bus:
         pipe.incr(keys.turn(sid))
         pipe.expire(keys.turn(sid), self.settings.session_ttl_s)
         return int((await pipe.execute())[0])
+
+    # --- what the client asked for (read by the stages through SessionState) ---------
+    async def set_prefs(self, sid: str, **fields: str) -> None:
+        """Record per-session preferences (``instructions``; ``heard:<turn>``: what the
+        user heard of that turn's reply) in the hash ``s2s:prefs:{sid}``."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(keys.prefs(sid), mapping=fields)
+        pipe.expire(keys.prefs(sid), self.settings.session_ttl_s)
+        await pipe.execute()
+
+    async def prefs(self, sid: str) -> dict[str, str]:
+        raw = await self.redis.hgetall(keys.prefs(sid))
+        return {k.decode(): v.decode("utf-8", "replace") for k, v in raw.items()}
 
     async def close_session(self, sid: str) -> None:
         """Per-session keys expire shortly after the session ends."""

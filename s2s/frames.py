@@ -93,6 +93,14 @@ class SessionEnd(Frame, tag="end"):
     """The client is gone: the VAD owner releases the session."""
 
 
+class SessionConfig(Frame, tag="config"):
+    """Per-session VAD settings the client asked for (the Realtime API's turn detection),
+    in order with the session's audio: ``threshold`` (speech probability),
+    ``min_silence_ms`` (silence that ends an utterance), ``speech_pad_ms``."""
+    vad: Annotated[dict[Word, Num], msgspec.Meta(max_length=8)] = msgspec.field(
+        default_factory=dict)
+
+
 # --- VAD -> out / STT ---------------------------------------------------------------
 class SpeechStarted(Frame, tag="speech"):
     """The user started speaking; ``turn`` is the new turn (barge-in signal)."""
@@ -140,8 +148,8 @@ class Notice(Frame, tag="notice"):
     message: Text = ""
 
 
-AnyFrame = Union[SessionOpen, Audio, SessionEnd, SpeechStarted, Utterance, Transcript, ReplyText,
-                 ReplyAudio, Notice]
+AnyFrame = Union[SessionOpen, Audio, SessionEnd, SessionConfig, SpeechStarted, Utterance,
+                 Transcript, ReplyText, ReplyAudio, Notice]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(AnyFrame)

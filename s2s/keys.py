@@ -60,5 +60,12 @@ def ticket(digest: str) -> str:
     return f"s2s:ticket:{digest}"
 
 
+def prefs(sid: str) -> str:
+    """Hash of what the client asked for: ``instructions`` (the session's system prompt),
+    ``heard:<turn>`` (what the user heard of that turn's reply: the history keeps that)."""
+    return f"s2s:prefs:{{{sid}}}"
+
+
 def session_keys(sid: str) -> list[str]:
-    return [audio(sid), out(sid), turn(sid), ctx(sid), vad_pos(sid), vad_state(sid), owner(sid)]
+    return [audio(sid), out(sid), turn(sid), ctx(sid), vad_pos(sid), vad_state(sid), owner(sid),
+            prefs(sid)]

@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 
 from . import keys, metrics
 from .bus import RETRYABLE, entry_ms, redis_error_kind
-from .frames import Audio, FrameError, SessionEnd, SessionOpen, decode
+from .frames import Audio, FrameError, SessionConfig, SessionEnd, SessionOpen, decode
 from .config import Settings
 from .stage import SessionStage, Stage
 from .worker import Runtime
@@ -205,7 +205,8 @@ class SessionRuntime(Runtime):
     async def _handle_audio(self, sid: str, session: Any, audio_id: bytes, data: bytes) -> bool:
         picked = time.time()
         try:
-            frame = decode(data, self.settings.max_frame_bytes, (Audio, SessionEnd))
+            frame = decode(data, self.settings.max_frame_bytes,
+                           (Audio, SessionEnd, SessionConfig))
             if frame.sid != sid:
                 raise FrameError(f"frame for session {frame.sid!r} in the stream of {sid!r}",
                                  "wrong_session")

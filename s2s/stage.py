@@ -45,6 +45,10 @@ class SessionState:
     async def advance_turn(self, sid: str) -> int:
         return await self._call(self._bus.advance_turn, sid)
 
+    async def prefs(self, sid: str) -> dict[str, str]:
+        """What the client asked for (``instructions``, ``heard:<turn>``): see keys.prefs."""
+        return await self._call(self._bus.prefs, sid)
+
     async def load(self, sid: str, default: Any = None) -> Any:
         raw = await self._call(self._bus.redis.get, keys.ctx(sid))
         return json.loads(raw) if raw else default

@@ -326,3 +326,43 @@ async def test_realtime_needs_the_same_key_as_native(rt):
                 await asyncio.wait_for(ws.recv(), 5)
             assert closed.value.rcvd.code == 1008
     assert not await stream_frames(rt.redis, keys.SESSIONS)
+
+
+async def test_instructions_vad_settings_and_truncate_reach_the_session(rt):
+    """session.update's instructions and turn detection, and a truncate, become the
+    native session's configure/truncate: the prefs the LLM reads, a SessionConfig frame
+    in order with the audio for the VAD, what the user heard of a reply."""
+    from s2s.frames import SessionConfig
+
+    async with rt.client.realtime.connect(model="s2s") as conn:
+        await events_until(conn, "session.created")
+        await conn.session.update(session={"type": "realtime", "instructions": "Speak like a pirate.",
+                                           "audio": {"input": {"turn_detection": {
+                                               "type": "server_vad", "threshold": 0.6,
+                                               "silence_duration_ms": 700}}}})
+        await events_until(conn, "session.updated")
+        sid = await session_id(rt)
+        async with asyncio.timeout(5):
+            while not [f for f in await stream_frames(rt.redis, keys.audio(sid))
+                       if isinstance(f, SessionConfig)]:
+                await asyncio.sleep(0.02)
+        [config] = [f for f in await stream_frames(rt.redis, keys.audio(sid))
+                    if isinstance(f, SessionConfig)]
+        assert config.vad == {"threshold": 0.6, "min_silence_ms": 700.0, "speech_pad_ms": 100.0}
+        assert (await rt.bus.prefs(sid))["instructions"] == "Speak like a pirate."
+        await rt.bus.advance_turn(sid)
+        await rt.bus.emit(SpeechStarted(sid=sid, turn=1), Transcript(sid=sid, turn=1, text="Hi."),
+                          ReplyText(sid=sid, turn=1, seq=0, text="Ahoy there."),
+                          ReplyAudio(sid=sid, turn=1, seq=0, pcm=bytes(48000), sr=24000,
+                                     last=True),  # 1 s
+                          ReplyText(sid=sid, turn=1, seq=1, text="Welcome aboard.", final=True),
+                          ReplyAudio(sid=sid, turn=1, seq=1, pcm=bytes(48000), sr=24000,
+                                     last=True, final=True))
+        events = await events_until(conn, "response.done")
+        item = next(e for e in events if e.type == "response.output_item.added").item.id
+        await conn.conversation.item.truncate(item_id=item, content_index=0, audio_end_ms=700)
+        await events_until(conn, "conversation.item.truncated")
+        async with asyncio.timeout(5):
+            while "heard:1" not in (prefs := await rt.bus.prefs(sid)):
+                await asyncio.sleep(0.02)
+        assert prefs["heard:1"] == "Ahoy there."  # the second sentence began at 1.0 s
