@@ -18,6 +18,7 @@ from starlette.websockets import WebSocket
 from s2s.bus import Bus
 from s2s.config import Settings
 
+from .failover import Failover
 from .session import ClientSession
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -34,6 +35,8 @@ def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         state["bus"] = Bus(settings)  # created on the server's event loop
+        app.state.failover = Failover(state["bus"], settings, state["sessions"])
+        await app.state.failover.start()
         try:
             yield
         finally:  # sessions still open end cleanly (SessionEnd) before Redis is let go
@@ -42,6 +45,7 @@ def create_app(settings: Settings) -> Starlette:
                 task.cancel()
             if tasks:
                 await asyncio.wait(tasks, timeout=5)
+            await app.state.failover.stop()
             await state["bus"].close()
 
     async def index(request: Request) -> Response:

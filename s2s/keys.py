@@ -41,3 +41,19 @@ def vad_state(sid: str) -> str:
 
 def session_keys(sid: str) -> list[str]:
     return [audio(sid), out(sid), turn(sid), ctx(sid), vad_pos(sid), vad_state(sid)]
+
+
+# --- gateways (failover) ---------------------------------------------------------------
+GATEWAYS = "s2s:gateways"  # sorted set: member gateway id, score = when its lease lapses
+
+
+def owner(sid: str) -> str:
+    """Hash of the session's owning gateway: ``gw`` (its id; "" once the session was
+    ended) and ``open`` (the id of the session's entry in ``s2s:vad:sessions``)."""
+    return f"s2s:owner:{{{sid}}}"
+
+
+def gateway_sessions(gateway_id: str) -> str:
+    """Set of the session ids a gateway holds (so a live gateway can release them
+    once that gateway's lease lapses)."""
+    return f"s2s:gwsessions:{gateway_id}"
