@@ -79,6 +79,7 @@ class ClientSession:
         self.open_id: bytes | None = None   # the session's entry in s2s:vad:sessions
         self.probe: tuple[bytes, float] | None = None  # (audio id, when) not yet seen read
         self.turn_start: bytes | None = None  # output entry that opened the current turn
+        self.hello: dict = {}
 
     # --- life cycle ----------------------------------------------------------------------
     async def run(self) -> None:
@@ -243,6 +244,7 @@ class ClientSession:
         hello = self._parse_text(msg["text"])
         if hello["type"] != "hello":
             raise Reject("bad_hello", 'the first message must be {"type": "hello", ...}', POLICY)
+        self.hello = hello  # failover: "audio_marks" and a resume's "heard" (in _open)
         self.in_sr = _rate(hello, "sample_rate", 16000)
         self.out_sr = _rate(hello, "output_sample_rate", DEFAULT_OUT_SR)
         requested = hello.get("session_id")
@@ -276,7 +278,9 @@ class ClientSession:
             new_owner = await self._needs_vad_owner()
         turn = await self.bus.current_turn(self.sid)
         start = await self._replay_from(turn)
-        self.playback = Playback(turn)
+        self.playback = Playback(turn, marks=self.hello.get("audio_marks") is True)
+        if requested:
+            self.playback.resume(self.hello.get("heard"))
         self.sessions[self.sid] = self
         self.opened = True
         metrics.SESSIONS_TOTAL.inc()
