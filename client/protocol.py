@@ -53,7 +53,7 @@ class TurnResult:
     done: bool = False                    # reply_done received
     sample_rate: int = 0
     audio: bytes = b""
-    chunks: list = field(default_factory=list)  # (seq, chunk) of each audio piece, as heard
+    chunks: list = field(default_factory=list)  # (seq, chunk, last) of each audio piece heard
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if k != "audio"}
@@ -209,7 +209,7 @@ class Tracker:
         if kind == "audio_chunk":  # (seq, chunk) of the binary message that follows
             if isinstance(n, int):
                 seq, chunk = msg.get("seq", 0), msg.get("chunk", 0)
-                self.turn(n).chunks.append((seq, chunk))
+                self.turn(n).chunks.append((seq, chunk, bool(msg.get("last"))))
                 self.audio_next[n] = (seq + 1, 0) if msg.get("last") else (seq, chunk + 1)
             return
         msg = dict(msg, t=round(now - self.t0, 3))
@@ -372,9 +372,11 @@ async def talk(url: str | list[str], pcm: np.ndarray | bytes, sample_rate: int =
         while not finished.is_set():
             if not connected.is_set():  # resuming: hold the audio, keep the pace after
                 paused = time.monotonic()
-                waiter = asyncio.ensure_future(connected.wait())
-                await asyncio.wait({waiter, asyncio.ensure_future(finished.wait())},
-                                   return_when=asyncio.FIRST_COMPLETED)
+                waiters = {asyncio.ensure_future(connected.wait()),
+                           asyncio.ensure_future(finished.wait())}
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                for w in waiters:
+                    w.cancel()
                 gap = time.monotonic() - paused
                 start += gap
                 if audio_end is not None:

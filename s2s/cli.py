@@ -27,6 +27,8 @@ COMMANDS = {
     "gateway": ("s2s.gateway.server", "Run the gateway: WebSocket sessions, web page, /healthz, /metrics."),
     "talk": ("s2s.client.talk_command", "Talk to a running stack from a WAV/FLAC/MP3 file or the microphone."),
     "bench": ("s2s.bench.loadgen", "Load-test a running stack: voice-to-voice latency vs sessions."),
+    "chaos": ("s2s.bench.chaos", "Kill workers, gateways or Redis mid-turn on a stack it starts; "
+                                 "report what users notice."),
     "config": ("s2s.cli", "Print every setting with its environment variable and value."),
 }
 
