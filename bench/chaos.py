@@ -412,6 +412,8 @@ async def inject(stack: Stack, args: argparse.Namespace, rng: random.Random,
                 return
             await asyncio.sleep(0.05)
         await asyncio.sleep(rng.uniform(0, 2.0))
+        if not any(s.busy for s in speakers):
+            continue  # that turn ended meanwhile: a fault now would hit nothing
         kind = rng.choice(kinds)
         at = time.time()
         if kind in STAGES:
@@ -426,6 +428,11 @@ async def inject(stack: Stack, args: argparse.Namespace, rng: random.Random,
             faults.append({"kind": kind, "at": at})
             await asyncio.to_thread(stack.restart_redis)
         print(f"chaos: fault {len(faults)}/{args.kills}: {kind}", flush=True)
+        # let every session finish the hit turn and then speak --unhit turns untouched,
+        # the baseline the added latency is measured against
+        target = len(attempts) + len(speakers) * (1 + args.unhit)
+        while len(attempts) < target and time.monotonic() < stop_at:
+            await asyncio.sleep(0.1)
     stop.set()
 
 
@@ -565,6 +572,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds after its speech a turn may take before it counts as "
                              "unanswered")
     parser.add_argument("--max-turns", type=int, default=1000, help="turns per session at most")
+    parser.add_argument("--unhit", type=int, default=1,
+                        help="turns per session left untouched after each fault (the baseline)")
     parser.add_argument("--min-gap", type=float, default=1.0,
                         help="seconds between faults at least (random up to twice that)")
     parser.add_argument("--claim-idle-s", type=float, default=1.0,

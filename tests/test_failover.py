@@ -156,3 +156,64 @@ async def test_killed_gateway_sessions_released_unless_resumed(redis_url, worker
         b_server.should_exit = True
         await asyncio.wait_for(b_task, 10)
         await redis.aclose()
+
+
+# --- Redis restarted under a live session (real models) -------------------------------------
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_redis_restart_next_utterance_answered(tmp_path):
+    """With persistence off (the embedded default) and then with AOF on: Redis is killed
+    and started again while a session is open; the next thing the user says is answered
+    (turn counter restored by the gateway, VAD ownership kept or re-opened), heard once."""
+    from s2s.launcher.redis_server import RedisServer
+    from tests.conftest import Workers
+
+    server = RedisServer().start()
+    workers = Workers(server.url, tmp_path)
+    try:
+        for stage in ("vad", "stt", "llm", "tts"):
+            workers.start(stage)
+        with gateway_process(server.url, tmp_path) as (http, _):
+            for stage in ("vad", "stt", "llm", "tts"):
+                workers.wait_ready(stage, timeout=600)
+            asyncio.run(_restart_scenario(ws_url(http), server))
+    finally:
+        workers.stop_all()
+        server.stop()
+
+
+async def _restart_scenario(url: str, server) -> None:
+    import redis as sync_redis
+
+    from s2s.bench.chaos import Speaker
+    from s2s.bench.loadgen import synthesize
+
+    question = synthesize(1)[0]
+    speaker = Speaker(0, [url], reply_timeout_s=120)
+    await speaker.start()
+    try:
+        first = await speaker.say(question, 0)
+        assert first.completed, first
+        turn = first.turn
+        for mode in ("persistence off", "aof"):
+            if mode == "aof":  # switch AOF on live (a rewrite makes the base file)
+                client = sync_redis.Redis.from_url(server.url)
+                client.config_set("appendonly", "yes")
+                for _ in range(100):
+                    info = client.info("persistence")
+                    if info["aof_enabled"] and not info["aof_rewrite_in_progress"] and \
+                            not info.get("aof_rewrite_scheduled"):
+                        break
+                    time.sleep(0.1)
+                client.close()
+                server.appendonly = True
+                await asyncio.sleep(1.5)  # one fsync (everysec) after the last turn
+            await asyncio.to_thread(server.restart, 0.5)
+            await asyncio.sleep(1.0)
+            after = await speaker.say(question, 0)
+            assert after.completed, (mode, after)
+            assert after.turn > turn and after.transcript.strip(), (mode, after)
+            assert after.duplicates == 0 and after.gaps == 0, (mode, after)
+            turn = after.turn
+    finally:
+        await speaker.stop()
