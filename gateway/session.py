@@ -413,7 +413,7 @@ class ClientSession:
             try:
                 entries = await self.bus.read_out(self.sid, last, 200, 1000)
                 backoff = 0.1
-            except (REDIS_DOWN, ResponseError) as e:
+            except REDIS_DOWN + (ResponseError,) as e:
                 kind = redis_error_kind(e)
                 if kind:
                     REDIS_REFUSED.labels(kind).inc()
@@ -421,6 +421,11 @@ class ClientSession:
                 log.warning("Redis unavailable (%s); retrying", e, extra={"sid": self.sid})
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 0.5)  # short: a restarted Redis is noticed at once
+                continue
+            except Exception:  # a surprise must not leave the session mute for good
+                log.exception("reading the output stream failed; retrying",
+                              extra={"sid": self.sid})
+                await asyncio.sleep(1.0)
                 continue
             turn = self.playback.turn
             for entry_id, data in entries:
@@ -447,7 +452,7 @@ class ClientSession:
         resume replays the current turn from its first entry, which stays."""
         try:
             await self.bus.trim_out(self.sid, self.turn_start)
-        except (REDIS_DOWN, ResponseError) as e:  # the next turn trims again
+        except REDIS_DOWN + (ResponseError,) as e:  # the next turn trims again
             log.debug("output trim failed: %s", e, extra={"sid": self.sid})
 
 

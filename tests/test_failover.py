@@ -139,7 +139,9 @@ async def test_killed_gateway_sessions_released_unless_resumed(redis_url, worker
             ws_b, _ = await hello(ws_url(b_http), session_id=kept)
             # the other's session is released: SessionEnd written by B, VAD owner lets go
             while (await redis.xpending(keys.SESSIONS, "vad"))["pending"] > 1:
-                assert time.monotonic() - killed < LEASE_S + GRACE_S + 5, \
+                # (a bound, not a speed check: the lease + grace is ~3 s; a loaded CI box
+                # may be slower; without the lease it took the session TTL, an hour)
+                assert time.monotonic() - killed < 60, \
                     "the dead gateway's session was not released"
                 await asyncio.sleep(0.1)
             assert await ends(redis, gone) == 1 and await ends(redis, kept) == 0
@@ -217,3 +219,54 @@ async def _restart_scenario(url: str, server) -> None:
             turn = after.turn
     finally:
         await speaker.stop()
+
+
+async def test_redis_restart_scripted(tmp_path):
+    """Redis restarted empty under an open session, no models: the gateway restores the
+    turn counter (the next turn is not dropped as stale) and, the session's VAD entry
+    being lost, opens the session again once its audio goes unread."""
+    from s2s.frames import SessionOpen, SpeechStarted
+    from s2s.launcher.redis_server import RedisServer
+
+    server = RedisServer().start()
+    settings = config.load({"redis_url": server.url, "gateway_lease_s": LEASE_S,
+                            "gateway_vad_stale_s": 1.0}, environ={})
+    srv, task, http = await serve(settings)
+    bus = Bus(settings)
+    try:
+        ws, ready = await hello(ws_url(http))
+        sid = ready["session_id"]
+        assert await bus.advance_turn(sid) == 1  # what the VAD owner does
+        await bus.emit(SpeechStarted(sid=sid, turn=1))
+        await until(ws, is_type("speech_started"))
+        await asyncio.to_thread(server.restart, 0.5)
+        for _ in range(100):  # the gateway puts the counter back to the turn it has seen
+            try:
+                if await bus.current_turn(sid) == 1:
+                    break
+            except Exception:  # this client's pooled connection died with the old server
+                pass
+            await asyncio.sleep(0.05)
+        assert await bus.current_turn(sid) == 1
+        turn = await bus.advance_turn(sid)
+        assert turn == 2
+        await bus.emit(SpeechStarted(sid=sid, turn=turn),
+                       ReplyText(sid=sid, turn=turn, seq=0, text="after", final=True))
+        got = await until(ws, is_type("reply_text"), timeout=5)
+        assert [m["type"] for m in got if isinstance(m, dict)][-2:] == ["speech_started",
+                                                                        "reply_text"]
+        # audio nobody reads (the session entry went with the old server): re-opened
+        for _ in range(60):
+            await ws.send(np.zeros(320, np.int16).tobytes())
+            opens = [decode(f[FIELD]) for _, f in await bus.redis.xrange(keys.SESSIONS)]
+            if opens:
+                break
+            await asyncio.sleep(0.05)
+        assert len(opens) == 1 and isinstance(opens[0], SessionOpen) and opens[0].sid == sid
+        assert opens[0].turn == 2
+        await ws.close()
+    finally:
+        srv.should_exit = True
+        await asyncio.wait_for(task, 10)
+        await bus.close()
+        server.stop()
