@@ -109,6 +109,11 @@ class ClientSession:
                 del self.sessions[self.sid]
             if self.replaced:
                 await self._close(NORMAL, "replaced by a newer connection")
+                if self.failover is not None and self.sessions.get(self.sid) is None:
+                    try:  # taken over by another gateway: no longer one of ours
+                        await self.bus.drop_gateway_session(self.failover.id, self.sid)
+                    except Exception:
+                        pass
             else:
                 try:
                     await asyncio.wait_for(self._end_session(), 3)
@@ -122,9 +127,12 @@ class ClientSession:
         if self.failover is None:  # no failover loop (a bare ClientSession): end it outright
             await self.bus.emit(end)
             await self.bus.close_session(self.sid)
-        elif not await self.bus.end_session_if_owner(self.sid, self.failover.id, encode(end)):
-            # resumed on another gateway meanwhile: ending it would mute that client
-            log.info("session owned by another gateway now: not ended", extra={"sid": self.sid})
+        else:
+            if not await self.bus.end_session_if_owner(self.sid, self.failover.id, encode(end)):
+                # resumed on another gateway meanwhile: ending it would mute that client
+                log.info("session owned by another gateway now: not ended",
+                         extra={"sid": self.sid})
+            await self.bus.drop_gateway_session(self.failover.id, self.sid)
 
     # --- failover (driven by gateway/failover.py) ------------------------------------------
     def turn_floor(self) -> int:

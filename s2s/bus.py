@@ -189,11 +189,20 @@ class Bus:
     # that resumed the session in between can never be undone by the old one).
     async def own_session(self, sid: str, gateway_id: str, open_id: bytes | None = None
                           ) -> bytes | None:
-        """Take the session over (the newest connection wins); returns the id of its
-        entry in s2s:vad:sessions as recorded (``open_id`` when given)."""
-        res = await self.redis.eval(_OWN, 1, keys.owner(sid), gateway_id, open_id or b"",
-                                    self.settings.session_ttl_s)
+        """Take the session over (the newest connection wins) and list it among this
+        gateway's sessions at once (a gateway killed before its next heartbeat must not
+        leave it unlisted, so unreleased); returns the id of its entry in
+        s2s:vad:sessions as recorded (``open_id`` when given)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.eval(_OWN, 1, keys.owner(sid), gateway_id, open_id or b"",
+                  self.settings.session_ttl_s)
+        pipe.sadd(keys.gateway_sessions(gateway_id), sid)
+        pipe.expire(keys.gateway_sessions(gateway_id), self.settings.session_ttl_s)
+        res = (await pipe.execute())[0]
         return res or None
+
+    async def drop_gateway_session(self, gateway_id: str, sid: str) -> None:
+        await self.redis.srem(keys.gateway_sessions(gateway_id), sid)
 
     async def touch_sessions(self, gateway_id: str, floors: dict[str, int]) -> dict[str, int]:
         """Refresh this gateway's sessions, one round trip for all.  Per session:
@@ -220,12 +229,12 @@ class Bus:
 
     async def gateway_heartbeat(self, gateway_id: str, lease_s: float,
                                 sids: Iterable[str]) -> None:
-        """Renew this gateway's lease and record which sessions it holds."""
+        """Renew this gateway's lease and record which sessions it holds (added only: a
+        closing session removes itself, so one opened meanwhile is never dropped)."""
         sids = list(sids)
         members = keys.gateway_sessions(gateway_id)
         pipe = self.redis.pipeline(transaction=False)
         pipe.zadd(keys.GATEWAYS, {gateway_id: time.time() + lease_s})
-        pipe.delete(members)
         if sids:
             pipe.sadd(members, *sids)
             pipe.expire(members, self.settings.session_ttl_s)
