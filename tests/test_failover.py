@@ -270,3 +270,54 @@ async def test_redis_restart_scripted(tmp_path):
         await asyncio.wait_for(task, 10)
         await bus.close()
         server.stop()
+
+
+# --- a resume replays the current turn without what the client already heard ------------------
+def _reply(turn: int) -> list:
+    from s2s.frames import ReplyAudio
+
+    pieces = [(0, 0, False), (0, 1, True), (1, 0, True)]
+    return [ReplyAudio(sid="s", turn=turn, seq=s, chunk=c, pcm=bytes([s, c]), sr=22050, last=last,
+                       final=(s, c) == (1, 0)) for s, c, last in pieces]
+
+
+def test_playback_marks_and_resume_skip():
+    from s2s.bench.chaos import audio_faults
+    from s2s.client import Tracker
+    from s2s.gateway.playback import Playback
+
+    frames = _reply(3)
+    first = Playback(turn=3, marks=True)
+    tracker = Tracker()
+    for m in [m for f in frames[:2] for m in first.feed(f)]:  # the connection dies here
+        tracker.handle(m)
+    heard = tracker.heard()
+    assert heard["turn"] == 3 and heard["audio_next"] == [1, 0] and heard["sample_rate"] == 22050
+    # another gateway replays the whole turn from the output stream
+    second = Playback(turn=3, marks=True)
+    assert second.resume(json.loads(json.dumps(heard)))
+    out = [m for f in frames for m in second.feed(f)]
+    assert [m for m in out if isinstance(m, bytes)] == [bytes([1, 0])]
+    assert "audio_start" not in [m.get("type") for m in out if isinstance(m, dict)]
+    for m in out:
+        tracker.handle(m)
+    t = tracker.turns[3]
+    assert t.done and t.audio == b"".join(f.pcm for f in frames)
+    assert audio_faults(t.chunks) == (0, 0)
+    # without the resume info the turn is heard again: the check sees the duplicates
+    third = Playback(turn=3, marks=True)
+    for m in [m for f in frames for m in third.feed(f)]:
+        tracker.handle(m)
+    assert audio_faults(tracker.turns[3].chunks) == (3, 0)
+
+
+@pytest.mark.parametrize("heard", [None, "x", {"turn": 2}, {"turn": 3, "audio_next": [1]},
+                                   {"turn": 3, "audio_next": [-1, 0]},
+                                   {"turn": 3, "audio_next": [0, 0], "text_next": True},
+                                   {"turn": 3, "audio_next": ["a", 0]}])
+def test_playback_resume_ignores_bad_heard(heard):
+    from s2s.gateway.playback import Playback
+
+    p = Playback(turn=3)
+    assert not p.resume(heard)
+    assert len([m for f in _reply(3) for m in p.feed(f) if isinstance(m, bytes)]) == 3
