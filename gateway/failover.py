@@ -29,7 +29,7 @@ import uuid
 from typing import TYPE_CHECKING
 
 from prometheus_client import Counter
-from redis.exceptions import ResponseError
+import redis.exceptions as rex
 
 from s2s.bus import REDIS_DOWN, Bus
 from s2s.config import Settings
@@ -48,19 +48,30 @@ TAKEN_OVER = Counter("s2s_gateway_sessions_taken_over", "Connections let go beca
 REDIS_REFUSED = Counter("s2s_gateway_redis_refused", "Redis errors other than 'unreachable' seen "
                         "by the gateway, by kind (oom, readonly, loading, busy, other).", ["kind"])
 
-# Redis error replies that mean "up but refusing now": the kind, by reply prefix.
+# Redis error replies that mean "up but refusing now": the kind, by reply prefix (redis-py
+# strips the prefix into an exception class for some: those are matched by class first).
 _KINDS = {"OOM": "oom", "READONLY": "readonly", "LOADING": "loading", "BUSY": "busy",
           "MASTERDOWN": "readonly", "NOREPLICAS": "readonly", "MISCONF": "readonly"}
+_CLASSES = ((rex.OutOfMemoryError, "oom"), (rex.ReadOnlyError, "readonly"),
+            (rex.BusyLoadingError, "loading"), (rex.MasterDownError, "readonly"))
 
 
 def redis_error_kind(exc: BaseException) -> str | None:
     """"oom", "readonly", "loading", "busy" or "other" for a Redis error reply; None for
     anything that is not one.  (Helper resil adds the bus-wide version of this; the
     gateway's copy goes once that is merged.)"""
-    if not isinstance(exc, ResponseError):
+    for cls, kind in _CLASSES:
+        if isinstance(exc, cls):
+            return kind
+    if not isinstance(exc, rex.ResponseError):
         return None
-    head = str(exc).split(" ", 1)[0].upper()
-    return _KINDS.get(head, "other")
+    text = str(exc)
+    if "maxmemory" in text:
+        return "oom"
+    for word in text.replace("(", " ").replace("'", " ").replace('"', " ").split():
+        if word in _KINDS:
+            return _KINDS[word]
+    return "other"
 
 
 class Failover:

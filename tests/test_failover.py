@@ -321,3 +321,48 @@ def test_playback_resume_ignores_bad_heard(heard):
     p = Playback(turn=3)
     assert not p.resume(heard)
     assert len([m for f in _reply(3) for m in p.feed(f) if isinstance(m, bytes)]) == 3
+
+
+async def test_redis_refusing_writes_busy_not_crash():
+    """Redis up but refusing writes (OOM under noeviction): a new session gets `busy`
+    (close 1013), an open one gets an error event and lives on; both are counted."""
+    from prometheus_client import REGISTRY
+
+    from s2s.launcher.redis_server import RedisServer
+
+    def refused() -> float:
+        return REGISTRY.get_sample_value("s2s_gateway_redis_refused_total", {"kind": "oom"}) or 0
+
+    server = RedisServer().start()
+    settings = config.load({"redis_url": server.url}, environ={})
+    srv, task, http = await serve(settings)
+    bus = Bus(settings)
+    try:
+        ws, ready = await hello(ws_url(http))
+        before = refused()
+        await bus.redis.config_set("maxmemory-policy", "noeviction")
+        await bus.redis.config_set("maxmemory", "1")
+        await ws.send(np.zeros(320, np.int16).tobytes())
+        got = await until(ws, is_type("error"))
+        assert got[-1]["code"] == "busy" and "oom" in got[-1]["message"]
+        ws2 = await websockets.connect(ws_url(http))
+        await ws2.send(json.dumps({"type": "hello"}))
+        got, code = await closed_with(ws2)
+        assert got[0]["code"] == "busy" and code == 1013
+        assert refused() >= before + 2
+        await bus.redis.config_set("maxmemory", "0")
+        await asyncio.sleep(2.5)  # the error events are rate limited (one per 2 s)
+        await ws.send(np.full(320, 3, np.int16).tobytes())
+        for _ in range(40):
+            entries = await bus.redis.xrange(keys.audio(ready["session_id"]))
+            if entries and decode(entries[-1][1][FIELD]).pcm == np.full(320, 3, np.int16).tobytes():
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the open session did not carry audio again")
+        await ws.close()
+    finally:
+        srv.should_exit = True
+        await asyncio.wait_for(task, 10)
+        await bus.close()
+        server.stop()
