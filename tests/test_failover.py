@@ -366,3 +366,72 @@ async def test_redis_refusing_writes_busy_not_crash():
         await asyncio.wait_for(task, 10)
         await bus.close()
         server.stop()
+
+
+async def test_output_trimmed_once_played(redis_url):
+    """Moving to a newer turn, the gateway drops the older turns' output entries; the
+    current turn stays whole (a resume replays it)."""
+    from s2s.frames import ReplyAudio, SpeechStarted
+
+    settings = fast_settings(redis_url)
+    srv, task, http = await serve(settings)
+    bus = Bus(settings)
+    try:
+        ws, ready = await hello(ws_url(http))
+        sid = ready["session_id"]
+        await bus.emit(SpeechStarted(sid=sid, turn=1),
+                       ReplyAudio(sid=sid, turn=1, seq=0, pcm=b"\x01\x00", sr=22050, last=True,
+                                  final=True))
+        await until(ws, is_type("reply_done"))
+        assert await bus.redis.xlen(keys.out(sid)) == 2
+        await bus.emit(SpeechStarted(sid=sid, turn=2),
+                       ReplyText(sid=sid, turn=2, seq=0, text="two"))
+        await until(ws, is_type("reply_text"))
+        for _ in range(40):
+            if await bus.redis.xlen(keys.out(sid)) == 2:
+                break
+            await asyncio.sleep(0.05)
+        left = [decode(f[FIELD]) for _, f in await bus.redis.xrange(keys.out(sid))]
+        assert [(type(f).__name__, f.turn) for f in left] == [("SpeechStarted", 2),
+                                                               ("ReplyText", 2)]
+        await ws.close()
+    finally:
+        srv.should_exit = True
+        await asyncio.wait_for(task, 10)
+        await bus.close()
+
+
+async def test_talk_resumes_on_the_next_gateway(redis_url):
+    """s2s.client.talk() given two gateways: the first goes away mid-session, the talk goes
+    on on the second with the same session id."""
+    from s2s.client import talk
+
+    settings = fast_settings(redis_url)
+    a_server, a_task, a_http = await serve(settings)
+    b_server, b_task, b_http = await serve(settings)
+    bus = Bus(settings)
+    try:
+        async def stop_a():
+            await asyncio.sleep(1.0)
+            a_server.should_exit = True
+        stopper = asyncio.create_task(stop_a())
+        result = await talk([ws_url(a_http), ws_url(b_http)], np.zeros(16000 * 3, np.int16),
+                            tail_silence_s=0.5, reply_timeout_s=5)
+        await stopper
+        assert result.resumes == 1 and result.session_id
+        # A's shutdown closed the socket; the client was on B before A cleaned up, so A
+        # (no longer the owner) ended nothing: one SessionEnd, B's, at the bye
+        for _ in range(60):
+            audio = [decode(f[FIELD]) for _, f in
+                     await bus.redis.xrange(keys.audio(result.session_id))]
+            kinds = [type(f).__name__ for f in audio]
+            if "SessionEnd" in kinds:
+                break
+            await asyncio.sleep(0.05)
+        assert kinds.count("SessionEnd") == 1 and kinds[-1] == "SessionEnd", kinds
+        assert kinds.count("Audio") > 100  # 3 s in 20 ms messages, minus the switch
+    finally:
+        for server, task in ((a_server, a_task), (b_server, b_task)):
+            server.should_exit = True
+            await asyncio.wait_for(task, 10)
+        await bus.close()
