@@ -131,6 +131,8 @@ class Failover:
                          extra={"sid": s.sid})
                 s.let_go()
             elif state in (1, 2):
+                if state == 1:
+                    s.redis_lost()
                 RESTORED.labels("owner" if state == 1 else "turn").inc()
                 log.warning("session state restored after Redis lost it (%s)",
                             "owner record and turn" if state == 1 else "turn counter",

@@ -140,6 +140,12 @@ class ClientSession:
         playback = getattr(self, "playback", None)
         return playback.turn if playback is not None else 0
 
+    def redis_lost(self) -> None:
+        """Redis restarted empty: an audio probe from before is void (its VAD position
+        went too); judge the VAD owner by audio written from now on, which a surviving
+        owner reads (and records) within the stale time."""
+        self.probe = None
+
     def let_go(self) -> None:
         """Another gateway owns the session now: close this connection, end nothing."""
         self.replaced = True
@@ -400,6 +406,7 @@ class ClientSession:
             if self.probe is None and ids:
                 self.probe = (ids[0], now)
         except REDIS_DOWN as e:
+            self.probe = None
             if now - self.last_unavailable > 2:
                 self.last_unavailable = now
                 log.warning("Redis unavailable: audio dropped (%s)", e, extra={"sid": self.sid})

@@ -435,3 +435,47 @@ async def test_talk_resumes_on_the_next_gateway(redis_url):
             server.should_exit = True
             await asyncio.wait_for(task, 10)
         await bus.close()
+
+
+async def test_redis_restart_keeps_a_surviving_vad_owner(tmp_path):
+    """Redis restarted empty while a VAD owner reads the session: that owner goes on
+    reading the new audio, so the gateway must not open the session a second time (two
+    owners would each open turns)."""
+    from s2s.launcher.redis_server import RedisServer
+    from tests.conftest import Workers
+
+    server = RedisServer().start()
+    workers = Workers(server.url, tmp_path)
+    settings = config.load({"redis_url": server.url, "gateway_lease_s": LEASE_S,
+                            "gateway_vad_stale_s": 1.0}, environ={})
+    srv = None
+    try:
+        workers.start("tests.stages:CrashSessionStage")
+        await asyncio.to_thread(workers.wait_ready, "vad")
+        srv, task, http = await serve(settings)
+        ws, ready = await hello(ws_url(http))
+        heard = lambda m: isinstance(m, dict) and m.get("event") == "heard"  # noqa: E731
+        await ws.send(b"\x01\x00" * 160)
+        await until(ws, heard, timeout=10)
+        for _ in range(10):  # the gateway's audio probes are in flight at the restart
+            await ws.send(b"\x01\x00" * 160)
+            await asyncio.sleep(0.1)
+        await asyncio.to_thread(server.restart, 0.3)
+        deadline = time.monotonic() + 4 * settings.gateway_vad_stale_s
+        while time.monotonic() < deadline:  # mic audio goes on; the owner keeps hearing it
+            await ws.send(b"\x02\x00" * 160)
+            await asyncio.sleep(0.05)
+        got = await until(ws, lambda m: heard(m) and m["message"] == "320", timeout=10)
+        assert got
+        client = aioredis.from_url(server.url)
+        assert await client.xlen(keys.SESSIONS) == 0, "the session was opened a second time"
+        await client.aclose()
+        log = workers.log(workers.procs[0])
+        assert log.count("owning session") == 1, log
+        await ws.close()
+    finally:
+        if srv is not None:
+            srv.should_exit = True
+            await asyncio.wait_for(task, 10)
+        workers.stop_all()
+        server.stop()
