@@ -419,8 +419,9 @@ async def test_talk_resumes_on_the_next_gateway(redis_url):
                             tail_silence_s=0.5, reply_timeout_s=5)
         await stopper
         assert result.resumes == 1 and result.session_id
-        # A's shutdown closed the socket; the client was on B before A cleaned up, so A
-        # (no longer the owner) ended nothing: one SessionEnd, B's, at the bye
+        # A's shutdown closed the socket.  If the client was on B before A cleaned up, A
+        # (no longer the owner) ended nothing: one SessionEnd, B's, at the bye; if A was
+        # first, it ended the session and B opened it again: audio goes on after it
         for _ in range(60):
             audio = [decode(f[FIELD]) for _, f in
                      await bus.redis.xrange(keys.audio(result.session_id))]
@@ -428,7 +429,10 @@ async def test_talk_resumes_on_the_next_gateway(redis_url):
             if "SessionEnd" in kinds:
                 break
             await asyncio.sleep(0.05)
-        assert kinds.count("SessionEnd") == 1 and kinds[-1] == "SessionEnd", kinds
+        assert kinds[-1] == "SessionEnd", kinds
+        if kinds.count("SessionEnd") > 1:
+            assert kinds.count("SessionEnd") == 2 and \
+                "Audio" in kinds[kinds.index("SessionEnd"):-1], kinds
         assert kinds.count("Audio") > 100  # 3 s in 20 ms messages, minus the switch
     finally:
         for server, task in ((a_server, a_task), (b_server, b_task)):
