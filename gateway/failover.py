@@ -138,7 +138,12 @@ class Failover:
                             "owner record and turn" if state == 1 else "turn counter",
                             extra={"sid": s.sid, "turn": s.turn_floor()})
             if state != -1:
-                await s.check_vad()
+                try:
+                    await s.check_vad()
+                except REDIS_DOWN:
+                    raise
+                except Exception as e:  # one session's trouble must not skip the others
+                    log.warning("VAD check failed: %s", e, extra={"sid": s.sid})
         if time.monotonic() >= self.next_reap:
             self.next_reap = time.monotonic() + 1.0
             await self.reap()

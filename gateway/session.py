@@ -27,7 +27,7 @@ from s2s.config import Settings
 from s2s.frames import (SAMPLE_RATES, SID_PATTERN, Audio, FrameError, SessionEnd, SessionOpen,
                         decode, encode)
 
-from .failover import REDIS_REFUSED, redis_error_kind
+from .failover import REDIS_REFUSED, RESTORED, redis_error_kind
 from .playback import Playback
 
 log = logging.getLogger("s2s.gateway")
@@ -177,7 +177,6 @@ class ClientSession:
         self.open_id = await self.bus.own_session(self.sid, self.failover.id, ids[0]) \
             if self.failover else ids[0]
         self.probe = None
-        from .failover import RESTORED
         RESTORED.labels("vad").inc()
         log.warning("session had no VAD owner (its entry was %s): opened again", state,
                     extra={"sid": self.sid, "turn": turn})
