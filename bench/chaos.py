@@ -428,6 +428,11 @@ async def inject(stack: Stack, args: argparse.Namespace, rng: random.Random,
             faults.append({"kind": kind, "at": at})
             await asyncio.to_thread(stack.restart_redis)
         print(f"chaos: fault {len(faults)}/{args.kills}: {kind}", flush=True)
+        if args.json_out:  # a run cut short still leaves its numbers so far
+            mark_hits(attempts, faults)
+            Path(args.json_out).write_text(json.dumps(
+                {"partial": True, "rows": summarize(attempts, faults), "faults": faults},
+                default=str))
         # let every session finish the hit turn and then speak --unhit turns untouched,
         # the baseline the added latency is measured against
         target = len(attempts) + len(speakers) * (1 + args.unhit)
