@@ -206,6 +206,7 @@ class Attempt:
     gaps: int = 0                         # audio pieces skipped
     text_without_audio: int = 0           # reply sentences that got no audio
     resumes: int = 0
+    whole: bool | None = None             # the transcript holds the words said (None: unknown)
     hit_by: list[str] = field(default_factory=list)
 
     @property
@@ -368,7 +369,26 @@ class Speaker:
 
 
 # --- the run -------------------------------------------------------------------------------------
-def utterances(args: argparse.Namespace) -> list[np.ndarray]:
+JFK = ("And so my fellow Americans, ask not what your country can do for you, ask what you "
+       "can do for your country.")
+
+
+def words(text: str) -> list[str]:
+    import re
+
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+def whole(transcript: str, expected: str | None) -> bool | None:
+    """Most (70%) of the expected words were heard (None: the text is not known)."""
+    if not expected:
+        return None
+    want, got = words(expected), set(words(transcript))
+    return sum(w in got for w in want) >= 0.7 * len(want)
+
+
+def utterances(args: argparse.Namespace) -> tuple[list[np.ndarray], list[str | None]]:
+    """The speech to say, and its text where known (jfk.wav, the synthesized questions)."""
     from s2s.audio import read_audio
 
     wavs = list(args.wav or [])
@@ -376,25 +396,31 @@ def utterances(args: argparse.Namespace) -> list[np.ndarray]:
         wavs = [ROOT / "tests" / "data" / "jfk.wav"]
         if SHARED_AUDIO.is_dir():
             wavs += [p for p in sorted(SHARED_AUDIO.glob("*.wav")) if p.name != "jfk.wav"]
-    out = []
+    out, texts = [], []
     for p in wavs:
         pcm = read_audio(p, SR)
         out.append(pcm[:int(args.max_utterance_s * SR)])  # a lecture is cut to one question's length
+        texts.append(JFK if p.name == "jfk.wav" and len(pcm) == len(out[-1]) else None)
     if args.synth:
-        from s2s.bench.loadgen import synthesize
+        from s2s.bench.loadgen import SENTENCES, synthesize
 
         out += synthesize(args.synth, args.seed)
-    return out
+        sentences = SENTENCES[:]  # the order synthesize() speaks them in
+        random.Random(args.seed).shuffle(sentences)
+        texts += [sentences[i % len(sentences)] for i in range(args.synth)]
+    return out, texts
 
 
-async def speak_loop(speaker: Speaker, utts: list[np.ndarray], rng: random.Random,
-                     stop_at: float, stop: asyncio.Event, attempts: list[Attempt],
-                     max_turns: int) -> None:
+async def speak_loop(speaker: Speaker, utts: list[np.ndarray], texts: list[str | None],
+                     rng: random.Random, stop_at: float, stop: asyncio.Event,
+                     attempts: list[Attempt], max_turns: int) -> None:
     for _ in range(max_turns):
         if stop.is_set() or time.monotonic() > stop_at:
             return
         i = rng.randrange(len(utts))
-        attempts.append(await speaker.say(utts[i], i))
+        a = await speaker.say(utts[i], i)
+        a.whole = whole(a.transcript, texts[i])
+        attempts.append(a)
         await asyncio.sleep(rng.uniform(0.8, 2.0))  # the user listens, then speaks again
 
 
@@ -469,6 +495,7 @@ def summarize(attempts: list[Attempt], faults: list[dict]) -> dict[str, Any]:
             "heard_twice": sum(a.duplicates > 0 for a in group),
             "gaps": sum(a.gaps > 0 for a in group),
             "text_without_audio": sum(a.text_without_audio > 0 for a in group),
+            "partial_transcript": sum(a.completed and a.whole is False for a in group),
             "v2v_p50_ms": p50, "v2v_p95_ms": p95,
             "added_p50_ms": round(p50 - pct(base, 50), 1) if p50 is not None and base else None,
             "added_p95_ms": round(p95 - pct(base, 95), 1) if p95 is not None and base else None,
@@ -478,7 +505,7 @@ def summarize(attempts: list[Attempt], faults: list[dict]) -> dict[str, Any]:
 
 def format_table(rows: dict[str, Any]) -> str:
     cols = ["faults", "turns", "completed", "heard_once", "no_reply", "heard_twice", "gaps",
-            "text_without_audio", "v2v_p50_ms", "v2v_p95_ms", "added_p50_ms", "added_p95_ms"]
+            "text_without_audio", "partial_transcript", "v2v_p50_ms", "v2v_p95_ms", "added_p50_ms", "added_p95_ms"]
     head = ["kind", *cols]
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for name, row in rows.items():
@@ -514,7 +541,7 @@ def plot(attempts: list[Attempt], path: Path, title: str) -> Path:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
-    utts = utterances(args)
+    utts, texts = utterances(args)
     logdir = Path(args.logdir or tempfile.mkdtemp(prefix="s2s-chaos-"))
     logdir.mkdir(parents=True, exist_ok=True)
     env = {"S2S_CLAIM_IDLE_S": str(args.claim_idle_s), "S2S_GATEWAY_LEASE_S": "1.0",
@@ -537,7 +564,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.gather(*(s.say(utts[s.index % len(utts)], -1) for s in speakers))
         stop_at = time.monotonic() + args.duration
         stop = asyncio.Event()
-        loops = [speak_loop(s, utts, rng, stop_at, stop, attempts, args.max_turns)
+        loops = [speak_loop(s, utts, texts, rng, stop_at, stop, attempts, args.max_turns)
                  for s in speakers]
         injector = asyncio.create_task(inject(stack, args, rng, speakers, attempts, stop_at,
                                               faults, stop))
@@ -571,7 +598,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "/work/shared/audio/*.wav)")
     parser.add_argument("--synth", type=int, default=4, metavar="N",
                         help="also speak N short questions synthesized with the Piper voice")
-    parser.add_argument("--max-utterance-s", type=float, default=8.0,
+    parser.add_argument("--max-utterance-s", type=float, default=12.0,
                         help="longer speech files are cut to this many seconds")
     parser.add_argument("--reply-timeout", type=float, default=30.0,
                         help="seconds after its speech a turn may take before it counts as "

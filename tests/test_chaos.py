@@ -34,6 +34,9 @@ def test_hits_and_summary():
     assert rows["llm"]["no_reply"] == 1 and rows["tts"]["turns"] == 0
     assert rows["all hit"]["turns"] == 2 and rows["unhit"]["turns"] == 1
     assert "stt" in chaos.format_table(rows)
+    assert chaos.whole("and so my fellow americans ask not", "And so my fellow Americans, ask not!")
+    assert chaos.whole("fellow americans", chaos.JFK) is False
+    assert chaos.whole("anything", None) is None
 
 
 def test_reduced_chaos_run(tmp_path):
