@@ -43,7 +43,7 @@ def test_reduced_chaos_run(tmp_path):
     parser = argparse.ArgumentParser()
     chaos.add_arguments(parser)
     args = parser.parse_args(["--kills", "4", "--sessions", "1", "--synth", "3",
-                              "--duration", "240", "--logdir", str(tmp_path / "logs"),
+                              "--duration", "420", "--logdir", str(tmp_path / "logs"),
                               "--json-out", "", "--plot", ""])
     report = asyncio.run(chaos.run(args))
     hit = report["rows"]["all hit"]
