@@ -14,6 +14,20 @@ from s2s import keys
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def with_private_key(env: dict[str, str]) -> dict[str, str]:
+    """The gateway lets nobody in without a key: unless ``env`` names keys (or turns auth
+    off), a private one for this run, which this process's clients present too
+    (``s2s.client`` reads S2S_API_KEY)."""
+    import os
+    import secrets
+
+    auth_off = env.get("S2S_AUTH", "on").lower() in ("0", "false", "no", "off")
+    if not env.get("S2S_API_KEYS") and not auth_off:
+        key = os.environ.setdefault("S2S_API_KEY", secrets.token_urlsafe(24))
+        env.update(S2S_API_KEYS=f"bench:{key}", S2S_API_KEY=key)
+    return env
+
+
 class Stack:
     """Redis, one worker per stage and the gateway, as separate processes (as `s2s up`
     runs them), on free loopback ports; ``stages`` maps a stage to a built-in name or a
@@ -33,14 +47,7 @@ class Stack:
         self.logdir = logdir or Path(tempfile.mkdtemp(prefix="s2s-stack-"))
         self.env = {**os.environ, "S2S_METRICS_PORT": "0", "PYTHONUNBUFFERED": "1",
                     "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-        auth_off = self.env.get("S2S_AUTH", "on").lower() in ("0", "false", "no", "off")
-        if not self.env.get("S2S_API_KEYS") and not auth_off:
-            # the gateway lets nobody in without a key: a private one for this run, which
-            # this process's clients (auth_headers) present too
-            import secrets
-
-            key = os.environ.setdefault("S2S_API_KEY", secrets.token_urlsafe(24))
-            self.env.update(S2S_API_KEYS=f"bench:{key}", S2S_API_KEY=key)
+        with_private_key(self.env)
         self.procs: dict[str, Any] = {}
 
     @property

@@ -68,6 +68,7 @@ class TurnResult:
     done: bool = False                    # reply_done received
     sample_rate: int = 0
     audio: bytes = b""
+    chunks: list = field(default_factory=list)  # (seq, chunk, last) of each audio piece heard
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if k != "audio"}
@@ -87,13 +88,15 @@ class TalkResult:
     events: list[dict] = field(default_factory=list)  # JSON events, with "t" (s since start)
     errors: list[dict] = field(default_factory=list)
     timed_out: bool = False
+    resumes: int = 0           # connections lost and resumed (same session id)
 
     def to_dict(self) -> dict[str, Any]:
         return {"session_id": self.session_id, "transcript": self.transcript,
                 "reply": self.reply, "voice_to_voice_ms": self.voice_to_voice_ms,
                 "turns": [t.to_dict() for t in self.turns], "sample_rate": self.sample_rate,
                 "audio_s": round(len(self.audio) / 2 / self.sample_rate, 3)
-                if self.sample_rate else 0, "errors": self.errors, "timed_out": self.timed_out}
+                if self.sample_rate else 0, "errors": self.errors, "timed_out": self.timed_out,
+                "resumes": self.resumes}
 
 
 # --- the low-level session -------------------------------------------------------------------
@@ -104,6 +107,7 @@ class Connection:
     def __init__(self, ws: Any, ready: dict):
         self.ws = ws
         self.ready = ready
+        self.close_code: int | None = None  # once closed: the code (1006: no close frame)
         self.session_id: str = ready["session_id"]
         self.sample_rate: int = ready["sample_rate"]
         self.output_sample_rate: int = ready["output_sample_rate"]
@@ -112,9 +116,10 @@ class Connection:
     @classmethod
     async def open(cls, url: str, sample_rate: int = 16000, out_rate: int | None = None,
                    session_id: str | None = None, timeout: float = 10.0,
-                   api_key: str | None = None) -> "Connection":
+                   api_key: str | None = None, extra: dict | None = None) -> "Connection":
         """``api_key``: an API key or signed token (default: env S2S_API_KEY), sent as
-        ``Authorization: Bearer``, never in the URL."""
+        ``Authorization: Bearer``, never in the URL.  ``extra``: more hello fields
+        (``audio_marks``, a resume's ``heard``)."""
         import websockets
 
         ws = await websockets.connect(url, max_size=1 << 24, open_timeout=timeout,
@@ -125,6 +130,7 @@ class Connection:
             hello["output_sample_rate"] = out_rate
         if session_id:
             hello["session_id"] = session_id
+        hello.update(extra or {})
         await ws.send(json.dumps(hello))
         try:
             raw = await asyncio.wait_for(ws.recv(), timeout)
@@ -151,7 +157,9 @@ class Connection:
     async def recv(self) -> dict | bytes | None:
         try:
             msg = await self.ws.recv()
-        except Exception:  # closed (normally or not)
+        except Exception as e:  # closed (normally or not)
+            rcvd = getattr(e, "rcvd", None)
+            self.close_code = rcvd.code if rcvd is not None else 1006
             return None
         return json.loads(msg) if isinstance(msg, str) else msg
 
@@ -181,6 +189,8 @@ class Tracker:
         self.events: list[dict] = []
         self.errors: list[dict] = []
         self.audio_turn: int | None = None
+        self.text_seqs: dict[int, set[int]] = {}   # reply_text seqs seen, per turn
+        self.audio_next: dict[int, tuple[int, int]] = {}  # next (seq, chunk), per turn
         self.sent_pos: list[float] = []
         self.sent_wall: list[float] = []
 
@@ -217,9 +227,15 @@ class Tracker:
                 t.voice_to_voice_ms = self._ms(t, now)
             t.audio += bytes(msg)
             return
+        kind, n = msg.get("type"), msg.get("turn")
+        if kind == "audio_chunk":  # (seq, chunk) of the binary message that follows
+            if isinstance(n, int):
+                seq, chunk = msg.get("seq", 0), msg.get("chunk", 0)
+                self.turn(n).chunks.append((seq, chunk, bool(msg.get("last"))))
+                self.audio_next[n] = (seq + 1, 0) if msg.get("last") else (seq, chunk + 1)
+            return
         msg = dict(msg, t=round(now - self.t0, 3))
         self.events.append(msg)
-        kind, n = msg.get("type"), msg.get("turn")
         if kind == "error":
             self.errors.append(msg)
         if not isinstance(n, int):
@@ -237,6 +253,10 @@ class Tracker:
                 msg.get("end_s")
             t.first_transcript_ms = self._ms(t, now)
         elif kind == "reply_text":
+            seen = self.text_seqs.setdefault(n, set())
+            if msg.get("seq") in seen:  # replayed after a resume
+                return
+            seen.add(msg.get("seq"))
             t = self.turn(n)
             if t.first_reply_text_ms is None:
                 t.first_reply_text_ms = self._ms(t, now)
@@ -249,6 +269,20 @@ class Tracker:
             self.audio_turn = n
         elif kind == "reply_done":
             self.turn(n).done = True
+
+    def heard(self) -> dict:
+        """What of the newest turn this client already got (a resume's hello ``heard``,
+        so the gateway does not send it again)."""
+        if not self.turns:
+            return {}
+        n = max(self.turns)
+        t, seqs = self.turns[n], self.text_seqs.get(n, set())
+        text_next = 0
+        while text_next in seqs:
+            text_next += 1
+        return {"turn": n, "transcript": bool(t.transcript), "text_next": text_next,
+                "audio_next": list(self.audio_next.get(n, (0, 0))),
+                "sample_rate": t.sample_rate}
 
     def outstanding(self) -> list[TurnResult]:
         """Turns the user started that are neither answered nor given up."""
@@ -283,10 +317,11 @@ class Tracker:
             events=self.events, errors=self.errors)
 
 
-async def talk(url: str, pcm: np.ndarray | bytes, sample_rate: int = 16000, *,
+async def talk(url: str | list[str], pcm: np.ndarray | bytes, sample_rate: int = 16000, *,
                out_rate: int | None = None, realtime: bool = True, speed: float | None = None,
                tail_silence_s: float = 3.0, reply_timeout_s: float = 30.0,
-               session_id: str | None = None, protocol: str = "native",
+               session_id: str | None = None, resume_timeout_s: float = 20.0,
+               protocol: str = "native",
                on_event: Callable[[dict | bytes], None] | None = None,
                api_key: str | None = None) -> TalkResult:
     """Send ``pcm`` (int16 mono at ``sample_rate``) as one session and collect the answer.
@@ -296,7 +331,14 @@ async def talk(url: str, pcm: np.ndarray | bytes, sample_rate: int = 16000, *,
     ``speed``: seconds of audio sent per wall second (default 1 when ``realtime``,
     else 3).  ``on_event`` sees every message as it arrives.  ``protocol="realtime"``
     talks to the OpenAI Realtime endpoint (``url`` ending in ``/v1/realtime``) instead,
-    with the same measures."""
+    with the same measures (no resume there: the Realtime API has none).
+
+    ``url`` may be a list of gateway URLs.  A connection lost mid-session (gateway
+    killed, restarted, network) is resumed with the same session id on the next URL
+    (round robin, for up to ``resume_timeout_s``; 0: never), telling the gateway what
+    of the current turn was already heard so nothing is heard twice; the audio not
+    yet sent waits meanwhile (it is delayed, not dropped)."""
+    urls = [url] if isinstance(url, str) else list(url)
     samples = np.frombuffer(pcm, np.int16) if isinstance(pcm, (bytes, bytearray)) else \
         np.asarray(pcm).astype(np.int16, copy=False)
     speed = speed or (1.0 if realtime else 3.0)
@@ -305,20 +347,52 @@ async def talk(url: str, pcm: np.ndarray | bytes, sample_rate: int = 16000, *,
     if protocol == "realtime":
         from .realtime import RealtimeConnection
 
-        conn: Any = await RealtimeConnection.open(url, sample_rate, out_rate, session_id,
+        conn: Any = await RealtimeConnection.open(urls[0], sample_rate, out_rate, session_id,
                                                   api_key=api_key)
+        resume_timeout_s = 0.0
     else:
-        conn = await Connection.open(url, sample_rate, out_rate, session_id, api_key=api_key)
+        conn = await Connection.open(urls[0], sample_rate, out_rate, session_id,
+                                     api_key=api_key, extra={"audio_marks": True})
     tracker = Tracker()
     finished = asyncio.Event()
+    connected = asyncio.Event()
+    connected.set()
     timed_out = False
+    sending_done = False
+    resumes = 0
+
+    async def reconnect() -> Connection | None:
+        deadline = time.monotonic() + resume_timeout_s
+        i = 0
+        while time.monotonic() < deadline:
+            i += 1
+            try:
+                return await Connection.open(
+                    urls[i % len(urls)], sample_rate, out_rate, conn.session_id,
+                    timeout=min(5.0, max(0.5, deadline - time.monotonic())),
+                    api_key=api_key, extra={"audio_marks": True, "heard": tracker.heard()})
+            except Exception:  # refused, not listening yet, timed out: try the next one
+                await asyncio.sleep(0.25)
+        return None
 
     async def receive() -> None:
+        nonlocal conn, resumes
         while True:
             msg = await conn.recv()
             if msg is None:
-                finished.set()
-                return
+                lost = conn.close_code not in (1000, 1003, 1008) or not sending_done
+                if sending_done or resume_timeout_s <= 0 or not lost or \
+                        conn.close_code in (1003, 1008):
+                    finished.set()
+                    return
+                connected.clear()
+                new = await reconnect()
+                if new is None:
+                    finished.set()
+                    return
+                conn, resumes = new, resumes + 1
+                connected.set()
+                continue
             tracker.handle(msg)
             if on_event:
                 on_event(msg)
@@ -329,6 +403,18 @@ async def talk(url: str, pcm: np.ndarray | bytes, sample_rate: int = 16000, *,
         pos = 0  # samples sent
         audio_end: float | None = None
         while not finished.is_set():
+            if not connected.is_set():  # resuming: hold the audio, keep the pace after
+                paused = time.monotonic()
+                waiters = {asyncio.ensure_future(connected.wait()),
+                           asyncio.ensure_future(finished.wait())}
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                for w in waiters:
+                    w.cancel()
+                gap = time.monotonic() - paused
+                start += gap
+                if audio_end is not None:
+                    audio_end += gap
+                continue
             if pos < len(samples):
                 frame = samples[pos:pos + step].tobytes()
             else:
@@ -346,8 +432,9 @@ async def talk(url: str, pcm: np.ndarray | bytes, sample_rate: int = 16000, *,
                 await asyncio.sleep(delay)
             try:
                 await conn.send_audio(frame)
-            except Exception:  # closed by the gateway: the receiver has the reason
-                return
+            except Exception:  # closed: the receiver resumes (or has the reason)
+                await asyncio.sleep(0.02)
+                continue
             pos += len(frame) // 2
             tracker.sent(pos / sample_rate)
 
@@ -355,6 +442,7 @@ async def talk(url: str, pcm: np.ndarray | bytes, sample_rate: int = 16000, *,
     try:
         await send()
     finally:
+        sending_done = True
         await conn.close()
         try:
             await asyncio.wait_for(receiver, 5)
@@ -362,4 +450,5 @@ async def talk(url: str, pcm: np.ndarray | bytes, sample_rate: int = 16000, *,
             receiver.cancel()
     result = tracker.result(conn.session_id)
     result.timed_out = timed_out
+    result.resumes = resumes
     return result

@@ -29,9 +29,11 @@ class RealtimeConnection:
         self.item_turn: dict[str, int] = {}     # user item id -> turn
         self.item_span: dict[str, list] = {}    # user item id -> [start_s, end_s]
         self.response_turn: dict[str, int] = {}
+        self.pieces: dict[str, int] = {}        # response id -> reply text pieces so far
         self.audio_started: set[str] = set()
         self.replying: str | None = None        # response in progress
         self.pending: list[dict] = []
+        self.close_code: int | None = None  # once closed: the code (1006: no close frame)
         self._resampler = None
 
     @classmethod
@@ -79,6 +81,7 @@ class RealtimeConnection:
             try:
                 raw = await self.ws.recv()
             except Exception:
+                self.close_code = getattr(self.ws, "close_code", None) or 1006
                 return None
             self.pending.extend(self._translate(json.loads(raw)))
         return self.pending.pop(0)
@@ -116,9 +119,10 @@ class RealtimeConnection:
             self.response_turn[rid] = self.turn
             self.replying = rid
         elif kind in ("response.output_audio_transcript.delta", "response.output_text.delta"):
-            turn = self.response_turn.get(ev["response_id"], self.turn)
-            return [{"type": "reply_text", "turn": turn, "text": ev.get("delta", ""),
-                     "final": False}]
+            rid = ev["response_id"]
+            seq = self.pieces[rid] = self.pieces.get(rid, -1) + 1
+            return [{"type": "reply_text", "turn": self.response_turn.get(rid, self.turn),
+                     "seq": seq, "text": ev.get("delta", ""), "final": False}]
         elif kind == "response.output_audio.delta":
             rid = ev["response_id"]
             out: list = []

@@ -26,6 +26,7 @@ from .admission import Admission
 from .auth import AuthError, Authenticator, new_ticket, origin_allowed, ticket_key
 from .discovery import sd_route
 from .realtime import RealtimeSocket
+from .failover import Failover
 from .session import ClientSession
 
 log = logging.getLogger("s2s.gateway")
@@ -46,6 +47,8 @@ def create_app(settings: Settings) -> Starlette:
         state["bus"] = Bus(settings)  # created on the server's event loop
         state["admission"] = Admission(settings, state["bus"], state["sessions"])
         state["admission"].start()
+        app.state.failover = Failover(state["bus"], settings, state["sessions"])
+        await app.state.failover.start()
         try:
             yield
         finally:
@@ -55,6 +58,7 @@ def create_app(settings: Settings) -> Starlette:
                 task.cancel()
             if tasks:
                 await asyncio.wait(tasks, timeout=5)
+            await app.state.failover.stop()
             await state["bus"].close()
 
     async def index(request: Request) -> Response:

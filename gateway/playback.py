@@ -59,10 +59,33 @@ class TurnState:
 
 
 class Playback:
-    def __init__(self, turn: int = 0, clock: Callable[[], float] = time.time):
+    def __init__(self, turn: int = 0, clock: Callable[[], float] = time.time,
+                 marks: bool = False):
         self.clock = clock
         self.t = TurnState(turn)
         self.dropped = 0  # stale or duplicate frames
+        self.marks = marks  # announce each audio piece's (seq, chunk) (hello "audio_marks")
+
+    def resume(self, heard: object) -> bool:
+        """A client resuming (maybe on another gateway) says what of the current turn it
+        already got (hello ``heard``: turn, transcript, text_next, audio_next [seq, chunk],
+        sample_rate); the replay of that turn then skips it, so nothing is heard twice.
+        Anything malformed is ignored (the turn is replayed whole)."""
+        if not isinstance(heard, dict) or heard.get("turn") != self.t.turn:
+            return False
+        t = self.t
+        text_next, audio_next, sr = heard.get("text_next", 0), heard.get("audio_next"), \
+            heard.get("sample_rate", 0)
+        if not (_nat(text_next) and _nat(sr) and isinstance(audio_next, list)
+                and len(audio_next) == 2 and all(_nat(x) for x in audio_next)):
+            return False
+        t.speech_sent = t.transcript_sent = bool(heard.get("transcript"))
+        t.text_next = text_next
+        t.audio_next = (audio_next[0], audio_next[1])
+        if t.audio_next > (0, 0) and sr:
+            t.audio_sr, t.audio_t0 = sr, self.clock()  # no second audio_start
+            t.reply_seen = True
+        return True
 
     @property
     def turn(self) -> int:
@@ -184,6 +207,9 @@ class Playback:
                                 "voice_to_voice_ms": ms})
                 pcm = f.pcm if f.sr == t.audio_sr else resample(f.pcm, f.sr, t.audio_sr)
                 t.audio_s += len(pcm) / 2 / t.audio_sr
+                if self.marks:
+                    out.append({"type": "audio_chunk", "turn": t.turn, "seq": f.seq,
+                                "chunk": f.chunk, "last": f.last, "bytes": len(pcm)})
                 out.append(pcm)
             if f.final:
                 t.done = True
@@ -198,3 +224,7 @@ def resample(pcm: bytes, sr: int, to_sr: int) -> bytes:
     import soxr
 
     return soxr.resample(np.frombuffer(pcm, np.int16), sr, to_sr).astype(np.int16).tobytes()
+
+
+def _nat(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 31

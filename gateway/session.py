@@ -18,15 +18,17 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
+from redis.exceptions import ResponseError
 from starlette.websockets import WebSocket
 
-from s2s import keys, metrics
-from s2s.bus import FIELD, REDIS_DOWN, Bus
+from s2s import metrics
+from s2s.bus import REDIS_DOWN, Bus
 from s2s.config import Settings
 from s2s.frames import (SAMPLE_RATES, SID_PATTERN, Audio, FrameError, SessionConfig, SessionEnd,
-                        SessionOpen, Transcript, decode)
+                        SessionOpen, Transcript, decode, encode)
 
 from .auth import ANONYMOUS, AuthError, Authenticator, Principal, ticket_key
+from .failover import REDIS_REFUSED, RESTORED, redis_error_kind
 from .playback import Playback
 
 if TYPE_CHECKING:
@@ -85,6 +87,13 @@ class ClientSession:
         self.tokens = settings.max_audio_rate * RATE_WINDOW_S  # seconds of audio allowed now
         self.tokens_at = time.monotonic()
         self.last_unavailable = 0.0
+        # failover (gateway/failover.py): this gateway's Failover, when run by the app
+        app = ws.scope.get("app") if isinstance(getattr(ws, "scope", None), dict) else None
+        self.failover = getattr(getattr(app, "state", None), "failover", None)
+        self.open_id: bytes | None = None   # the session's entry in s2s:vad:sessions
+        self.probe: tuple[bytes, float] | None = None  # (audio id, when) not yet seen read
+        self.turn_start: bytes | None = None  # output entry that opened the current turn
+        self.hello: dict = {}
 
     # --- life cycle ----------------------------------------------------------------------
     async def run(self) -> None:
@@ -115,6 +124,11 @@ class ClientSession:
                 await _quietly(self.bus.unregister_session(self.sid, self.principal.id))
             if self.replaced:
                 await self._close(NORMAL, "replaced by a newer connection")
+                if self.failover is not None and self.sessions.get(self.sid) is None:
+                    try:  # taken over by another gateway: no longer one of ours
+                        await self.bus.drop_gateway_session(self.failover.id, self.sid)
+                    except Exception:
+                        pass
             else:
                 try:
                     await asyncio.wait_for(self._end_session(), 3)
@@ -132,8 +146,63 @@ class ClientSession:
         await self._close(NORMAL, "bye")
 
     async def _end_session(self) -> None:
-        await self.bus.emit(SessionEnd(sid=self.sid, turn=await self.bus.current_turn(self.sid)))
-        await self.bus.close_session(self.sid)
+        end = SessionEnd(sid=self.sid, turn=await self.bus.current_turn(self.sid))
+        if self.failover is None:  # no failover loop (a bare ClientSession): end it outright
+            await self.bus.emit(end)
+            await self.bus.close_session(self.sid)
+        else:
+            if not await self.bus.end_session_if_owner(self.sid, self.failover.id, encode(end)):
+                # resumed on another gateway meanwhile: ending it would mute that client
+                log.info("session owned by another gateway now: not ended",
+                         extra={"sid": self.sid})
+            await self.bus.drop_gateway_session(self.failover.id, self.sid)
+
+    # --- failover (driven by gateway/failover.py) ------------------------------------------
+    def turn_floor(self) -> int:
+        """The highest turn this connection has seen: Redis's counter must not be below it."""
+        playback = getattr(self, "playback", None)
+        return playback.turn if playback is not None else 0
+
+    def redis_lost(self) -> None:
+        """Redis restarted empty: an audio probe from before is void (its VAD position
+        went too); judge the VAD owner by audio written from now on, which a surviving
+        owner reads (and records) within the stale time."""
+        self.probe = None
+
+    def let_go(self) -> None:
+        """Another gateway owns the session now: close this connection, end nothing."""
+        self.replaced = True
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+    async def check_vad(self) -> None:
+        """Audio written ``gateway_vad_stale_s`` ago and still unread by a VAD owner: if
+        the session's entry in s2s:vad:sessions was lost (Redis restarted empty) or
+        released, open the session again.  A pending or queued entry means a VAD worker
+        has it or will (a dead owner's entry is claimed by the runtime), so nothing is
+        done: opening twice would give the session two owners."""
+        if self.probe is None or self.closed:
+            return
+        audio_id, written = self.probe
+        if time.monotonic() - written < self.settings.gateway_vad_stale_s:
+            return
+        pos = await self.bus.vad_position(self.sid)
+        if pos is not None and _id(pos) >= _id(audio_id):
+            self.probe = None
+            return
+        state = await self.bus.session_entry_state(self.open_id) if self.open_id else "gone"
+        if state in ("owned", "queued"):
+            self.probe = None  # look again at the next unread audio
+            return
+        turn = self.turn_floor()
+        ids = await self.bus.emit(SessionOpen(sid=self.sid, turn=turn, in_sr=self.in_sr,
+                                              out_sr=self.out_sr))
+        self.open_id = await self.bus.own_session(self.sid, self.failover.id, ids[0]) \
+            if self.failover else ids[0]
+        self.probe = None
+        RESTORED.labels("vad").inc()
+        log.warning("session had no VAD owner (its entry was %s): opened again", state,
+                    extra={"sid": self.sid, "turn": turn})
 
     # --- sending -------------------------------------------------------------------------
     async def send(self, message: Any) -> None:
@@ -213,6 +282,7 @@ class ClientSession:
         if hello["type"] != "hello":
             raise Reject("bad_hello", 'the first message must be {"type": "hello", ...}', POLICY)
         self.principal = await self._authenticate(hello)
+        self.hello = hello  # failover: "audio_marks" and a resume's "heard" (in _open)
         self.in_sr = _rate(hello, "sample_rate", 16000)
         self.out_sr = _rate(hello, "output_sample_rate", DEFAULT_OUT_SR)
         requested = hello.get("session_id")
@@ -233,6 +303,12 @@ class ClientSession:
         except REDIS_DOWN as e:
             log.warning("Redis unavailable at session open: %s", e)
             raise Reject("unavailable", "the service is unavailable; try again later",
+                         TRY_LATER) from None
+        except ResponseError as e:  # up but refusing (OOM, READONLY, ...): not a crash
+            kind = redis_error_kind(e) or "other"
+            REDIS_REFUSED.labels(kind).inc()
+            log.warning("Redis refused the session open (%s): %s", kind, e)
+            raise Reject("busy", f"the service is busy ({kind}); try again later",
                          TRY_LATER) from None
 
     async def _authenticate(self, hello: dict) -> Principal:
@@ -295,14 +371,18 @@ class ClientSession:
             new_owner = await self._needs_vad_owner()
         turn = await self.bus.current_turn(self.sid)
         start = await self._replay_from(turn)
-        self.playback = Playback(turn)
+        self.playback = Playback(turn, marks=self.hello.get("audio_marks") is True)
+        if requested:
+            self.playback.resume(self.hello.get("heard"))
         self.sessions[self.sid] = self
         self.opened = True
         metrics.SESSIONS_TOTAL.inc()
         metrics.ACTIVE_SESSIONS.inc()
+        opened = None
         if new_owner:
-            await self.bus.emit(SessionOpen(sid=self.sid, turn=turn, in_sr=self.in_sr,
-                                            out_sr=self.out_sr))
+            opened = (await self.bus.emit(SessionOpen(sid=self.sid, turn=turn, in_sr=self.in_sr,
+                                                      out_sr=self.out_sr)))[0]
+        await self._own(opened)
         self.reader = asyncio.create_task(self._read_out(start))
         log.info("session open", extra={"sid": self.sid, "in_sr": self.in_sr,
                                         "out_sr": self.out_sr, "resumed": bool(requested),
@@ -310,14 +390,21 @@ class ClientSession:
         await self.send({"type": "ready", "session_id": self.sid, "sample_rate": self.in_sr,
                          "output_sample_rate": self.out_sr, "turn": turn})
 
+    async def _own(self, opened: bytes | None) -> None:
+        """Record this gateway as the session's owner (a resume takes it over)."""
+        if self.failover is not None:
+            self.open_id = await self.bus.own_session(self.sid, self.failover.id, opened)
+        else:
+            self.open_id = opened
+
     async def _replay_from(self, turn: int) -> bytes:
         """Where to start reading the output stream: after the last frame of an older
         turn, so a resumed session gets the current turn (a reply in flight) again from
         its start and nothing older."""
-        entries = await self.bus.redis.xrevrange(keys.out(self.sid), count=REPLAY_SCAN)
-        for entry_id, fields in entries:
+        entries = await self.bus.out_tail(self.sid, REPLAY_SCAN)
+        for entry_id, data in entries:
             try:
-                if decode((fields or {}).get(FIELD, b"")).turn < turn:
+                if decode(data).turn < turn:
                     return entry_id
             except FrameError:
                 continue
@@ -329,30 +416,26 @@ class ClientSession:
         """Resume rule: audio stream absent -> open it; its last entry a SessionEnd (the
         session was closed) -> wait until the old VAD owner has read it, then open anew;
         otherwise a VAD owner still reads it (the old gateway died): no second open."""
-        redis = self.bus.redis
-        last = await redis.xrevrange(keys.audio(self.sid), count=1)
+        last = await self.bus.last_audio(self.sid)
         if not last:
             return True
-        end_id, fields = last[0]
+        end_id, data = last
         try:
-            ended = isinstance(decode(fields.get(FIELD, b"")), SessionEnd)
+            ended = isinstance(decode(data), SessionEnd)
         except FrameError:
             ended = False
         if not ended:
             return False
         deadline = time.monotonic() + RESUME_WAIT_S
         while time.monotonic() < deadline:
-            pos = await redis.get(keys.vad_pos(self.sid))
+            pos = await self.bus.vad_position(self.sid)
             if pos is not None and _id(pos) >= _id(end_id):
                 break
             await asyncio.sleep(0.05)
         else:
             log.warning("old VAD owner did not release the session in time",
                         extra={"sid": self.sid})
-            pipe = redis.pipeline(transaction=True)  # as the owner does at a SessionEnd
-            pipe.set(keys.vad_pos(self.sid), end_id, ex=self.settings.session_ttl_s)
-            pipe.delete(keys.vad_state(self.sid))
-            await pipe.execute()
+            await self.bus.force_vad_release(self.sid, end_id)
         return True
 
     async def _receive_loop(self) -> None:
@@ -460,45 +543,74 @@ class ClientSession:
             raise Reject("audio_limit", "this key or token sent its audio seconds for this "
                          "minute: message dropped")
         try:
-            await self.bus.emit(Audio(sid=self.sid, pcm=pcm, sr=self.in_sr,
-                                      marks={"recv": time.time()}))
+            ids = await self.bus.emit(Audio(sid=self.sid, pcm=pcm, sr=self.in_sr,
+                                            marks={"recv": time.time()}))
+            if self.probe is None and ids:
+                self.probe = (ids[0], now)
         except REDIS_DOWN as e:
+            self.probe = None
             if now - self.last_unavailable > 2:
                 self.last_unavailable = now
                 log.warning("Redis unavailable: audio dropped (%s)", e, extra={"sid": self.sid})
                 await self.send({"type": "error", "code": "unavailable",
                                  "message": "the service is unavailable: audio dropped"})
+        except ResponseError as e:  # OOM, READONLY...: the session stays, this audio is lost
+            kind = redis_error_kind(e) or "other"
+            REDIS_REFUSED.labels(kind).inc()
+            if now - self.last_unavailable > 2:
+                self.last_unavailable = now
+                log.warning("Redis refused audio (%s): %s", kind, e, extra={"sid": self.sid})
+                await self.send({"type": "error", "code": "busy",
+                                 "message": f"the service is busy ({kind}): audio dropped"})
 
     # --- the output stream -------------------------------------------------------------------
     async def _read_out(self, last: bytes) -> None:
-        stream = keys.out(self.sid)
         backoff = 0.1
         while not self.closed:
             try:
-                res = await self.bus.redis.xread({stream: last}, count=200, block=1000)
+                entries = await self.bus.read_out(self.sid, last, 200, 1000)
                 backoff = 0.1
-            except REDIS_DOWN as e:
+            except REDIS_DOWN + (ResponseError,) as e:
+                kind = redis_error_kind(e)
+                if kind:
+                    REDIS_REFUSED.labels(kind).inc()
                 metrics.REDIS_ERRORS.labels("gateway").inc()
                 log.warning("Redis unavailable (%s); retrying", e, extra={"sid": self.sid})
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                backoff = min(backoff * 2, 0.5)  # short: a restarted Redis is noticed at once
                 continue
-            for _, entries in res or []:
-                for entry_id, fields in entries:
-                    last = entry_id
-                    try:
-                        frame = decode((fields or {}).get(FIELD, b""),
-                                       self.settings.max_frame_bytes)
-                        if frame.sid != self.sid:
-                            raise FrameError(f"frame of session {frame.sid!r}", "wrong_session")
-                    except FrameError as e:
-                        metrics.BAD_FRAMES.labels("gateway", e.reason).inc()
-                        log.warning("skipped a bad output frame: %s", e, extra={"sid": self.sid})
-                        continue
-                    for message in self.playback.feed(frame):
-                        await self.send(message)
+            except Exception:  # a surprise must not leave the session mute for good
+                log.exception("reading the output stream failed; retrying",
+                              extra={"sid": self.sid})
+                await asyncio.sleep(1.0)
+                continue
+            turn = self.playback.turn
+            for entry_id, data in entries:
+                last = entry_id
+                try:
+                    frame = decode(data, self.settings.max_frame_bytes)
+                    if frame.sid != self.sid:
+                        raise FrameError(f"frame of session {frame.sid!r}", "wrong_session")
+                except FrameError as e:
+                    metrics.BAD_FRAMES.labels("gateway", e.reason).inc()
+                    log.warning("skipped a bad output frame: %s", e, extra={"sid": self.sid})
+                    continue
+                if frame.turn > self.playback.turn:
+                    self.turn_start = entry_id
+                for message in self.playback.feed(frame):
+                    await self.send(message)
+            if self.playback.turn > turn and self.turn_start is not None:
+                await self._trim_played()
             for message in self.playback.check_gaps():
                 await self.send(message)
+
+    async def _trim_played(self) -> None:
+        """Older turns are played (or superseded): drop them from the output stream.  A
+        resume replays the current turn from its first entry, which stays."""
+        try:
+            await self.bus.trim_out(self.sid, self.turn_start)
+        except REDIS_DOWN + (ResponseError,) as e:  # the next turn trims again
+            log.debug("output trim failed: %s", e, extra={"sid": self.sid})
 
 
 def _rate(hello: dict, field: str, default: int) -> int:

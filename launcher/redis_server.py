@@ -45,8 +45,9 @@ def free_port() -> int:
 class RedisServer:
     """``with RedisServer() as r: r.url`` — starts, waits until it answers, stops."""
 
-    def __init__(self, port: int | None = None):
+    def __init__(self, port: int | None = None, appendonly: bool = False):
         self.port = port or free_port()
+        self.appendonly = appendonly  # AOF (fsync every second) in self.dir: survives a restart
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen | None = None
         self.dir = tempfile.mkdtemp(prefix="s2s-redis-")
@@ -55,7 +56,8 @@ class RedisServer:
         binary = find_redis_server()
         self.proc = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir, "--protected-mode", "yes",
+             "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
+             "--dir", self.dir, "--protected-mode", "yes",
              "--loglevel", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=die_with_parent)
         deadline = time.monotonic() + timeout
@@ -72,6 +74,20 @@ class RedisServer:
                 time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"redis-server did not answer on port {self.port} in {timeout}s")
+
+    def kill(self) -> None:
+        """SIGKILL the server (a crash: no shutdown save); the data folder stays, so
+        ``start()`` brings it back on the same port (with the AOF's data if on)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def restart(self, down_s: float = 0.0, timeout: float = 10.0) -> "RedisServer":
+        """Kill and start again on the same port, ``down_s`` seconds later."""
+        self.kill()
+        if down_s:
+            time.sleep(down_s)
+        return self.start(timeout)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

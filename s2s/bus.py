@@ -377,6 +377,127 @@ class Bus:
             pipe.expire(key, self.settings.closed_ttl_s)
         await pipe.execute()
 
+    # --- sessions and gateways ------------------------------------------------------
+    # A session's owning gateway lives in s2s:gw:{sid}; only the owner may end it,
+    # and every "is it still mine? then act" is one Lua script (atomic: a gateway
+    # that resumed the session in between can never be undone by the old one).
+    async def own_session(self, sid: str, gateway_id: str, open_id: bytes | None = None
+                          ) -> bytes | None:
+        """Take the session over (the newest connection wins) and list it among this
+        gateway's sessions at once (a gateway killed before its next heartbeat must not
+        leave it unlisted, so unreleased); returns the id of its entry in
+        s2s:vad:sessions as recorded (``open_id`` when given)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.eval(_OWN, 1, keys.session_gateway(sid), gateway_id, open_id or b"",
+                  self.settings.session_ttl_s)
+        pipe.sadd(keys.gateway_sessions(gateway_id), sid)
+        pipe.expire(keys.gateway_sessions(gateway_id), self.settings.session_ttl_s)
+        res = (await pipe.execute())[0]
+        return res or None
+
+    async def drop_gateway_session(self, gateway_id: str, sid: str) -> None:
+        await self.redis.srem(keys.gateway_sessions(gateway_id), sid)
+
+    async def touch_sessions(self, gateway_id: str, floors: dict[str, int]) -> dict[str, int]:
+        """Refresh this gateway's sessions, one round trip for all.  Per session:
+        0 still ours, 1 the owner record was gone (Redis restarted empty: restored),
+        2 ours but the turn counter was behind what the client has seen (restored
+        to it, so no reply of a new turn is dropped as stale), -1 another gateway
+        owns it now (or it was ended): this gateway must let go."""
+        if not floors:
+            return {}
+        pipe = self.redis.pipeline(transaction=False)
+        for sid, floor in floors.items():
+            pipe.eval(_TOUCH, 2, keys.session_gateway(sid), keys.turn(sid), gateway_id, floor,
+                      self.settings.session_ttl_s)
+        return {sid: int(r) for sid, r in zip(floors, await pipe.execute())}
+
+    async def end_session_if_owner(self, sid: str, gateway_id: str, end: bytes) -> bool:
+        """If ``gateway_id`` still owns the session: XADD ``end`` (an encoded
+        SessionEnd) to its audio stream, mark it ended and shorten its keys' TTLs, as
+        one script.  False (nothing done) when another gateway took it over."""
+        ks = [keys.session_gateway(sid), keys.audio(sid), *keys.session_keys(sid)]
+        return bool(await self.redis.eval(_END_IF_OWNER, len(ks), *ks, gateway_id, end,
+                                          self.settings.session_maxlen,
+                                          self.settings.closed_ttl_s))
+
+    async def gateway_heartbeat(self, gateway_id: str, lease_s: float,
+                                sids: Iterable[str]) -> None:
+        """Renew this gateway's lease and record which sessions it holds (added only: a
+        closing session removes itself, so one opened meanwhile is never dropped)."""
+        sids = list(sids)
+        members = keys.gateway_sessions(gateway_id)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(keys.GATEWAYS, {gateway_id: time.time() + lease_s})
+        if sids:
+            pipe.sadd(members, *sids)
+            pipe.expire(members, self.settings.session_ttl_s)
+        await pipe.execute()
+
+    async def lapsed_gateways(self, grace_s: float) -> list[str]:
+        """Gateways whose lease lapsed more than ``grace_s`` ago."""
+        ids = await self.redis.zrangebyscore(keys.GATEWAYS, "-inf", time.time() - grace_s)
+        return [i.decode() for i in ids]
+
+    async def gateway_sessions(self, gateway_id: str) -> list[str]:
+        return [s.decode() for s in await self.redis.smembers(keys.gateway_sessions(gateway_id))]
+
+    async def forget_gateway(self, gateway_id: str) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrem(keys.GATEWAYS, gateway_id)
+        pipe.delete(keys.gateway_sessions(gateway_id))
+        await pipe.execute()
+
+    async def session_entry_state(self, open_id: bytes) -> str:
+        """Where a session's entry in s2s:vad:sessions stands: "owned" (pending: a VAD
+        worker holds it, alive or about to be claimed), "queued" (not delivered yet),
+        "released" (acknowledged: the VAD let go) or "gone" (Redis lost it)."""
+        stream, group = keys.SESSIONS, "vad"
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xpending_range(stream, group, min=open_id, max=open_id, count=1)
+        pipe.xrange(stream, min=open_id, max=open_id, count=1)
+        pipe.xinfo_groups(stream)
+        pending, entry, groups = await pipe.execute(raise_on_error=False)
+        if isinstance(pending, list) and pending:
+            return "owned"
+        if not isinstance(entry, list) or not entry:
+            return "gone"
+        last = next((g.get("last-delivered-id") for g in groups or []
+                     if isinstance(groups, list) and g.get("name") in (group, group.encode())),
+                    None)
+        if last is None or _entry_id(last) < _entry_id(open_id):
+            return "queued"
+        return "released"
+
+    async def vad_position(self, sid: str) -> bytes | None:
+        return await self.redis.get(keys.vad_pos(sid))
+
+    async def last_audio(self, sid: str) -> Entry | None:
+        """The newest entry of the session's audio stream, if any."""
+        last = await self.redis.xrevrange(keys.audio(sid), count=1)
+        return (last[0][0], (last[0][1] or {}).get(FIELD, b"")) if last else None
+
+    async def force_vad_release(self, sid: str, end_id: bytes) -> None:
+        """What a VAD owner does at a SessionEnd, for an owner that did not (it died)."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.set(keys.vad_pos(sid), end_id, ex=self.settings.session_ttl_s)
+        pipe.delete(keys.vad_state(sid))
+        await pipe.execute()
+
+    async def out_tail(self, sid: str, count: int) -> list[Entry]:
+        """The newest ``count`` entries of the session's output stream, newest first."""
+        entries = await self.redis.xrevrange(keys.out(sid), count=count)
+        return [(eid, (fields or {}).get(FIELD, b"")) for eid, fields in entries]
+
+    async def read_out(self, sid: str, after: bytes, count: int, block_ms: int) -> list[Entry]:
+        res = await self.redis.xread({keys.out(sid): after}, count=count, block=block_ms)
+        return [(eid, (fields or {}).get(FIELD, b"")) for _, entries in res or []
+                for eid, fields in entries]
+
+    async def trim_out(self, sid: str, min_id: bytes) -> int:
+        """Drop output entries older than ``min_id`` (played by the client already)."""
+        return await self.redis.xtrim(keys.out(sid), minid=min_id, approximate=False)
+
     # --- liveness --------------------------------------------------------------------
     async def heartbeat(self, stage: str, worker_id: str, metrics_url: str) -> None:
         """Renew this worker's lease: its member's score is the time of its last beat."""
@@ -525,3 +646,46 @@ class Bus:
         if await self._delconsumer_script(keys=[stream], args=[group, consumer]) == -1:
             return False
         return bool(await self._forget_script(keys=[keys.WORKERS], args=[member, seen_before]))
+
+def _entry_id(entry_id: bytes | str) -> tuple[int, int]:
+    if isinstance(entry_id, bytes):
+        entry_id = entry_id.decode()
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+# KEYS: session_gateway; ARGV: gateway id, open entry id ("" keeps the recorded one), ttl
+_OWN = """
+redis.call('HSET', KEYS[1], 'gw', ARGV[1])
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'open', ARGV[2]) end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return redis.call('HGET', KEYS[1], 'open')
+"""
+# KEYS: session_gateway, turn; ARGV: gateway id, turn floor, ttl
+_TOUCH = """
+local gw = redis.call('HGET', KEYS[1], 'gw')
+local r = 0
+if not gw then
+  redis.call('HSET', KEYS[1], 'gw', ARGV[1])
+  r = 1
+elseif gw ~= ARGV[1] then
+  return -1
+end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+local t = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
+if t < tonumber(ARGV[2]) then
+  redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+  if r == 0 then r = 2 end
+end
+return r
+"""
+# KEYS: session_gateway, audio stream, then every key of the session; ARGV: gateway id, encoded
+# SessionEnd, audio MAXLEN, closed TTL.  The owner record stays as a tombstone (gw "")
+# so a stalled ex-owner cannot mistake it for one lost to a Redis restart.
+_END_IF_OWNER = """
+if redis.call('HGET', KEYS[1], 'gw') ~= ARGV[1] then return 0 end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'f', ARGV[2])
+redis.call('HSET', KEYS[1], 'gw', '')
+for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
+return 1
+"""

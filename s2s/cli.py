@@ -29,6 +29,8 @@ COMMANDS = {
     "bench": ("s2s.bench.loadgen", "Load-test a running stack: voice-to-voice latency vs sessions."),
     "token": ("s2s.gateway.token_command", "Mint a signed, expiring token for the gateway (s2s token create)."),
     "dead": ("s2s.dead", "List, show, replay or purge dead letters (entries that kept killing workers)."),
+    "chaos": ("s2s.bench.chaos", "Kill workers, gateways or Redis mid-turn on a stack it starts; "
+                                 "report what users notice."),
     "config": ("s2s.cli", "Print every setting with its environment variable and value."),
 }
 

@@ -158,6 +158,17 @@ class Settings:
                                  "gateway")
     idle_timeout_s: float = opt(300.0, "A session that sends no audio for this long is closed "
                                        "(0: never).", "gateway")
+    # --- gateway: failover ---------------------------------------------------------
+    gateway_lease_s: float = opt(2.0, "A gateway that has not renewed its liveness lease for this "
+                                      "long counts as dead (it renews it 4 times per lease).",
+                                 "gateway")
+    gateway_grace_s: float = opt(3.0, "Once a gateway's lease has lapsed, how long its sessions "
+                                      "wait for their clients to resume on another gateway before "
+                                      "a live gateway ends them (frees their VAD owner).", "gateway")
+    gateway_vad_stale_s: float = opt(2.0, "Audio a session's VAD owner has not read after this "
+                                          "long makes the gateway check that the session still "
+                                          "has one (lost to a Redis restart: it opens it again).",
+                                     "gateway")
 
     def redis(self) -> str:
         if not self.redis_url:

@@ -68,4 +68,20 @@ def prefs(sid: str) -> str:
 
 def session_keys(sid: str) -> list[str]:
     return [audio(sid), out(sid), turn(sid), ctx(sid), vad_pos(sid), vad_state(sid), owner(sid),
-            prefs(sid)]
+            prefs(sid), session_gateway(sid)]
+
+
+# --- gateways (failover) ---------------------------------------------------------------
+GATEWAYS = "s2s:gateways"  # sorted set: member gateway id, score = when its lease lapses
+
+
+def session_gateway(sid: str) -> str:
+    """Hash of the session's owning gateway: ``gw`` (its id; "" once the session was
+    ended) and ``open`` (the id of the session's entry in ``s2s:vad:sessions``)."""
+    return f"s2s:gw:{{{sid}}}"
+
+
+def gateway_sessions(gateway_id: str) -> str:
+    """Set of the session ids a gateway holds (so a live gateway can release them
+    once that gateway's lease lapses)."""
+    return f"s2s:gwsessions:{gateway_id}"
