@@ -33,8 +33,8 @@ log = logging.getLogger("s2s.gateway.realtime")
 
 NATIVE_SR = 24000          # the native session's rate both ways (the Realtime `audio/pcm` rate)
 PTT_MAX_S = 120.0          # a push-to-talk buffer longer than this is refused
-FLUSH_CHUNK_S = 0.5        # a committed buffer goes to the native session in pieces this long
-FREE_AUDIO_S = 6.0         # …all at once up to this much, then paced below the native rate limit
+PIECE_S = 0.5              # audio goes to the native session in pieces at most this long,
+FREE_AUDIO_S = 6.0         # …all at once up to this much, then paced below its rate limit
 
 
 def _resampled(resampler: StreamResampler, pcm: bytes) -> bytes:
@@ -54,6 +54,8 @@ class RealtimeSocket:
         self.config = RealtimeConfig(settings)
         self.inbox: asyncio.Queue[dict] = asyncio.Queue()
         self.pump: asyncio.Task | None = None
+        self.sender: asyncio.Task | None = None
+        self.audio_out: asyncio.Queue[bytes] = asyncio.Queue()
         self.send_lock = asyncio.Lock()
         self.sid = ""
         self.ptt = bytearray()             # push-to-talk audio (native rate) not yet committed
@@ -76,6 +78,7 @@ class RealtimeSocket:
         await self._ws.accept(subprotocol=subprotocol, headers=headers)
         self._native({"type": "hello", "sample_rate": NATIVE_SR, "output_sample_rate": NATIVE_SR})
         self.pump = asyncio.create_task(self._pump())
+        self.sender = asyncio.create_task(self._send_audio())
 
     async def receive(self) -> dict:
         return await self.inbox.get()
@@ -87,8 +90,9 @@ class RealtimeSocket:
         await self._reply_audio(data)
 
     async def close(self, code: int = 1000, reason: str | None = None) -> None:
-        if self.pump:
-            self.pump.cancel()
+        for task in (self.pump, self.sender):
+            if task:
+                task.cancel()
         await self._ws.close(code=code, reason=reason)
 
     # --- helpers -------------------------------------------------------------------------
@@ -96,7 +100,27 @@ class RealtimeSocket:
         self.inbox.put_nowait({"type": "websocket.receive", "text": json.dumps(message)})
 
     def _native_audio(self, pcm: bytes) -> None:
-        self.inbox.put_nowait({"type": "websocket.receive", "bytes": pcm})
+        """Queue audio for the native session (in order, paced by ``_send_audio``)."""
+        step = min(int(PIECE_S * NATIVE_SR) * 2, self.settings.max_message_bytes // 2 * 2)
+        for i in range(0, len(pcm), step):
+            self.audio_out.put_nowait(pcm[i:i + step])
+
+    async def _send_audio(self) -> None:
+        """Hand queued audio to the native session under its rate limit (max_audio_rate
+        seconds of audio per second): a client may append a whole file at once, or commit
+        a long push-to-talk buffer, and none of it is refused as rate_limited."""
+        rate = 0.8 * self.settings.max_audio_rate
+        tokens, at = FREE_AUDIO_S, time.monotonic()
+        while True:
+            pcm = await self.audio_out.get()
+            seconds = len(pcm) / 2 / NATIVE_SR
+            now = time.monotonic()
+            tokens, at = min(FREE_AUDIO_S, tokens + (now - at) * rate), now
+            if tokens < seconds:
+                await asyncio.sleep((seconds - tokens) / rate)
+                tokens, at = seconds, time.monotonic()
+            tokens -= seconds
+            self.inbox.put_nowait({"type": "websocket.receive", "bytes": pcm})
 
     async def emit(self, type_: str, **fields: Any) -> None:
         event = {"type": type_, "event_id": _event_id(), **fields}
@@ -199,9 +223,7 @@ class RealtimeSocket:
                 return
             self.ptt += pcm
             return
-        limit = self.settings.max_message_bytes // 2 * 2
-        for i in range(0, len(pcm), limit):
-            self._native_audio(pcm[i:i + limit])
+        self._native_audio(pcm)
 
     async def _commit(self, event: dict, eid: str | None) -> None:
         item_id = "item_" + uuid.uuid4().hex[:20]
@@ -214,7 +236,7 @@ class RealtimeSocket:
             # Silence after the speech lets the VAD end the utterance at once.
             trail = (self.settings.vad_min_silence_ms + self.settings.vad_speech_pad_ms + 200)
             pcm += bytes(int(NATIVE_SR * trail / 1000) * 2)
-            asyncio.create_task(self._flush(pcm))
+            self._native_audio(pcm)
         else:  # server VAD: silence ends the user's speech now
             trail = self.settings.vad_min_silence_ms + self.settings.vad_speech_pad_ms + 200
             self._native_audio(bytes(int(NATIVE_SR * trail / 1000) * 2))
@@ -222,18 +244,6 @@ class RealtimeSocket:
                         previous_item_id=self.last_item or None)
         self.committed.add(item_id)
         self._next_user_item = item_id
-
-    async def _flush(self, pcm: bytes) -> None:
-        """Send committed push-to-talk audio, paced under the native session's rate limit."""
-        step = int(FLUSH_CHUNK_S * NATIVE_SR) * 2
-        sent_s, t0 = 0.0, time.monotonic()
-        for i in range(0, len(pcm), step):
-            self._native_audio(pcm[i:i + step])
-            sent_s += FLUSH_CHUNK_S
-            if sent_s > FREE_AUDIO_S:  # stay below max_audio_rate seconds of audio per second
-                ahead = sent_s / (0.8 * self.settings.max_audio_rate) - (time.monotonic() - t0)
-                if ahead > 0:
-                    await asyncio.sleep(ahead)
 
     async def _clear(self, event: dict, eid: str | None) -> None:
         self.ptt = bytearray()
