@@ -35,6 +35,17 @@ def start_turn(ctx: Any, turn: int, text: str, keep_turns: int,
     return {"history": _trim(history, keep_turns)}
 
 
+def answered_early(ctx: Any, turn: int, start_s: float | None) -> bool:
+    """Does a message starting at ``start_s`` continue one that already got a spoken
+    reply?  Then the reply came before the user had finished."""
+    history = [m for m in _history(ctx) if m.get("turn", -1) < turn]
+    users = [i for i, m in enumerate(history) if m["role"] == "user"]
+    if not users or start_s is None or not _continues(history[users[-1]], start_s):
+        return False
+    return any(m["role"] == "assistant" and m["content"].strip()
+               for m in history[users[-1] + 1:])
+
+
 def set_reply(ctx: dict, turn: int, text: str) -> dict:
     """Record what was spoken so far of this turn's reply (replacing the last value)."""
     history = [m for m in ctx["history"] if not (m["role"] == "assistant" and m["turn"] == turn)]

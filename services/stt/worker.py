@@ -81,6 +81,14 @@ def looks_complete(text: str) -> bool:
     return not words or words[-1] not in TRAILING_WORDS
 
 
+def turn_complete(verdict: bool | None, text: str) -> bool:
+    """Is the turn over?  The VAD's end-of-turn model heard the prosody (``verdict``;
+    None when it did not run): its "complete" stands unless the words plainly dangle
+    ("And so my fellow Americans," sounds final but ends on a comma).  Without a
+    verdict the transcript's ending alone decides (the fallback)."""
+    return looks_complete(text) if verdict is None else verdict and looks_complete(text)
+
+
 def is_loop(text: str) -> bool:
     """Whisper's failure mode on a short window: the same phrase over and over."""
     if get_compression_ratio(text) > LOOP_COMPRESSION:
@@ -247,6 +255,7 @@ class SttStage(Stage):
         out = Transcript(sid=frame.sid, turn=frame.turn, marks=dict(frame.marks), text=heard.text,
                          language=heard.language, confidence=math.exp(
                              heard.avg_logprob), start_s=frame.start_s, end_s=frame.end_s,
-                         complete=looks_complete(heard.text), out_sr=frame.out_sr)
+                         complete=turn_complete(frame.complete, heard.text),
+                         out_sr=frame.out_sr)
         out.stamp("stt_done")
         yield out

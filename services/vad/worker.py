@@ -31,21 +31,36 @@ it does not continue the earlier thought).
 from __future__ import annotations
 
 import importlib.util
+import logging
 import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from prometheus_client import Counter, Histogram
 
 from s2s.audio import StreamResampler, pcm16_to_float, to_int16
 from s2s.frames import Audio, SessionOpen, SpeechStarted, Utterance
 from s2s.stage import SessionStage
+
+from .turn import TurnModel
+
+log = logging.getLogger("s2s.vad")
 
 SR = 16000          # the model's rate; utterances go to STT at this rate too
 CHUNK = 512         # samples per model call (32 ms)
 CONTEXT = 64        # samples of the previous chunk the v5 model sees again
 NEG_OFFSET = 0.15   # speech ends only below threshold - 0.15 (silero's hysteresis)
 MAX_FRAME_S = 10.0  # live audio comes in pieces of tens of ms; a longer frame is abuse
+EARLY_S = 2.0       # speech resuming this soon after an answered pause: answered too early
+
+TURN_DECISION = Histogram("s2s_turn_decision_seconds", "Time the end-of-turn model took to "
+                          "decide at a pause.", buckets=(0.005, 0.01, 0.02, 0.03, 0.05, 0.075,
+                                                         0.1, 0.15, 0.2, 0.3, 0.5, 1.0))
+TURN_VERDICTS = Counter("s2s_turn_verdicts", "End-of-turn decisions at pauses, by verdict "
+                        "(complete, incomplete, unknown: no model, or it failed).", ["verdict"])
+TURN_EARLY = Counter("s2s_turn_early", "Pauses the turn model called complete after which the "
+                     "user went on within 2 s (answered before the user finished).")
 
 
 def silero_model_path() -> Path:
@@ -119,6 +134,7 @@ class VadSession:
         self.thought = 0        # start of the thought: where the next utterance begins
         self.last_end: int | None = None  # end of the last utterance (None: nothing to continue)
         self.turn = 0
+        self.answered_at: int | None = None  # end of the last utterance called complete
 
     def snapshot(self) -> dict:
         """What a new owner needs for positions to go on: the input samples received.
@@ -170,6 +186,9 @@ class VadSession:
                 self.triggered, self.started, self.start = True, False, at
                 if not self.continues(at):
                     self.thought = at
+                if self.answered_at is not None and at - self.answered_at <= EARLY_S * SR:
+                    TURN_EARLY.inc()  # the model said "complete", and the user went on
+                self.answered_at = None
         elif prob < self.neg_threshold and self.triggered:
             self.temp_end = self.temp_end or at
             if now - self.temp_end >= self.min_silence:
@@ -220,9 +239,18 @@ class VadStage(SessionStage):
 
     def setup(self) -> None:
         self.vad = SileroVad()
+        self.turn_model: TurnModel | None = None
+        if self.settings.vad_turn_model.lower() != "off":
+            try:
+                self.turn_model = TurnModel(self.settings.vad_turn_model or None,
+                                            self.settings.vad_turn_threshold)
+            except Exception as e:  # the text heuristic in STT still decides: degrade, say so
+                log.warning("no end-of-turn model (%s); the transcript's ending decides", e)
 
     def describe(self) -> str:
-        return f"silero-vad v5 onnx ({self.vad.path.name}) cpu, 1 thread"
+        turn = (f"smart-turn ({self.turn_model.path.name}, threshold "
+                f"{self.turn_model.threshold})" if self.turn_model else "no turn model")
+        return f"silero-vad v5 onnx ({self.vad.path.name}) cpu, 1 thread; end of turn: {turn}"
 
     def open_session(self, frame: SessionOpen, snapshot: dict | None = None) -> VadSession:
         session = VadSession(frame, self.settings)
@@ -250,15 +278,37 @@ class VadStage(SessionStage):
                                         marks={"speech_start": self._wall(session, recv,
                                                                           event[1])})
                 else:
-                    yield self._utterance(session, recv, event[1], event[2])
+                    yield await self._utterance(session, recv, event[1], event[2])
         session.trim()
 
-    def _utterance(self, session: VadSession, recv: float, start: int, end: int) -> Utterance:
-        utt = Utterance(sid=session.sid, turn=session.turn, pcm=session.cut(start, end), sr=SR,
-                        start_s=start / SR, end_s=end / SR, out_sr=session.out_sr,
+    async def _utterance(self, session: VadSession, recv: float, start: int,
+                         end: int) -> Utterance:
+        pcm = session.cut(start, end)
+        complete = await self._decide(pcm)
+        session.answered_at = end if complete else None
+        utt = Utterance(sid=session.sid, turn=session.turn, pcm=pcm, sr=SR, start_s=start / SR,
+                        end_s=end / SR, out_sr=session.out_sr, complete=complete,
                         marks={"speech_end": self._wall(session, recv, end)})
         utt.stamp("vad_sent")
         return utt
+
+    async def _decide(self, pcm: bytes) -> bool | None:
+        """The turn model's verdict on the thought so far (None: no model, or it failed:
+        STT's text heuristic decides)."""
+        if self.turn_model is None:
+            TURN_VERDICTS.labels("unknown").inc()
+            return None
+        try:
+            complete, prob, took = await self.run_blocking(
+                self.turn_model.decide, np.frombuffer(pcm, np.int16))
+        except Exception as e:  # never lose the utterance over the turn model
+            log.warning("end-of-turn model failed: %s", e)
+            TURN_VERDICTS.labels("unknown").inc()
+            return None
+        TURN_DECISION.observe(took)
+        TURN_VERDICTS.labels("complete" if complete else "incomplete").inc()
+        log.debug("end of turn: p=%.3f (%s) in %.0f ms", prob, complete, took * 1000)
+        return complete
 
     @staticmethod
     def _wall(session: VadSession, recv: float, sample: int) -> float:
