@@ -53,6 +53,13 @@ TRAILING_WORDS = {
     "then", "than", "which", "who", "whose", "when", "where", "while", "as", "like", "the",
     "a", "an", "my", "your", "our", "their", "his", "its", "to", "of", "for", "with", "in", "on",
     "at", "by", "from", "into", "um", "uh", "er", "i", "very"}
+# A transcript of numbers alone is a number being dictated ("one zero zero zero one",
+# "10001."): people pause between its groups, so it waits for the max silence.
+NUMBER_WORDS = {
+    "zero", "oh", "o", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+    "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen",
+    "eighteen", "nineteen", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty",
+    "ninety", "hundred", "thousand", "double", "triple", "and", "point", "dash"}
 ANNOTATION = re.compile(r"\[[^\]]*\]|\([^)]*\)|\*[^*]*\*|♪+")  # [BLANK_AUDIO], (music), *cough*
 
 DROPPED = Counter("s2s_stt_dropped", "Utterances whose transcript was dropped, by reason "
@@ -77,6 +84,8 @@ def looks_complete(text: str) -> bool:
         return False
     if text.endswith("?"):  # "where are you from?" ends with a preposition, and is done
         return True
+    if all(w.isdigit() or w in NUMBER_WORDS for w in re.findall(r"[a-z0-9']+", text.lower())):
+        return False  # only numbers: a dictation that may go on
     words = re.findall(r"[a-z']+", text.lower())
     return not words or words[-1] not in TRAILING_WORDS
 

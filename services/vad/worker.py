@@ -30,6 +30,7 @@ it does not continue the earlier thought).
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import logging
 import time
@@ -135,6 +136,7 @@ class VadSession:
         self.last_end: int | None = None  # end of the last utterance (None: nothing to continue)
         self.turn = 0
         self.answered_at: int | None = None  # end of the last utterance called complete
+        self.pending: tuple[int, asyncio.Future] | None = None  # (pause start, decision)
 
     def snapshot(self) -> dict:
         """What a new owner needs for positions to go on: the input samples received.
@@ -186,9 +188,6 @@ class VadSession:
                 self.triggered, self.started, self.start = True, False, at
                 if not self.continues(at):
                     self.thought = at
-                if self.answered_at is not None and at - self.answered_at <= EARLY_S * SR:
-                    TURN_EARLY.inc()  # the model said "complete", and the user went on
-                self.answered_at = None
         elif prob < self.neg_threshold and self.triggered:
             self.temp_end = self.temp_end or at
             if now - self.temp_end >= self.min_silence:
@@ -197,6 +196,9 @@ class VadSession:
                 and now - self.start >= self.min_speech:
             self.started = True
             events.append(("speech", self.start))
+            if self.answered_at is not None and self.start - self.answered_at <= EARLY_S * SR:
+                TURN_EARLY.inc()  # the model said "complete", and the user went on
+            self.answered_at = None
         # cut a monologue (a continued thought counts whole once this speech is real)
         begin = self.thought if self.started else self.start
         if self.triggered and now + CHUNK - begin > self.max_len:
@@ -279,12 +281,33 @@ class VadStage(SessionStage):
                                                                           event[1])})
                 else:
                     yield await self._utterance(session, recv, event[1], event[2])
+            self._decide_early(session, at)
         session.trim()
+
+    def _decide_early(self, session: VadSession, at: int) -> None:
+        """Start the end-of-turn decision inside the pause, once it holds the utterance's
+        trailing pad: the model then runs while the VAD waits out its min silence, so the
+        verdict costs the reply no time.  If the user goes on, the result is unused."""
+        end = session.temp_end
+        if self.turn_model is None or not (session.started and end) \
+                or at + CHUNK - end < session.pad \
+                or (session.pending is not None and session.pending[0] == end):
+            return
+        pcm = session.cut(session.thought, end)
+        session.pending = (end, asyncio.ensure_future(self._decide(pcm)))
 
     async def _utterance(self, session: VadSession, recv: float, start: int,
                          end: int) -> Utterance:
         pcm = session.cut(start, end)
-        complete = await self._decide(pcm)
+        pending, session.pending = session.pending, None
+        if pending is not None and pending[0] == end:
+            complete, took = await pending[1]
+        else:  # a monologue cut at max length, or a pause shorter than the pad
+            complete, took = await self._decide(pcm)
+        if took is not None:
+            TURN_DECISION.observe(took)
+        TURN_VERDICTS.labels({True: "complete", False: "incomplete", None: "unknown"}[
+            complete]).inc()
         session.answered_at = end if complete else None
         utt = Utterance(sid=session.sid, turn=session.turn, pcm=pcm, sr=SR, start_s=start / SR,
                         end_s=end / SR, out_sr=session.out_sr, complete=complete,
@@ -292,23 +315,19 @@ class VadStage(SessionStage):
         utt.stamp("vad_sent")
         return utt
 
-    async def _decide(self, pcm: bytes) -> bool | None:
-        """The turn model's verdict on the thought so far (None: no model, or it failed:
-        STT's text heuristic decides)."""
+    async def _decide(self, pcm: bytes) -> tuple[bool | None, float | None]:
+        """The turn model's verdict on the thought so far and the seconds it took (None:
+        no model, or it failed: STT's text heuristic decides)."""
         if self.turn_model is None:
-            TURN_VERDICTS.labels("unknown").inc()
-            return None
+            return None, None
         try:
             complete, prob, took = await self.run_blocking(
                 self.turn_model.decide, np.frombuffer(pcm, np.int16))
         except Exception as e:  # never lose the utterance over the turn model
             log.warning("end-of-turn model failed: %s", e)
-            TURN_VERDICTS.labels("unknown").inc()
-            return None
-        TURN_DECISION.observe(took)
-        TURN_VERDICTS.labels("complete" if complete else "incomplete").inc()
+            return None, None
         log.debug("end of turn: p=%.3f (%s) in %.0f ms", prob, complete, took * 1000)
-        return complete
+        return complete, took
 
     @staticmethod
     def _wall(session: VadSession, recv: float, sample: int) -> float:
