@@ -87,10 +87,11 @@ class Settings:
                                   "unfinished last sentence is not spoken).", "llm")
     llm_temperature: float = opt(0.0, "Sampling temperature (0: greedy, so a re-run after a crash "
                                       "repeats the same reply).", "llm")
-    llm_repetition_penalty: float = opt(1.1, "Penalty on tokens already in the conversation "
+    llm_repetition_penalty: float = opt(1.0, "Penalty on tokens already in the conversation "
                                               "(transformers and vllm: repetition_penalty; "
-                                              "openai: frequency_penalty = penalty - 1). 1: off.",
-                                        "llm")
+                                              "openai: frequency_penalty = penalty - 1). 1: off "
+                                              "(it costs SmolLM2 correct facts: it also "
+                                              "penalizes the question's own words).", "llm")
     llm_no_repeat_ngram: int = opt(4, "transformers: a reply never repeats a run of this many "
                                       "of its own tokens (0: off). Every backend also stops a "
                                       "reply at a repeated sentence.", "llm")

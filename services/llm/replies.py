@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-_SENTENCE = re.compile(r"(?<=[.!?…])[\"')\]”’»]*\s+")
+_SENTENCE = re.compile(r"(?<=[.!?…])\s+|(?<=[.!?…][\"')\]”’»])\s+")
 _WORDS = re.compile(r"[a-z0-9']+")
 SENTENCE_END = ".!?…"
 CLOSERS = "\"')]”’»"
