@@ -27,6 +27,7 @@ COMMANDS = {
     "gateway": ("s2s.gateway.server", "Run the gateway: WebSocket sessions, web page, /healthz, /metrics."),
     "talk": ("s2s.client.talk_command", "Talk to a running stack from a WAV/FLAC/MP3 file or the microphone."),
     "bench": ("s2s.bench.loadgen", "Load-test a running stack: voice-to-voice latency vs sessions."),
+    "eval": ("s2s.bench.eval", "Score conversation quality (turn-taking, answers, voice) against a running stack."),
     "config": ("s2s.cli", "Print every setting with its environment variable and value."),
 }
 
