@@ -49,6 +49,16 @@ PYEOF
   mv "$TURN_MODEL.part" "$TURN_MODEL"
   rm -rf "$TMP"
 fi
+# espeak-ng (Debian): the second family of voices of the evaluation set (s2s eval, its tests).
+if ! command -v espeak-ng >/dev/null; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+    echo "==> installing espeak-ng (voices of the evaluation set)"
+    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q espeak-ng; } \
+      >/dev/null || echo "warning: apt-get install espeak-ng failed; s2s eval needs it" >&2
+  else
+    echo "note: no espeak-ng (as root: apt-get install espeak-ng); s2s eval needs it" >&2
+  fi
+fi
 # ---- BEGIN optional browser step (web client tests: tests/test_web.py) -------------------
 # Debian's Chromium plus the `playwright` package, used only as a driver for that
 # Chromium (never `playwright install`: no browser download). Best effort: without them
