@@ -159,7 +159,8 @@ def score(conv: Conversation, tracker, spans) -> dict[str, Any]:
     server = [tracker.turns[n] for n in sorted(tracker.turns)]
     out_turns = []
     for i, (turn, (begin, end, starts)) in enumerate(zip(conv.turns, spans)):
-        limit = spans[i + 1][0] if i + 1 < len(spans) else float("inf")
+        # the VAD may place a speech start a chunk or two before the audio's first sample
+        limit = spans[i + 1][0] - 0.5 if i + 1 < len(spans) else float("inf")
         mine = [t for t in server if t.start_s is not None and begin - 0.5 <= t.start_s < limit]
         heard: list = []
         for t in mine:  # a continuation re-hears the pieces before it: keep the later one

@@ -32,6 +32,7 @@ class Turn:
     pauses: list[float] = field(default_factory=list)  # seconds after each piece but the last
     keywords: list[tuple[str, ...]] = field(default_factory=list)
     recording: str = ""               # a real recording (tests/data) instead of synthesis
+    starts: list[float] = field(default_factory=list)  # a recording's pieces start here (s)
 
     @property
     def text(self) -> str:
@@ -104,7 +105,8 @@ CONVERSATIONS: list[Conversation] = [
                         "and then finish the report before lunch"], [0.7, 1.0]),
     _d("meeting", E1, ["the project meeting is on", "the third floor", "in room three ten"],
        [0.9, 0.8]),
-    Conversation("jfk", "dictation", "recording", [Turn([JFK_TEXT], recording="jfk.wav")]),
+    Conversation("jfk", "dictation", "recording", [Turn([JFK_TEXT], recording="jfk.wav",
+                                                          starts=[0.3, 3.3, 5.4, 8.2])]),
     _d("numbers-list", P, ["the numbers are", "fifteen", "twenty seven", "and forty two"],
        [0.8, 0.7, 0.9]),
     # --- multi-turn: the second question needs the first --------------------------------
@@ -169,7 +171,7 @@ class Voices:
         if turn.recording:
             from s2s.audio import read_audio
 
-            return read_audio(DATA / turn.recording, SR), [0.0]
+            return read_audio(DATA / turn.recording, SR), list(turn.starts) or [0.0]
         parts, starts, pos = [], [], 0
         for i, piece in enumerate(turn.pieces):
             pcm = self.say(voice, piece)

@@ -52,7 +52,10 @@ TRAILING_WORDS = {
     "and", "but", "or", "nor", "so", "because", "since", "although", "though", "if", "unless",
     "then", "than", "which", "who", "whose", "when", "where", "while", "as", "like", "the",
     "a", "an", "my", "your", "our", "their", "his", "its", "to", "of", "for", "with", "in", "on",
-    "at", "by", "from", "into", "um", "uh", "er", "i", "very"}
+    "at", "by", "from", "into", "um", "uh", "er", "i", "very",
+    # a statement rarely ends on a bare verb like these ("The numbers are."); a
+    # question does, and keeps its "?"
+    "is", "are", "was", "were", "will", "would", "can", "could", "should", "must"}
 # A transcript of numbers alone is a number being dictated ("one zero zero zero one",
 # "10001."): people pause between its groups, so it waits for the max silence.
 NUMBER_WORDS = {

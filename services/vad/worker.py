@@ -285,12 +285,13 @@ class VadStage(SessionStage):
         session.trim()
 
     def _decide_early(self, session: VadSession, at: int) -> None:
-        """Start the end-of-turn decision inside the pause, once it holds the utterance's
-        trailing pad: the model then runs while the VAD waits out its min silence, so the
-        verdict costs the reply no time.  If the user goes on, the result is unused."""
+        """Start the end-of-turn decision inside the pause, halfway through the min silence
+        (and once the pause holds the utterance's trailing pad): the model then runs while
+        the VAD waits out the rest, so the verdict costs the reply no time.  If the user
+        goes on, the result is unused (the short gaps between words end before halfway)."""
         end = session.temp_end
         if self.turn_model is None or not (session.started and end) \
-                or at + CHUNK - end < session.pad \
+                or at + CHUNK - end < max(session.pad, session.min_silence // 2) \
                 or (session.pending is not None and session.pending[0] == end):
             return
         pcm = session.cut(session.thought, end)
