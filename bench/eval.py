@@ -102,13 +102,22 @@ async def run_conversation(url: str, conv: Conversation, voices: Voices, *, api_
     step = SR * FRAME_MS // 1000
     spans, pos, t_start = [], 0, time.monotonic()
 
+    # early answers are judged on the monotonic clock: the wall clock may be stepped
+    audio_mono: dict[int, float] = {}   # turn -> when its reply audio began
+    piece_mono: dict[float, float] = {}  # session position of a piece -> when it was sent
+
     async def receive() -> None:
         while (msg := await conn.recv()) is not None:
+            if isinstance(msg, dict) and msg.get("type") == "audio_start":
+                audio_mono.setdefault(msg.get("turn"), time.monotonic())
             tracker.handle(msg)
 
-    async def send(samples: np.ndarray) -> None:
+    async def send(samples: np.ndarray, pieces: tuple = ()) -> None:
         nonlocal pos
+        todo = list(pieces)
         for i in range(0, len(samples), step):
+            while todo and todo[0] * SR <= pos + 1:
+                piece_mono[todo.pop(0)] = time.monotonic()
             frame = samples[i:i + step]
             delay = t_start + pos / SR - time.monotonic()
             if delay > 0:
@@ -123,8 +132,9 @@ async def run_conversation(url: str, conv: Conversation, voices: Voices, *, api_
         for turn in conv.turns:
             audio, starts = voices.turn_audio(conv.voice, turn)
             begin = pos / SR
-            await send(audio)
-            spans.append((begin, pos / SR, [begin + s for s in starts]))
+            pieces = tuple(begin + s for s in starts)
+            await send(audio, pieces)
+            spans.append((begin, pos / SR, list(pieces)))
             waited = time.monotonic()
             while True:  # silence until answered and heard out (plus a pause), or timeout
                 await send(silence)
@@ -140,7 +150,7 @@ async def run_conversation(url: str, conv: Conversation, voices: Voices, *, api_
             await asyncio.wait_for(receiver, 5)
         except (asyncio.TimeoutError, Exception):
             receiver.cancel()
-    return score(conv, tracker, spans)
+    return score(conv, tracker, spans, audio_mono, piece_mono)
 
 
 def playback_end(tracker) -> float:
@@ -155,7 +165,8 @@ def playback_end(tracker) -> float:
     return end
 
 
-def score(conv: Conversation, tracker, spans) -> dict[str, Any]:
+def score(conv: Conversation, tracker, spans, audio_mono: dict, piece_mono: dict
+          ) -> dict[str, Any]:
     server = [tracker.turns[n] for n in sorted(tracker.turns)]
     out_turns = []
     for i, (turn, (begin, end, starts)) in enumerate(zip(conv.turns, spans)):
@@ -174,10 +185,9 @@ def score(conv: Conversation, tracker, spans) -> dict[str, Any]:
         answered = [t for t in mine if t.done and t.reply.strip()]
         final = answered[-1] if answered else None
         # reply audio the user heard before starting the last piece: answered too early
-        last_piece = tracker.wall_at(starts[-1]) if len(starts) > 1 else None
-        early = last_piece is not None and any(
-            e.get("type") == "audio_start" and e.get("turn") in {t.turn for t in mine}
-            and tracker.t0 + e["t"] < last_piece for e in tracker.events)
+        last_piece = piece_mono.get(starts[-1]) if len(starts) > 1 else None
+        audio_at = [audio_mono[t.turn] for t in mine if t.turn in audio_mono]
+        early = last_piece is not None and any(at < last_piece for at in audio_at)
         reference = JFK_TEXT if turn.recording == "jfk.wav" else turn.text
         transcript = " ".join(t.transcript.strip() for t in heard)
         reply = final.reply if final else ""
@@ -189,7 +199,10 @@ def score(conv: Conversation, tracker, spans) -> dict[str, Any]:
             "degenerate": degenerate(reply),
             "voice_to_voice_ms": final.voice_to_voice_ms if final else None,
             "audio": (final.audio, final.sample_rate) if final and final.audio else None,
-            "pauses": len(starts) - 1})
+            "pauses": len(starts) - 1,
+            # seconds since the session opened: the last piece began, reply audio began
+            "audio_after_last_piece_s": [round(at - last_piece, 3) for at in audio_at]
+            if last_piece else None})
     events = [{k: v for k, v in e.items() if k in ("type", "turn", "t", "text", "start_s",
                                                     "end_s")} for e in tracker.events
               if e.get("type") not in ("audio_end",)]
