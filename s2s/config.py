@@ -102,6 +102,12 @@ class Settings:
                                       "the speech ended (ms), unless the user goes on (a user "
                                       "resumes within ~1.2 s, and the VAD needs its min speech "
                                       "to notice).", "llm")
+    llm_statement_hold_ms: int = opt(800, "A finished turn that is not a question (\"I need to buy "
+                                          "milk.\") is answered only after this much silence since "
+                                          "the speech ended (ms): dictations and lists pause after "
+                                          "whole sentences, and the end-of-turn model cannot tell. "
+                                          "Questions are answered at once (0: statements too).",
+                                     "llm")
     llm_cpu_int8: bool = opt(True, "transformers on CPU: bf16 weights with int8 one-token steps "
                                    "(about 2x faster replies; off: plain fp32).", "llm")
     llm_cache_dir: str = opt("", "Where converted models are cached (empty: ~/.cache/s2s).", "llm")

@@ -158,6 +158,11 @@ async def test_pause_mid_sentence_is_held_then_merged(hf_runtime):
         await rt.bus.advance_turn("pause")
         outcome, got, _ = await ask(rt, "pause", 2, "Thank you", complete=False, speech_end=t0)
         assert outcome == "ok" and got[0].marks["llm_first"] >= t0 + 0.6
+        # a finished statement waits the shorter statement hold: a dictation may go on
+        t0 = time.time()
+        await rt.bus.advance_turn("statement")
+        outcome, got, _ = await ask(rt, "statement", 1, "I need to buy milk.", speech_end=t0)
+        assert outcome == "ok" and got[0].marks["llm_first"] >= t0 + s.llm_statement_hold_ms / 1000
     finally:
         s.llm_turn_hold_ms = hold
         await rt.bus.close()

@@ -67,8 +67,7 @@ class LlmStage(Stage):
         ctx = history.start_turn(ctx, frame.turn, text, s.llm_history_turns, frame.start_s,
                                  frame.end_s)
         await self.state.save(frame.sid, ctx)
-        if not frame.complete:
-            await self._hold(frame)  # outside the model slots: holding costs no slot
+        await self._hold(frame, text)  # outside the model slots: holding costs no slot
         if self._model_slots is None:  # created inside the worker's event loop
             self._model_slots = asyncio.Semaphore(self.slots)
         async with self._model_slots:
@@ -119,12 +118,18 @@ class LlmStage(Stage):
                  extra={"sid": frame.sid, "turn": frame.turn, "held": not frame.complete})
         yield self._emit(frame, seq, said, final=True)  # may be empty: it closes the reply
 
-    async def _hold(self, frame: Transcript) -> None:
-        """The end-of-turn model (or, without it, the transcript's ending) says the user
-        may go on: give them llm_turn_hold_ms of silence to.  If they do, the turn
-        advances and we are cancelled here."""
+    async def _hold(self, frame: Transcript, text: str) -> None:
+        """Give the user time to go on, counted from the end of their speech: an unfinished
+        turn (the end-of-turn model or, without it, the transcript's ending says so)
+        waits llm_turn_hold_ms, a finished statement llm_statement_hold_ms, a question
+        nothing.  If the user goes on, the turn advances and we are cancelled here."""
+        s = self.settings
+        hold = s.llm_turn_hold_ms if not frame.complete else \
+            0 if text.rstrip(" \"'”’)").endswith("?") else s.llm_statement_hold_ms
+        if hold <= 0:
+            return
         speech_end = frame.marks.get("speech_end", time.time())
-        delay = speech_end + self.settings.llm_turn_hold_ms / 1000 - time.time()
+        delay = speech_end + hold / 1000 - time.time()
         if delay > 0:
             await asyncio.sleep(delay)
 
