@@ -102,7 +102,7 @@ class Settings:
                                       "the speech ended (ms), unless the user goes on (a user "
                                       "resumes within ~1.2 s, and the VAD needs its min speech "
                                       "to notice).", "llm")
-    llm_statement_hold_ms: int = opt(800, "A finished turn that is not a question (\"I need to buy "
+    llm_statement_hold_ms: int = opt(1200, "A finished turn that is not a question (\"I need to buy "
                                           "milk.\") is answered only after this much silence since "
                                           "the speech ended (ms): dictations and lists pause after "
                                           "whole sentences, and the end-of-turn model cannot tell. "
