@@ -31,6 +31,7 @@ COMMANDS = {
     "dead": ("s2s.dead", "List, show, replay or purge dead letters (entries that kept killing workers)."),
     "chaos": ("s2s.bench.chaos", "Kill workers, gateways or Redis mid-turn on a stack it starts; "
                                  "report what users notice."),
+    "eval": ("s2s.bench.eval", "Score conversation quality (turn-taking, answers, voice) against a running stack."),
     "config": ("s2s.cli", "Print every setting with its environment variable and value."),
 }
 

@@ -72,6 +72,12 @@ class Settings:
     vad_continue_ms: int = opt(1500, "Speech that resumes within this many ms after an utterance "
                                      "continues it: the next utterance carries the audio from the "
                                      "first piece on, so STT hears the whole thought.", "vad")
+    vad_turn_model: str = opt("", "End-of-turn model (smart-turn v3 .onnx) run at each pause to "
+                                  "decide whether the user finished. Empty: the one "
+                                  "scripts/install.sh extracts into <venv>/share/s2s; off: none "
+                                  "(the transcript's ending decides).", "vad")
+    vad_turn_threshold: float = opt(0.5, "Probability from the end-of-turn model at or above "
+                                         "which a pause ends the turn.", "vad")
 
     # --- stt ------------------------------------------------------------------------
     stt_model: str = opt("", "faster-whisper model: a CTranslate2 folder or a model name. "
@@ -94,12 +100,27 @@ class Settings:
                                   "unfinished last sentence is not spoken).", "llm")
     llm_temperature: float = opt(0.0, "Sampling temperature (0: greedy, so a re-run after a crash "
                                       "repeats the same reply).", "llm")
+    llm_repetition_penalty: float = opt(1.0, "Penalty on tokens already in the conversation "
+                                              "(transformers and vllm: repetition_penalty; "
+                                              "openai: frequency_penalty = penalty - 1). 1: off "
+                                              "(it costs SmolLM2 correct facts: it also "
+                                              "penalizes the question's own words).", "llm")
+    llm_no_repeat_ngram: int = opt(4, "transformers: a reply never repeats a run of this many "
+                                      "of its own tokens (0: off). Every backend also stops a "
+                                      "reply at a repeated sentence.", "llm")
     llm_history_turns: int = opt(6, "User/assistant exchanges kept as context.", "llm")
-    llm_turn_hold_ms: int = opt(1500, "A transcript that does not end a sentence is answered only "
-                                      "after this much silence since the speech ended (ms), so a "
-                                      "pause mid-thought does not start a reply (a user resumes "
-                                      "within ~1.2 s, and the VAD needs its min speech to notice).",
-                                "llm")
+    llm_turn_hold_ms: int = opt(1500, "Max silence for an unfinished turn: one the end-of-turn "
+                                      "model (or, without it, the transcript's ending) calls "
+                                      "incomplete is answered only after this much silence since "
+                                      "the speech ended (ms), unless the user goes on (a user "
+                                      "resumes within ~1.2 s, and the VAD needs its min speech "
+                                      "to notice).", "llm")
+    llm_statement_hold_ms: int = opt(1200, "A finished turn that is not a question (\"I need to buy "
+                                          "milk.\") is answered only after this much silence since "
+                                          "the speech ended (ms): dictations and lists pause after "
+                                          "whole sentences, and the end-of-turn model cannot tell. "
+                                          "Questions are answered at once (0: statements too).",
+                                     "llm")
     llm_cpu_int8: bool = opt(True, "transformers on CPU: bf16 weights with int8 one-token steps "
                                    "(about 2x faster replies; off: plain fp32).", "llm")
     llm_cache_dir: str = opt("", "Where converted models are cached (empty: ~/.cache/s2s).", "llm")

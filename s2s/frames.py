@@ -113,6 +113,9 @@ class Utterance(_Pcm, tag="utt"):
     start_s: Num = 0.0
     end_s: Num = 0.0
     out_sr: OutRate = 0  # reply audio rate the client asked for (0: the voice's own)
+    # the end-of-turn model's verdict at this pause (None: no model ran; STT's text
+    # heuristic decides); travels on as Transcript.complete
+    complete: Union[bool, None] = None
 
 
 # --- STT -> out / LLM ----------------------------------------------------------------

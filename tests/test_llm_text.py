@@ -122,6 +122,17 @@ def test_a_continuation_replaces_the_message_it_re_heard_and_its_early_reply():
                                   "not what", "turn": 4, "start_s": 3.0, "end_s": 8.0}
 
 
+def test_answered_early_is_a_continuation_of_an_answered_message():
+    ctx = history.start_turn(None, 1, "My name is Anna.", 6, 0.2, 1.5)
+    ctx = history.set_reply(ctx, 1, "Hi Anna!")
+    assert not history.answered_early(ctx, 2, 3.0)        # new speech after it: a new turn
+    ctx = history.start_turn(ctx, 2, "And so my fellow", 6, 3.0, 4.4)
+    assert not history.answered_early(ctx, 3, 3.0)        # continued, but nothing was said
+    ctx = history.set_reply(ctx, 2, "Go on.")
+    assert history.answered_early(ctx, 3, 3.0)            # continued after a reply: too early
+    assert not history.answered_early(ctx, 3, None) and not history.answered_early(None, 1, 0)
+
+
 def test_speech_after_the_previous_message_is_joined_not_replaced():
     ctx = history.start_turn(None, 1, "What is", 6, 0.3, 1.0)
     ctx = history.start_turn(ctx, 2, "the capital of France?", 6, 2.5, 4.0)  # after it: joined
@@ -163,3 +174,17 @@ def test_a_long_first_sentence_is_cut_before_a_phrase_opener():
     # only the first chunk is cut early; later ones stay whole sentences
     assert chunks_of("Yes. Octopuses are fascinating creatures that can change color.") == [
         "Yes.", "Octopuses are fascinating creatures that can change color."]
+
+
+def test_apply_heard_cuts_a_reply_to_what_the_user_heard():
+    from s2s.services.llm import history
+
+    ctx = {"history": [{"role": "user", "content": "Tell me a story.", "turn": 1},
+                       {"role": "assistant", "content": "Once upon a time. There was a king.",
+                        "turn": 1},
+                       {"role": "user", "content": "Stop.", "turn": 2}]}
+    cut = history.apply_heard(ctx, {"heard:1": "Once upon a time.", "instructions": "x"})
+    assert cut["history"][1]["content"] == "Once upon a time."
+    assert cut["history"][0] == ctx["history"][0] and cut["history"][2] == ctx["history"][2]
+    assert history.apply_heard(ctx, {"heard:7": "nothing of turn 7 is stored"}) == ctx
+    assert history.apply_heard(None, {"heard:1": "x"}) is None

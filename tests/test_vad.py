@@ -307,3 +307,29 @@ def test_model_is_silero_v5_with_state_and_context():
         parts.append(p)
     np.testing.assert_allclose(np.concatenate(parts), whole, atol=1e-6)
     assert whole.max() > 0.9 and whole[:5].max() < 0.5
+
+
+async def test_a_session_config_changes_that_sessions_endpointing(stage):
+    """SessionConfig (the Realtime API's turn detection) applies to its session only, from
+    where it stands in the audio on, and survives a takeover (it is in the snapshot)."""
+    from s2s.frames import SessionConfig
+
+    jfk = load_pcm16(DATA / "jfk.wav")
+    default = utterances(await stream(stage, jfk, sid="plain"))
+    session = stage.open_session(SessionOpen(sid="patient", in_sr=SR, out_sr=24000))
+    outputs = [o async for o in stage.process(
+        SessionConfig(sid="patient", vad={"min_silence_ms": 1500.0}), session)]
+    assert outputs == [] and session.min_silence == int(1.5 * SR)
+    step = SR // 50
+    for i in range(0, len(jfk), step):
+        frame = Audio(sid="patient", pcm=jfk[i:i + step].tobytes(), sr=SR,
+                      marks={"recv": T0 + (i + step) / SR})
+        async for out in stage.process(frame, session):
+            outputs.append(out)
+    patient = [o for o in outputs if isinstance(o, Utterance)]
+    # JFK pauses about a second between phrases: 1.5 s of silence hears one utterance
+    assert len(patient) < len(default), ([u.end_s for u in patient], [u.end_s for u in default])
+    restored = stage.open_session(SessionOpen(sid="patient", in_sr=SR), stage.snapshot(session))
+    assert restored.min_silence == int(1.5 * SR)
+    assert stage.open_session(SessionOpen(sid="other", in_sr=SR)).min_silence == \
+        int(stage.settings.vad_min_silence_ms * SR / 1000)

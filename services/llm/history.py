@@ -35,11 +35,38 @@ def start_turn(ctx: Any, turn: int, text: str, keep_turns: int,
     return {"history": _trim(history, keep_turns)}
 
 
+def answered_early(ctx: Any, turn: int, start_s: float | None) -> bool:
+    """Does a message starting at ``start_s`` continue one that already got a spoken
+    reply?  Then the reply came before the user had finished."""
+    history = [m for m in _history(ctx) if m.get("turn", -1) < turn]
+    users = [i for i, m in enumerate(history) if m["role"] == "user"]
+    if not users or start_s is None or not _continues(history[users[-1]], start_s):
+        return False
+    return any(m["role"] == "assistant" and m["content"].strip()
+               for m in history[users[-1] + 1:])
+
+
 def set_reply(ctx: dict, turn: int, text: str) -> dict:
     """Record what was spoken so far of this turn's reply (replacing the last value)."""
     history = [m for m in ctx["history"] if not (m["role"] == "assistant" and m["turn"] == turn)]
     history.append({"role": "assistant", "content": text, "turn": turn})
     return {"history": history}
+
+
+def apply_heard(ctx: Any, prefs: dict[str, str]) -> Any:
+    """The context with each reply the client stopped early (``heard:<turn>`` in the
+    session's prefs: a Realtime ``conversation.item.truncate``) cut to what was heard."""
+    heard = {}
+    for key, text in prefs.items():
+        name, _, turn = key.partition(":")
+        if name == "heard" and turn.isdigit():
+            heard[int(turn)] = text
+    if not heard or not isinstance(ctx, dict) or not isinstance(ctx.get("history"), list):
+        return ctx
+    history = [dict(m, content=heard[m["turn"]])
+               if isinstance(m, dict) and m.get("role") == "assistant" and m.get("turn") in heard
+               else m for m in ctx["history"]]
+    return {**ctx, "history": history}
 
 
 def messages(ctx: dict, system_prompt: str) -> list[dict[str, str]]:

@@ -13,15 +13,25 @@ import logging
 import time
 from typing import AsyncIterator
 
+from prometheus_client import Counter
+
 from s2s.config import Settings
 from s2s.frames import ReplyText, Transcript
 from s2s.stage import Stage
 
 from . import backends, history
 from .chunker import Chunker
+from .replies import Repeats, ends_sentence, last_sentences
 from .speakable import speakable
 
 log = logging.getLogger("s2s.llm")
+
+ANSWERED_EARLY = Counter("s2s_llm_answered_early", "Replies spoken before the user had finished: "
+                         "the user went on (a continuation replaced the answered message).")
+REPLY_CUT = Counter("s2s_llm_reply_cut", "Replies shortened for the ear, by reason (repeated: a "
+                    "sentence said again stopped the reply; unfinished: the token cap cut the "
+                    "last sentence, which was left unsaid).", ["reason"])
+HELD_TURNS = 32  # turns one worker may hold (waiting for the user to go on) beside its model slots
 
 
 class LlmStage(Stage):
@@ -30,7 +40,12 @@ class LlmStage(Stage):
     def __init__(self, settings: Settings):
         super().__init__(settings)
         self.backend = backends.create(settings)
-        self.concurrency = self.backend.concurrency  # batching engines take more at once
+        # The runtime's limit counts held turns too; the model's own slots are a semaphore
+        # taken only after the hold, so unfinished sentences waiting for the user to go
+        # on never block another session's reply (batching engines take more at once).
+        self.slots = self.backend.concurrency
+        self.concurrency = self.slots + HELD_TURNS
+        self._model_slots: asyncio.Semaphore | None = None
 
     def setup(self) -> None:
         self.backend.setup()
@@ -46,43 +61,79 @@ class LlmStage(Stage):
         # the user message is recorded before any waiting: if this turn is superseded
         # before a word is spoken, the next turn's text replaces it (a continuation,
         # which re-heard its audio) or is joined to it
-        ctx = history.start_turn(await self.state.load(frame.sid), frame.turn, text,
-                                 s.llm_history_turns, frame.start_s, frame.end_s)
+        ctx = await self.state.load(frame.sid)
+        prefs = await self.state.prefs(frame.sid)  # what the client asked for, if anything
+        ctx = history.apply_heard(ctx, prefs)
+        if history.answered_early(ctx, frame.turn, frame.start_s):
+            ANSWERED_EARLY.inc()
+        ctx = history.start_turn(ctx, frame.turn, text, s.llm_history_turns, frame.start_s,
+                                 frame.end_s)
         await self.state.save(frame.sid, ctx)
-        if not frame.complete:
-            await self._hold(frame)
+        await self._hold(frame, text)  # outside the model slots: holding costs no slot
+        if self._model_slots is None:  # created inside the worker's event loop
+            self._model_slots = asyncio.Semaphore(self.slots)
+        async with self._model_slots:
+            async for reply in self._reply(frame, ctx,
+                                           prefs.get("instructions") or s.llm_system_prompt):
+                yield reply
 
+    async def _reply(self, frame: Transcript, ctx: dict,
+                     system_prompt: str) -> AsyncIterator[ReplyText]:
+        s = self.settings
         started, first_ms = time.perf_counter(), None
-        chunker, spoken, seq = Chunker(), [], 0
-        stream = self.backend.stream(history.messages(ctx, s.llm_system_prompt),
+        chunker, spoken, seq, repeats, cut = Chunker(), [], 0, Repeats(), ""
+        stream = self.backend.stream(history.messages(ctx, system_prompt),
                                      s.llm_max_tokens, s.llm_temperature)
         try:
             async for piece in stream:
                 for chunk in chunker.feed(piece):
-                    if said := speakable(chunk):
+                    said, repeated = repeats.check(speakable(chunk))
+                    if said:
                         ctx = await self._remember(frame, ctx, spoken, said)
                         if first_ms is None:
                             first_ms = (time.perf_counter() - started) * 1000
                         yield self._emit(frame, seq, said, final=False)
                         seq += 1
+                    if repeated:  # the model loops: what it says next is more of the same
+                        cut = "repeated"
+                        break
+                if cut:
+                    break
         finally:
             await stream.aclose()  # on cancellation too: stops the generation at once
-        said = speakable(chunker.flush())
-        if spoken and not said.endswith(tuple(".!?…\"'”")):
-            said = ""  # cut off by llm_max_tokens mid-sentence: better left unsaid
+        said = "" if cut else speakable(chunker.flush())
+        if said and not ends_sentence(said):
+            # cut off by llm_max_tokens mid-sentence: the unfinished end is left unsaid
+            # (a lone short answer without a full stop, "Paris", is still an answer)
+            whole = last_sentences(said)
+            if whole or spoken:
+                said = whole
+                REPLY_CUT.labels("unfinished").inc()
+        if said:
+            said, looped = repeats.check(said)
+            cut = cut or ("repeated" if looped else "")
+        if cut:
+            REPLY_CUT.labels(cut).inc()
         if said:
             ctx = await self._remember(frame, ctx, spoken, said)
-        log.info("replied in %d chunk(s), first after %s ms, all after %.0f ms", seq + 1,
+        log.info("replied in %d chunk(s), first after %s ms, all after %.0f ms%s", seq + 1,
                  f"{first_ms:.0f}" if first_ms is not None else "-",
-                 (time.perf_counter() - started) * 1000,
+                 (time.perf_counter() - started) * 1000, f" ({cut})" if cut else "",
                  extra={"sid": frame.sid, "turn": frame.turn, "held": not frame.complete})
         yield self._emit(frame, seq, said, final=True)  # may be empty: it closes the reply
 
-    async def _hold(self, frame: Transcript) -> None:
-        """The transcript does not end a sentence: give the user llm_turn_hold_ms of
-        silence to go on.  If they do, the turn advances and we are cancelled here."""
+    async def _hold(self, frame: Transcript, text: str) -> None:
+        """Give the user time to go on, counted from the end of their speech: an unfinished
+        turn (the end-of-turn model or, without it, the transcript's ending says so)
+        waits llm_turn_hold_ms, a finished statement llm_statement_hold_ms, a question
+        nothing.  If the user goes on, the turn advances and we are cancelled here."""
+        s = self.settings
+        hold = s.llm_turn_hold_ms if not frame.complete else \
+            0 if text.rstrip(" \"'”’)").endswith("?") else s.llm_statement_hold_ms
+        if hold <= 0:
+            return
         speech_end = frame.marks.get("speech_end", time.time())
-        delay = speech_end + self.settings.llm_turn_hold_ms / 1000 - time.time()
+        delay = speech_end + hold / 1000 - time.time()
         if delay > 0:
             await asyncio.sleep(delay)
 

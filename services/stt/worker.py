@@ -52,7 +52,17 @@ TRAILING_WORDS = {
     "and", "but", "or", "nor", "so", "because", "since", "although", "though", "if", "unless",
     "then", "than", "which", "who", "whose", "when", "where", "while", "as", "like", "the",
     "a", "an", "my", "your", "our", "their", "his", "its", "to", "of", "for", "with", "in", "on",
-    "at", "by", "from", "into", "um", "uh", "er", "i", "very"}
+    "at", "by", "from", "into", "um", "uh", "er", "i", "very",
+    # a statement rarely ends on a bare verb like these ("The numbers are."); a
+    # question does, and keeps its "?"
+    "is", "are", "was", "were", "will", "would", "can", "could", "should", "must"}
+# A transcript of numbers alone is a number being dictated ("one zero zero zero one",
+# "10001."): people pause between its groups, so it waits for the max silence.
+NUMBER_WORDS = {
+    "zero", "oh", "o", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+    "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen",
+    "eighteen", "nineteen", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty",
+    "ninety", "hundred", "thousand", "double", "triple", "and", "point", "dash"}
 ANNOTATION = re.compile(r"\[[^\]]*\]|\([^)]*\)|\*[^*]*\*|♪+")  # [BLANK_AUDIO], (music), *cough*
 
 DROPPED = Counter("s2s_stt_dropped", "Utterances whose transcript was dropped, by reason "
@@ -77,8 +87,18 @@ def looks_complete(text: str) -> bool:
         return False
     if text.endswith("?"):  # "where are you from?" ends with a preposition, and is done
         return True
+    if all(w.isdigit() or w in NUMBER_WORDS for w in re.findall(r"[a-z0-9']+", text.lower())):
+        return False  # only numbers: a dictation that may go on
     words = re.findall(r"[a-z']+", text.lower())
     return not words or words[-1] not in TRAILING_WORDS
+
+
+def turn_complete(verdict: bool | None, text: str) -> bool:
+    """Is the turn over?  The VAD's end-of-turn model heard the prosody (``verdict``;
+    None when it did not run): its "complete" stands unless the words plainly dangle
+    ("And so my fellow Americans," sounds final but ends on a comma).  Without a
+    verdict the transcript's ending alone decides (the fallback)."""
+    return looks_complete(text) if verdict is None else verdict and looks_complete(text)
 
 
 def is_loop(text: str) -> bool:
@@ -247,6 +267,7 @@ class SttStage(Stage):
         out = Transcript(sid=frame.sid, turn=frame.turn, marks=dict(frame.marks), text=heard.text,
                          language=heard.language, confidence=math.exp(
                              heard.avg_logprob), start_s=frame.start_s, end_s=frame.end_s,
-                         complete=looks_complete(heard.text), out_sr=frame.out_sr)
+                         complete=turn_complete(frame.complete, heard.text),
+                         out_sr=frame.out_sr)
         out.stamp("stt_done")
         yield out

@@ -32,16 +32,23 @@ the dead owner's ``turn``.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
+import logging
 import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from prometheus_client import Counter, Histogram
 
 from s2s.audio import StreamResampler, pcm16_to_float, to_int16
-from s2s.frames import Audio, SessionOpen, SpeechStarted, Utterance
+from s2s.frames import Audio, SessionConfig, SessionOpen, SpeechStarted, Utterance
 from s2s.stage import SessionStage
+
+from .turn import TurnModel
+
+log = logging.getLogger("s2s.vad")
 
 SR = 16000          # the model's rate; utterances go to STT at this rate too
 CHUNK = 512         # samples per model call (32 ms)
@@ -49,6 +56,15 @@ CONTEXT = 64        # samples of the previous chunk the v5 model sees again
 NEG_OFFSET = 0.15   # speech ends only below threshold - 0.15 (silero's hysteresis)
 MAX_FRAME_S = 10.0  # live audio comes in pieces of tens of ms; a longer frame is abuse
 REPLAY_WARMUP_S = 0.5  # audio re-read before a thought at a takeover, for the model state
+EARLY_S = 2.0       # speech resuming this soon after an answered pause: answered too early
+
+TURN_DECISION = Histogram("s2s_turn_decision_seconds", "Time the end-of-turn model took to "
+                          "decide at a pause.", buckets=(0.005, 0.01, 0.02, 0.03, 0.05, 0.075,
+                                                         0.1, 0.15, 0.2, 0.3, 0.5, 1.0))
+TURN_VERDICTS = Counter("s2s_turn_verdicts", "End-of-turn decisions at pauses, by verdict "
+                        "(complete, incomplete, unknown: no model, or it failed).", ["verdict"])
+TURN_EARLY = Counter("s2s_turn_early", "Pauses the turn model called complete after which the "
+                     "user went on within 2 s (answered before the user finished).")
 
 
 def silero_model_path() -> Path:
@@ -123,6 +139,9 @@ class VadSession:
         self.last_end: int | None = None  # end of the last utterance (None: nothing to continue)
         self.turn = 0
         self.replay_until = 0  # at a takeover: the dead owner sent events up to here
+        self.config: dict[str, float] = {}  # the client's own settings (SessionConfig)
+        self.answered_at: int | None = None  # end of the last utterance called complete
+        self.pending: tuple[int, asyncio.Future] | None = None  # (pause start, decision)
 
     def snapshot(self) -> dict:
         """What a new owner needs for positions to go on: the input samples received.
@@ -135,7 +154,21 @@ class VadSession:
         replay_from = max(self.thought - self.pad - int(REPLAY_WARMUP_S * SR), 0) if busy else at
         return {"in_sr": self.in_sr, "in_samples": self.in_samples, "samples_16k": at,
                 "at": at, "replay_from": min(replay_from, at),
-                "seen16": max(at, self.replay_until), "turn": self.turn}
+                "seen16": max(at, self.replay_until), "turn": self.turn,
+                **({"config": self.config} if self.config else {})}
+
+    def configure(self, vad: dict[str, float]) -> None:
+        """The client's turn detection for this session (the gateway checked the ranges):
+        ``threshold``, ``min_silence_ms``, ``speech_pad_ms``; kept in the snapshot so a new
+        owner applies it too."""
+        if "threshold" in vad:
+            self.threshold = vad["threshold"]
+            self.neg_threshold = max(self.threshold - NEG_OFFSET, 0.01)
+        if "min_silence_ms" in vad:
+            self.min_silence = int(vad["min_silence_ms"] * SR / 1000)
+        if "speech_pad_ms" in vad:
+            self.pad = int(vad["speech_pad_ms"] * SR / 1000)
+        self.config.update(vad)
 
     def restore(self, snap: dict) -> None:
         """Continue positions from ``snap`` (``snapshot`` of the last owner); the model
@@ -149,6 +182,11 @@ class VadSession:
         self.in_samples = in_samples if in_sr == self.in_sr else at16 * self.in_sr // SR
         self.buf_start = self.n_vad = at16
         self.replay_until, self.turn = seen, turn
+        config = latest.get("config", snap.get("config"))
+        if isinstance(config, dict):
+            self.configure({k: float(v) for k, v in config.items()
+                            if k in ("threshold", "min_silence_ms", "speech_pad_ms")
+                            and isinstance(v, (int, float)) and not isinstance(v, bool)})
 
     @property
     def now_s(self) -> float:
@@ -191,6 +229,9 @@ class VadSession:
                 and now - self.start >= self.min_speech:
             self.started = True
             events.append(("speech", self.start))
+            if self.answered_at is not None and self.start - self.answered_at <= EARLY_S * SR:
+                TURN_EARLY.inc()  # the model said "complete", and the user went on
+            self.answered_at = None
         # cut a monologue (a continued thought counts whole once this speech is real)
         begin = self.thought if self.started else self.start
         if self.triggered and now + CHUNK - begin > self.max_len:
@@ -233,9 +274,18 @@ class VadStage(SessionStage):
 
     def setup(self) -> None:
         self.vad = SileroVad()
+        self.turn_model: TurnModel | None = None
+        if self.settings.vad_turn_model.lower() != "off":
+            try:
+                self.turn_model = TurnModel(self.settings.vad_turn_model or None,
+                                            self.settings.vad_turn_threshold)
+            except Exception as e:  # the text heuristic in STT still decides: degrade, say so
+                log.warning("no end-of-turn model (%s); the transcript's ending decides", e)
 
     def describe(self) -> str:
-        return f"silero-vad v5 onnx ({self.vad.path.name}) cpu, 1 thread"
+        turn = (f"smart-turn ({self.turn_model.path.name}, threshold "
+                f"{self.turn_model.threshold})" if self.turn_model else "no turn model")
+        return f"silero-vad v5 onnx ({self.vad.path.name}) cpu, 1 thread; end of turn: {turn}"
 
     def open_session(self, frame: SessionOpen, snapshot: dict | None = None) -> VadSession:
         session = VadSession(frame, self.settings)
@@ -247,6 +297,9 @@ class VadStage(SessionStage):
         return session.snapshot()
 
     async def process(self, frame: Audio, session: VadSession = None):  # type: ignore[override]
+        if isinstance(frame, SessionConfig):
+            session.configure(frame.vad)
+            return
         if not isinstance(frame, Audio):
             raise ValueError(f"expected audio, got a {type(frame).__name__} frame")
         if frame.sr != session.in_sr:
@@ -265,15 +318,55 @@ class VadStage(SessionStage):
                                         marks={"speech_start": self._wall(session, recv,
                                                                           event[1])})
                 else:
-                    yield self._utterance(session, recv, event[1], event[2])
+                    yield await self._utterance(session, recv, event[1], event[2])
+            self._decide_early(session, at)
         session.trim()
 
-    def _utterance(self, session: VadSession, recv: float, start: int, end: int) -> Utterance:
-        utt = Utterance(sid=session.sid, turn=session.turn, pcm=session.cut(start, end), sr=SR,
-                        start_s=start / SR, end_s=end / SR, out_sr=session.out_sr,
+    def _decide_early(self, session: VadSession, at: int) -> None:
+        """Start the end-of-turn decision inside the pause, halfway through the min silence
+        (and once the pause holds the utterance's trailing pad): the model then runs while
+        the VAD waits out the rest, so the verdict costs the reply no time.  If the user
+        goes on, the result is unused (the short gaps between words end before halfway)."""
+        end = session.temp_end
+        if self.turn_model is None or not (session.started and end) \
+                or at + CHUNK - end < max(session.pad, session.min_silence // 2) \
+                or (session.pending is not None and session.pending[0] == end):
+            return
+        pcm = session.cut(session.thought, end)
+        session.pending = (end, asyncio.ensure_future(self._decide(pcm)))
+
+    async def _utterance(self, session: VadSession, recv: float, start: int,
+                         end: int) -> Utterance:
+        pcm = session.cut(start, end)
+        pending, session.pending = session.pending, None
+        if pending is not None and pending[0] == end:
+            complete, took = await pending[1]
+        else:  # a monologue cut at max length, or a pause shorter than the pad
+            complete, took = await self._decide(pcm)
+        if took is not None:
+            TURN_DECISION.observe(took)
+        TURN_VERDICTS.labels({True: "complete", False: "incomplete", None: "unknown"}[
+            complete]).inc()
+        session.answered_at = end if complete else None
+        utt = Utterance(sid=session.sid, turn=session.turn, pcm=pcm, sr=SR, start_s=start / SR,
+                        end_s=end / SR, out_sr=session.out_sr, complete=complete,
                         marks={"speech_end": self._wall(session, recv, end)})
         utt.stamp("vad_sent")
         return utt
+
+    async def _decide(self, pcm: bytes) -> tuple[bool | None, float | None]:
+        """The turn model's verdict on the thought so far and the seconds it took (None:
+        no model, or it failed: STT's text heuristic decides)."""
+        if self.turn_model is None:
+            return None, None
+        try:
+            complete, prob, took = await self.run_blocking(
+                self.turn_model.decide, np.frombuffer(pcm, np.int16))
+        except Exception as e:  # never lose the utterance over the turn model
+            log.warning("end-of-turn model failed: %s", e)
+            return None, None
+        log.debug("end of turn: p=%.3f (%s) in %.0f ms", prob, complete, took * 1000)
+        return complete, took
 
     @staticmethod
     def _wall(session: VadSession, recv: float, sample: int) -> float:

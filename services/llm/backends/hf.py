@@ -18,6 +18,26 @@ class _Stopped(Exception):
     """Raised inside the model's forward pass to abandon a superseded generation."""
 
 
+class NoRepeatReplyNgrams:
+    """transformers' no_repeat_ngram_size also bans n-grams of the prompt, so a reply
+    could not say "the capital of France" after the user did: this bans only repeats
+    within the reply itself (the tokens after ``prompt_len``)."""
+
+    def __init__(self, n: int, prompt_len: int):
+        self.n, self.prompt_len = n, prompt_len
+
+    def __call__(self, input_ids, scores):
+        n = self.n
+        for row, ids in enumerate(input_ids[:, self.prompt_len:].tolist()):
+            if len(ids) < n:
+                continue
+            tail = ids[len(ids) - n + 1:]
+            banned = {ids[i + n - 1] for i in range(len(ids) - n + 1) if ids[i:i + n - 1] == tail}
+            if banned:
+                scores[row, list(banned)] = -float("inf")
+        return scores
+
+
 class TransformersBackend(Backend):
     name = "transformers"
     # each generation takes one core; two let a second session start while one speaks
@@ -76,7 +96,8 @@ class TransformersBackend(Backend):
         return f"transformers {self.path} on {self.device} ({mode})"
 
     async def stream(self, messages, max_tokens, temperature) -> AsyncIterator[str]:
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
+        from transformers import (LogitsProcessorList, StoppingCriteria, StoppingCriteriaList,
+                                  TextStreamer)
 
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -98,7 +119,12 @@ class TransformersBackend(Backend):
         ).to(self.device)
         ids = inputs["input_ids"][0].tolist()
         cache, reused = self.prefix.lookup(ids)  # only the new tokens are prefilled
+        s = self.settings
+        processors = [NoRepeatReplyNgrams(s.llm_no_repeat_ngram, len(ids))] \
+            if s.llm_no_repeat_ngram > 0 else []
         kwargs = dict(**inputs, max_new_tokens=max_tokens, past_key_values=cache,
+                      repetition_penalty=s.llm_repetition_penalty if s.llm_repetition_penalty != 1
+                      else None, logits_processor=LogitsProcessorList(processors),
                       return_dict_in_generate=True,
                       streamer=Streamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True),
                       stopping_criteria=StoppingCriteriaList([Stop()]),

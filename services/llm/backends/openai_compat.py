@@ -39,6 +39,9 @@ class OpenAIBackend(Backend):
     async def stream(self, messages, max_tokens, temperature) -> AsyncIterator[str]:
         body = {"model": self.model, "messages": messages, "max_tokens": max_tokens,
                 "temperature": temperature, "stream": True}
+        penalty = self.settings.llm_repetition_penalty - 1
+        if penalty:  # OpenAI's own knob (vLLM's and llama.cpp's servers take it too)
+            body["frequency_penalty"] = max(-2.0, min(2.0, penalty))
         # a client per reply: httpx clients are bound to one event loop
         async with httpx.AsyncClient(timeout=httpx.Timeout(60, connect=5)) as client:
             self.running += 1

@@ -64,6 +64,7 @@ class VllmBackend(Backend):
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature,
+                                repetition_penalty=self.settings.llm_repetition_penalty,
                                 output_kind=RequestOutputKind.DELTA)
         gen = self.engine.generate({"prompt_token_ids": list(ids)}, params, uuid.uuid4().hex)
         try:

@@ -1,0 +1,210 @@
+"""The conversation-quality evaluation set, as text: what the user says, where they
+pause, and what a good answer contains.  The audio is made at run time (and cached):
+the project's Piper voice, espeak-ng voices, and the real speech in tests/data.
+
+Three groups:
+- ``factual``: short questions; a reply must contain each keyword group (any spelling
+  in a group counts: "8" or "eight").
+- ``dictation``: numbers and long thoughts with pauses of 0.5-1.2 s mid-sentence; the
+  assistant must let the user finish (no reply audio before the last piece starts).
+- ``multiturn``: the second question depends on the first (keywords on the last turn).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+SR = 16000
+DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
+JFK_TEXT = ("And so my fellow Americans, ask not what your country can do for you, "
+            "ask what you can do for your country.")
+
+
+@dataclass
+class Turn:
+    pieces: list[str]                 # spoken with pauses between them
+    pauses: list[float] = field(default_factory=list)  # seconds after each piece but the last
+    keywords: list[tuple[str, ...]] = field(default_factory=list)
+    recording: str = ""               # a real recording (tests/data) instead of synthesis
+    starts: list[float] = field(default_factory=list)  # a recording's pieces start here (s)
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.pieces)
+
+
+@dataclass
+class Conversation:
+    id: str
+    group: str                        # factual, dictation, multiturn
+    voice: str                        # piper, espeak:<voice>, recording
+    turns: list[Turn]
+
+
+def _q(id: str, voice: str, text: str, *keywords: tuple[str, ...]) -> Conversation:
+    return Conversation(id, "factual", voice, [Turn([text], keywords=list(keywords))])
+
+
+def _d(id: str, voice: str, pieces: list[str], pauses: list[float]) -> Conversation:
+    return Conversation(id, "dictation", voice, [Turn(pieces, pauses)])
+
+
+def _m(id: str, voice: str, first: str, second: str, *keywords: tuple[str, ...]) -> Conversation:
+    return Conversation(id, "multiturn", voice, [Turn([first]), Turn([second],
+                                                                     keywords=list(keywords))])
+
+
+P, E1, E2, E3 = "piper", "espeak:en-us", "espeak:en-gb", "espeak:en-us+f3"
+
+CONVERSATIONS: list[Conversation] = [
+    # --- short factual questions ------------------------------------------------------
+    _q("capital-france", P, "What is the capital of France?", ("paris",)),
+    _q("spider-legs", P, "How many legs does a spider have?", ("eight", "8")),
+    _q("week-days", P, "How many days are in a week?", ("seven", "7")),
+    _q("boiling", P, "At what temperature does water boil in Celsius?", ("100", "hundred")),
+    _q("romeo", P, "Who wrote Romeo and Juliet?", ("shakespeare",)),
+    _q("sky", P, "What color is the sky on a clear day?", ("blue",)),
+    _q("largest-planet", E1, "What is the largest planet in our solar system?", ("jupiter",)),
+    _q("capital-japan", E1, "What is the capital of Japan?", ("tokyo",)),
+    _q("two-plus-two", E1, "What is two plus two?", ("four", "4")),
+    _q("year-months", E1, "How many months are in a year?", ("twelve", "12")),
+    _q("grass", E2, "What color is grass?", ("green",)),
+    _q("capital-italy", E2, "What is the capital of Italy?", ("rome",)),
+    _q("freeze", E2, "At what temperature does water freeze in Celsius?", ("zero", "0")),
+    _q("sun-rise", E2, "In which direction does the sun rise?", ("east",)),
+    _q("bees", E3, "What insect makes honey?", ("bee",)),
+    _q("red-planet", E3, "Which planet is called the red planet?", ("mars",)),
+    _q("hours-day", E3, "How many hours are in a day?", ("24", "twenty-four", "twenty four")),
+    _q("capital-germany", E3, "What is the capital of Germany?", ("berlin",)),
+    # --- dictation and long thoughts, paused mid-sentence --------------------------------
+    _d("digits-phone", P, ["one zero zero zero one", "nine oh two one", "zero zero one eight",
+                           "zero zero zero three"], [0.8, 0.9, 0.7]),
+    _d("digits-card", E1, ["my card number is four four five", "two one eight",
+                           "nine nine zero seven"], [0.7, 1.0]),
+    _d("address", P, ["please send it to", "twenty two Baker Street", "in London"], [0.9, 0.6]),
+    _d("shopping", E2, ["I need to buy milk", "eggs", "some bread and", "a bag of apples"],
+       [0.6, 0.8, 1.1]),
+    _d("story-weekend", P, ["Last weekend I went hiking with my brother and", "we got lost near",
+                            "the old lighthouse on the coast"], [1.0, 0.9]),
+    _d("reminder", E1, ["remind me to call my mother", "on Friday at", "six in the evening"],
+       [0.8, 1.2]),
+    _d("recipe", E3, ["for the cake you need two cups of flour", "one cup of sugar", "and",
+                      "three eggs"], [0.9, 0.7, 0.6]),
+    _d("email", P, ["write an email to Sarah saying that", "the meeting moves to", "Thursday"],
+       [1.1, 0.8]),
+    _d("thinking", E2, ["I was wondering whether", "it would be better to take the train",
+                        "or to drive"], [1.2, 0.7]),
+    _d("digits-code", E3, ["the code is seven three", "one one", "five"], [0.6, 0.9]),
+    _d("long-plan", P, ["tomorrow I want to wake up early", "go for a run",
+                        "and then finish the report before lunch"], [0.7, 1.0]),
+    _d("meeting", E1, ["the project meeting is on", "the third floor", "in room three ten"],
+       [0.9, 0.8]),
+    Conversation("jfk", "dictation", "recording", [Turn([JFK_TEXT], recording="jfk.wav",
+                                                          starts=[0.3, 3.3, 5.4, 8.2])]),
+    _d("numbers-list", P, ["the numbers are", "fifteen", "twenty seven", "and forty two"],
+       [0.8, 0.7, 0.9]),
+    # --- multi-turn: the second question needs the first --------------------------------
+    _m("name", P, "My name is Anna.", "What is my name?", ("anna",)),
+    _m("colour", P, "My favorite color is green.", "What is my favorite color?", ("green",)),
+    _m("france-river", E1, "What is the capital of France?",
+       "What river flows through it?", ("seine",)),
+    _m("dog", E2, "I have a dog called Max.", "What is my dog called?", ("max",)),
+    _m("city", P, "I live in Berlin.", "Which city do I live in?", ("berlin",)),
+    _m("pet-count", E3, "I have three cats.", "How many cats do I have?", ("three", "3")),
+    _m("japan-food", E1, "Tell me one famous food from Japan.", "Is it usually eaten cold?"),
+    _m("job", E2, "I work as a nurse.", "What is my job?", ("nurse",)),
+    _m("age", P, "I am thirty years old.", "How old am I?", ("thirty", "30")),
+    _m("favorite-fruit", E3, "I really like bananas.", "Which fruit do I like?", ("banana",)),
+]
+
+
+def groups() -> list[str]:
+    return ["factual", "dictation", "multiturn"]
+
+
+# --- audio ------------------------------------------------------------------------------
+class Voices:
+    """Text -> 16 kHz int16 speech with one of the set's voices, cached on disk by
+    (voice, text) so a second run synthesizes nothing."""
+
+    def __init__(self, cache_dir: Path):
+        self.cache = Path(cache_dir).expanduser()
+        self.cache.mkdir(parents=True, exist_ok=True)
+        self._piper = None
+
+    def say(self, voice: str, text: str) -> np.ndarray:
+        key = hashlib.sha1(f"{voice}|{text}".encode()).hexdigest()[:16]
+        path = self.cache / f"{key}.npy"
+        if path.exists():
+            return np.load(path)
+        if voice == "piper":
+            pcm = self._piper_say(text)
+        elif voice.startswith("espeak:"):
+            pcm = espeak(voice.split(":", 1)[1], text)
+        else:
+            raise ValueError(f"unknown voice {voice!r}")
+        pcm = trim_silence(pcm)
+        np.save(path, pcm)
+        return pcm
+
+    def _piper_say(self, text: str) -> np.ndarray:
+        from s2s.audio import resample
+
+        if self._piper is None:
+            from s2s import config
+            from s2s.services.tts.worker import TtsStage
+
+            self._piper = TtsStage(config.load(environ={}))
+            self._piper.setup()
+        audio = self._piper.synthesize(text)
+        out = resample(audio.astype(np.float32) / 32768, self._piper.rate, SR)
+        return (np.clip(out, -1, 1) * 32767).astype(np.int16)
+
+    def turn_audio(self, voice: str, turn: Turn) -> tuple[np.ndarray, list[float]]:
+        """The turn's speech and the offsets (s) where each piece starts."""
+        if turn.recording:
+            from s2s.audio import read_audio
+
+            return read_audio(DATA / turn.recording, SR), list(turn.starts) or [0.0]
+        parts, starts, pos = [], [], 0
+        for i, piece in enumerate(turn.pieces):
+            pcm = self.say(voice, piece)
+            starts.append(pos / SR)
+            parts.append(pcm)
+            pos += len(pcm)
+            if i < len(turn.pauses):
+                gap = np.zeros(int(turn.pauses[i] * SR), np.int16)
+                parts.append(gap)
+                pos += len(gap)
+        return np.concatenate(parts), starts
+
+
+def espeak(voice: str, text: str, speed: int = 160) -> np.ndarray:
+    """espeak-ng (apt) -> 16 kHz int16."""
+    from s2s.audio import resample
+
+    exe = shutil.which("espeak-ng")
+    if not exe:
+        raise RuntimeError("espeak-ng is not installed (apt-get install espeak-ng)")
+    wav = subprocess.run([exe, "-v", voice, "-s", str(speed), "--stdout", text],
+                         capture_output=True, check=True).stdout
+    # a RIFF header, then 16-bit mono at 22050 Hz; its sizes are unset when piped
+    pcm = np.frombuffer(wav[44:len(wav) - (len(wav) - 44) % 2], np.int16)
+    sr = int.from_bytes(wav[24:28], "little")
+    out = resample(pcm.astype(np.float32) / 32768, sr, SR)
+    return (np.clip(out, -1, 1) * 32767).astype(np.int16)
+
+
+def trim_silence(pcm: np.ndarray, floor: float = 0.01) -> np.ndarray:
+    """Cut leading/trailing silence so a piece's pauses are exactly the set's."""
+    loud = np.flatnonzero(np.abs(pcm.astype(np.float32)) > floor * 32768)
+    if not loud.size:
+        return pcm
+    pad = SR // 20
+    return pcm[max(0, loud[0] - pad):loud[-1] + pad]

@@ -1,0 +1,113 @@
+"""The evaluation command: its scoring on known texts, the set's shape, and a reduced
+run (a handful of conversations) against a real stack: Redis, the four workers and the
+gateway as processes, speech from Piper and espeak-ng."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from s2s.bench import eval as ev
+from s2s.bench.eval_set import CONVERSATIONS, SR, Voices, espeak, groups
+
+LOSS = "I'm sorry for your loss. I'm sorry for any other losses. I'm sorry for your loss."
+
+
+def test_the_set_has_three_groups_of_spoken_conversations():
+    by_group = {g: [c for c in CONVERSATIONS if c.group == g] for g in groups()}
+    assert len(CONVERSATIONS) >= 40 and all(len(v) >= 10 for v in by_group.values())
+    assert len({c.id for c in CONVERSATIONS}) == len(CONVERSATIONS)
+    assert {c.voice.split(":")[0] for c in CONVERSATIONS} == {"piper", "espeak", "recording"}
+    for c in by_group["factual"]:
+        assert len(c.turns) == 1 and c.turns[0].keywords and all(c.turns[0].keywords)
+    for c in by_group["dictation"]:  # pauses mid-sentence of 0.5-1.2 s (or a real recording)
+        t = c.turns[0]
+        assert t.recording or (len(t.pauses) == len(t.pieces) - 1 >= 1 and
+                               all(0.5 <= p <= 1.2 for p in t.pauses))
+    assert all(len(c.turns) == 2 for c in by_group["multiturn"])
+
+
+def test_scores():
+    assert ev.wer("one zero zero zero one nine oh two", "10001 902") == 0
+    assert ev.wer("What is the capital of France?", "what is the capital of france") == 0
+    assert ev.wer("a b c d", "a x c") == 0.5
+    assert ev.has_keywords("A spider has 8 legs.", [("eight", "8")])
+    assert ev.has_keywords("It is twenty-four hours.", [("24", "twenty four")])
+    assert not ev.has_keywords("It is Rome.", [("paris",)])
+    assert ev.degenerate(LOSS) == "repeated"
+    assert ev.degenerate("The capital of France is Paris and the friends are Paris and") == \
+        "fragment"
+    assert ev.degenerate("The capital of France is Paris.") == ""
+    assert ev.degenerate("Paris") == ""
+    summary = ev.summarize([{"group": "factual", "turns": [
+        {"answered": True, "wer": 0.0, "keyword_ok": True, "pauses": 0, "early": False,
+         "degenerate": "", "round_trip_wer": 0.1, "voice_to_voice_ms": 900.0},
+        {"answered": True, "wer": 0.5, "keyword_ok": False, "pauses": 0, "early": False,
+         "degenerate": "fragment", "round_trip_wer": None, "voice_to_voice_ms": 1100.0}]}])
+    assert summary["factual"]["keyword_accuracy"] == 0.5 and summary["factual"]["degenerate"] == 1
+    assert summary["all"]["wer"] == 0.25 and summary["factual"]["v2v_p50_ms"] == 1100
+    assert "| factual | 1 | 2/2 | 25% | 50% | - | 1 |" in ev.format_table(summary)
+
+
+@pytest.mark.slow
+def test_voices_make_speech_and_cache_it(tmp_path):
+    if not shutil.which("espeak-ng"):
+        pytest.fail("espeak-ng is missing: scripts/install.sh installs it")
+    pcm = espeak("en-us", "What is the capital of France?")
+    assert pcm.dtype == np.int16 and 1.0 < len(pcm) / SR < 4.0
+    voices = Voices(tmp_path)
+    conv = next(c for c in CONVERSATIONS if c.id == "shopping")
+    audio, starts = voices.turn_audio(conv.voice, conv.turns[0])
+    assert len(starts) == 4 and len(list(tmp_path.glob("*.npy"))) == 4
+    # the pauses are silent and as long as the set says
+    first_end = starts[1] - conv.turns[0].pauses[0]
+    gap = audio[int(first_end * SR) + 10:int(starts[1] * SR) - 10]
+    assert not gap.any() and abs(starts[1] - first_end - 0.6) < 1e-3
+    again, _ = voices.turn_audio(conv.voice, conv.turns[0])
+    assert np.array_equal(audio, again)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_reduced_eval_against_a_real_stack(redis_server, tmp_path):
+    """Three conversations, one per group, through the whole stack: the question is
+    answered with its keyword, the digit dictation is not answered before it ends, and
+    nothing degenerate is said."""
+    import redis
+
+    from tests.conftest import Workers, gateway_process
+
+    redis.Redis.from_url(redis_server.url).flushall()
+    workers = Workers(redis_server.url, tmp_path)
+    try:
+        for stage in ("vad", "stt", "llm", "tts"):
+            workers.start(stage)
+        with gateway_process(redis_server.url, tmp_path) as (http, _):
+            for stage in ("vad", "stt", "llm", "tts"):
+                workers.wait_ready(stage, timeout=240)
+            p = argparse.ArgumentParser()
+            ev.add_arguments(p)
+            args = p.parse_args(["--url", http.replace("http", "ws", 1) + "/ws",
+                                 "--ids", "capital-france,digits-phone,colour",
+                                 "--out", str(tmp_path / "eval.json"),
+                                 "--cache-dir", str(tmp_path / "audio")])
+            assert ev.main(args) == 0
+    finally:
+        workers.stop_all()
+    report = json.loads((tmp_path / "eval.json").read_text())
+    convs = {c["id"]: c for c in report["conversations"]}
+    assert set(convs) == {"capital-france", "digits-phone", "colour"}
+    assert all(not c["errors"] for c in convs.values()), convs
+    france = convs["capital-france"]["turns"][0]
+    assert france["answered"] and france["keyword_ok"] and france["wer"] == 0, france
+    digits = convs["digits-phone"]["turns"][0]
+    assert digits["answered"] and not digits["early"], digits
+    assert all(t["answered"] for t in convs["colour"]["turns"]), convs["colour"]
+    assert report["summary"]["all"]["degenerate"] == 0
+    # the reply audio says the reply text
+    assert france["round_trip_wer"] is not None and france["round_trip_wer"] <= 0.5, france
