@@ -35,18 +35,7 @@ if [ ! -s "$TURN_MODEL" ]; then
   echo "==> extracting the end-of-turn model (smart-turn v3.2 from pipecat-ai 1.14.0)"
   TMP=$(mktemp -d)
   $PIP download --no-deps "pipecat-ai==1.14.0" -d "$TMP" 2> >(grep -v "is ignored: it is neither" >&2)
-  mkdir -p "$(dirname "$TURN_MODEL")"
-  "$VENV/bin/python" - "$TMP"/pipecat_ai-*.whl "$TURN_MODEL" <<'PYEOF'
-import shutil, sys, zipfile
-with zipfile.ZipFile(sys.argv[1]) as wheel:
-    with wheel.open("pipecat/audio/turn/smart_turn/data/smart-turn-v3.2-cpu.onnx") as src, \
-            open(sys.argv[2] + ".part", "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    lic = [n for n in wheel.namelist() if n.endswith("licenses/LICENSE")]
-    with open(sys.argv[2] + ".LICENSE", "wb") as dst:
-        dst.write(wheel.read(lic[0]))
-PYEOF
-  mv "$TURN_MODEL.part" "$TURN_MODEL"
+  "$VENV/bin/python" -m s2s.services.vad.turn_weights "$TMP"/pipecat_ai-*.whl "$TURN_MODEL"
   rm -rf "$TMP"
 fi
 # espeak-ng (Debian): the second family of voices of the evaluation set (s2s eval, its tests).
