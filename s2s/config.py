@@ -119,7 +119,8 @@ class Settings:
                                           "milk.\") is answered only after this much silence since "
                                           "the speech ended (ms): dictations and lists pause after "
                                           "whole sentences, and the end-of-turn model cannot tell. "
-                                          "Questions are answered at once (0: statements too).",
+                                          "Questions and requests (\"Tell me…\", \"Can you…\") "
+                                          "are answered at once (0: statements too).",
                                      "llm")
     llm_cpu_int8: bool = opt(True, "transformers on CPU: bf16 weights with int8 one-token steps "
                                    "(about 2x faster replies; off: plain fp32).", "llm")

@@ -188,3 +188,15 @@ def test_apply_heard_cuts_a_reply_to_what_the_user_heard():
     assert cut["history"][0] == ctx["history"][0] and cut["history"][2] == ctx["history"][2]
     assert history.apply_heard(ctx, {"heard:7": "nothing of turn 7 is stored"}) == ctx
     assert history.apply_heard(None, {"heard:1": "x"}) is None
+
+
+def test_questions_and_requests_are_answered_at_once_statements_may_go_on():
+    from s2s.services.llm.worker import asks
+
+    for text in ("What is the capital of France?", "Tell me a fun fact about octopuses.",
+                 "Give me a tip for sleeping better.", "Can you recommend a good book.",
+                 "how far away is the moon"):
+        assert asks(text), text
+    for text in ("I need to buy milk.", "My name is Anna.", "The numbers are fifteen.",
+                 "please send it to twenty two Baker Street", "", "  "):
+        assert not asks(text), text

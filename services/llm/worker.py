@@ -34,6 +34,20 @@ REPLY_CUT = Counter("s2s_llm_reply_cut", "Replies shortened for the ear, by reas
 HELD_TURNS = 32  # turns one worker may hold (waiting for the user to go on) beside its model slots
 
 
+# A finished turn opening like this asks for an answer ("Tell me a fun fact.", "Can you…"):
+# answered at once, like a question; other statements may be a dictation that goes on.
+REQUEST_OPENERS = frozenset("""tell give show explain describe list recommend suggest name
+    define translate summarize summarise compare help find say can could would what why how
+    who whom whose where when which is are do does did""".split())
+
+
+def asks(text: str) -> bool:
+    """Does a finished turn ask for an answer now (a question, or a request)?"""
+    stripped = text.strip().rstrip(" \"'”’)")
+    first = stripped.split(maxsplit=1)[0].strip(",.!?\"'“”").lower() if stripped else ""
+    return stripped.endswith("?") or first in REQUEST_OPENERS
+
+
 class LlmStage(Stage):
     name = "llm"
 
@@ -129,7 +143,7 @@ class LlmStage(Stage):
         nothing.  If the user goes on, the turn advances and we are cancelled here."""
         s = self.settings
         hold = s.llm_turn_hold_ms if not frame.complete else \
-            0 if text.rstrip(" \"'”’)").endswith("?") else s.llm_statement_hold_ms
+            0 if asks(text) else s.llm_statement_hold_ms
         if hold <= 0:
             return
         speech_end = frame.marks.get("speech_end", time.time())
