@@ -509,10 +509,11 @@ class ClientSession:
         """What the user heard of a reply (the client stopped playing it early): the
         conversation history keeps only that."""
         turn, text = obj.get("turn"), obj.get("text")
-        if isinstance(turn, bool) or not isinstance(turn, int) or turn < 0 or \
+        if isinstance(turn, bool) or not isinstance(turn, int) or \
+                not 0 < turn <= self.playback.turn or \
                 not isinstance(text, str) or len(text) > MAX_TEXT_CHARS:
-            raise Reject("bad_truncate", '"turn" (an integer) and "text" (what was heard) '
-                         "are required")
+            raise Reject("bad_truncate", '"turn" (a turn of this session that had a reply) '
+                         'and "text" (what was heard of it) are required')
         await self.bus.set_prefs(self.sid, **{f"heard:{turn}": text})
 
     async def _audio(self, pcm: bytes) -> None:

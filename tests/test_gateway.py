@@ -447,3 +447,37 @@ async def test_s2s_talk_command(gw, tmp_path, capsys):
     assert sr == 16000 and audio.tobytes() == reply_pcm
     args = parser.parse_args([str(tmp_path / "missing.wav")])
     assert talk_cmd.main(args) == 2
+
+
+async def test_native_text_configure_truncate_and_their_refusals(gw):
+    """The native messages behind the Realtime endpoint: typed text becomes a turn's
+    Transcript, configure sets the session's prefs and VAD config, truncate records what
+    was heard; a malformed one is refused with its code and the session goes on."""
+    from s2s.frames import SessionConfig
+
+    ws, ready = await hello(gw)
+    sid = ready["session_id"]
+    bad = [({"type": "text", "text": "  "}, "bad_text"),
+           ({"type": "configure", "vad": {"threshold": 2}}, "bad_configure"),
+           ({"type": "configure", "vad": {"nope": 1}}, "bad_configure"),
+           ({"type": "configure", "instructions": 7}, "bad_configure"),
+           ({"type": "truncate", "turn": 1, "text": "x"}, "bad_truncate"),  # no such turn yet
+           ({"type": "truncate", "turn": "1", "text": "x"}, "bad_truncate")]
+    for message, code in bad:
+        await ws.send(json.dumps(message))
+        got = await until(ws, is_type("error"))
+        assert got[-1]["code"] == code, (message, got)
+    await ws.send(json.dumps({"type": "configure", "instructions": "Be brief.",
+                              "vad": {"min_silence_ms": 800}}))
+    await ws.send(json.dumps({"type": "text", "text": "Hello there."}))
+    got = await until(ws, is_type("transcript"))
+    assert got[-1]["text"] == "Hello there." and got[-1]["turn"] == 1
+    [asked] = await stream_frames(gw.redis, keys.STAGE_STREAMS["llm"])
+    assert asked.text == "Hello there." and asked.turn == 1
+    assert [f.vad for f in await stream_frames(gw.redis, keys.audio(sid))
+            if isinstance(f, SessionConfig)] == [{"min_silence_ms": 800.0}]
+    await ws.send(json.dumps({"type": "truncate", "turn": 1, "text": "Hi."}))
+    await ws.send(json.dumps({"type": "ping", "t": 1}))
+    await until(ws, is_type("pong"))
+    assert await gw.bus.prefs(sid) == {"instructions": "Be brief.", "heard:1": "Hi."}
+    await ws.close()
