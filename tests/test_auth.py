@@ -20,7 +20,8 @@ from s2s import config, keys, metrics
 from s2s.frames import SID_PATTERN, SessionEnd
 from s2s.gateway.auth import Authenticator, mint_token, origin_allowed, verify_token, AuthError
 from tests.conftest import AUTH_SETTINGS, TEST_API_KEY, TEST_TOKEN_SECRET
-from tests.test_gateway import closed_with, is_type, pcm, serve, stream_frames, until
+from tests.test_gateway import (closed_with, is_type, pcm, running_gateway, serve,
+                                stream_frames, until)
 
 OTHER_KEY = secrets.token_urlsafe(24)
 
@@ -30,14 +31,8 @@ async def gw(redis_url):
     settings = config.load({"redis_url": redis_url, **AUTH_SETTINGS,
                             "api_keys": f"{AUTH_SETTINGS['api_keys']},other:{OTHER_KEY}"},
                            environ={})
-    server, task, base = await serve(settings)
-    from s2s.bus import Bus
-    bus = Bus(settings)
-    yield type("GW", (), {"http": base, "ws": base.replace("http", "ws") + "/ws", "bus": bus,
-                          "redis": bus.redis, "settings": settings})
-    server.should_exit = True
-    await asyncio.wait_for(task, 10)
-    await bus.close()
+    async with running_gateway(settings) as gateway:
+        yield gateway
 
 
 def bearer(credential: str) -> dict:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
@@ -44,13 +45,23 @@ async def gw(redis_url):
     settings = config.load({"redis_url": redis_url, "max_message_bytes": 16000,
                             "max_audio_rate": 4.0, "max_sessions": 5, "closed_ttl_s": 60,
                             **AUTH_SETTINGS}, environ={})
+    async with running_gateway(settings) as gateway:
+        yield gateway
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(settings):
+    """An in-process gateway on a free port and a Bus beside it (``http``, ``ws``, ``bus``,
+    ``redis``, ``settings``); stopped on exit."""
     server, task, base = await serve(settings)
     bus = Bus(settings)
-    yield type("GW", (), {"http": base, "ws": base.replace("http", "ws") + "/ws", "bus": bus,
-                          "redis": bus.redis, "settings": settings})
-    server.should_exit = True
-    await asyncio.wait_for(task, 10)
-    await bus.close()
+    try:
+        yield type("GW", (), {"http": base, "ws": base.replace("http", "ws") + "/ws",
+                              "bus": bus, "redis": bus.redis, "settings": settings})
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+        await bus.close()
 
 
 async def hello(gw, **fields):

@@ -16,12 +16,11 @@ import pytest
 import websockets
 
 from s2s import config, keys
-from s2s.bus import Bus
 from s2s.frames import (Audio, ReplyAudio, ReplyText, SessionOpen, SpeechStarted, Transcript)
 from s2s.gateway import g711
 
 from tests.conftest import AUTH_SETTINGS, TEST_API_KEY
-from tests.test_gateway import serve, stream_frames
+from tests.test_gateway import running_gateway, stream_frames
 
 openai = pytest.importorskip("openai")
 
@@ -31,16 +30,12 @@ async def rt(redis_url):
     settings = config.load({"redis_url": redis_url, "max_message_bytes": 64000,
                             "max_audio_rate": 4.0, "max_sessions": 5, **AUTH_SETTINGS},
                            environ={})
-    server, task, base = await serve(settings)
-    bus = Bus(settings)
-    client = openai.AsyncOpenAI(api_key=TEST_API_KEY, base_url=base + "/v1",
-                                websocket_base_url=base.replace("http", "ws") + "/v1")
-    yield type("RT", (), {"client": client, "bus": bus, "redis": bus.redis,
-                          "ws": base.replace("http", "ws") + "/v1/realtime"})
-    server.should_exit = True
-    await asyncio.wait_for(task, 10)
-    await bus.close()
-    await client.close()
+    async with running_gateway(settings) as gw:
+        client = openai.AsyncOpenAI(api_key=TEST_API_KEY, base_url=gw.http + "/v1",
+                                    websocket_base_url=gw.http.replace("http", "ws") + "/v1")
+        yield type("RT", (), {"client": client, "bus": gw.bus, "redis": gw.redis,
+                              "ws": gw.http.replace("http", "ws") + "/v1/realtime"})
+        await client.close()
 
 
 async def events_until(conn, kind: str, timeout: float = 10.0) -> list:
