@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import socket
 import time
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import redis.asyncio as aioredis
 from redis.exceptions import BusyLoadingError
@@ -25,6 +25,16 @@ FIELD = b"f"
 #: what "Redis is unreachable" looks like: callers retry with backoff
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 Entry = tuple[bytes, bytes]  # (entry id, encoded frame)
+
+
+class Owner(NamedTuple):
+    """A consumer holding one pending entry: what fenced writes check (EMIT_IF_OWNER)."""
+    stream: str
+    group: str
+    consumer: str
+    entry_id: bytes
+
+
 #: kinds of Redis trouble that pass: wait (with backoff) and do the same again
 RETRYABLE = frozenset({"down", "loading", "oom", "readonly", "busy"})
 
@@ -110,6 +120,36 @@ end
 return lost
 """
 
+# Fencing for a session owner: write only while the session entry is still pending to
+# this consumer, checked where the write lands.  A worker cut off from Redis keeps the
+# commands it sent in its kernel's send queue; when the link comes back they arrive
+# after another worker took the session over and would repeat its events (a second
+# "speech started", an interrupt) or rewind its resume point.
+# KEYS: the sessions stream, then the output keys; ARGV: group, consumer, entry id,
+# then per output stream (data, maxlen, ttl seconds or 0).  nil when not the owner.
+EMIT_IF_OWNER = """
+local row = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if #row == 0 or row[1][2] ~= ARGV[2] then return false end
+local ids = {}
+for i = 2, #KEYS do
+  local j = 4 + (i - 2) * 3
+  ids[#ids + 1] = redis.call('XADD', KEYS[i], 'MAXLEN', '~', ARGV[j + 1], '*', 'f', ARGV[j])
+  if tonumber(ARGV[j + 2]) > 0 then redis.call('EXPIRE', KEYS[i], ARGV[j + 2]) end
+end
+return ids
+"""
+
+# The same fence for the resume point (KEYS: sessions stream, position key, state key;
+# ARGV: group, consumer, entry id, position, state or "" to delete it, ttl seconds).
+SAVE_IF_OWNER = """
+local row = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if #row == 0 or row[1][2] ~= ARGV[2] then return 0 end
+redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[6])
+if ARGV[5] == '' then redis.call('DEL', KEYS[3])
+else redis.call('SET', KEYS[3], ARGV[5], 'EX', ARGV[6]) end
+return 1
+"""
+
 # The heartbeat may run when Redis is out of memory (allow-oom: a few bytes; else
 # every worker would look dead to every other one until memory is back).
 HEARTBEAT = """#!lua flags=allow-oom
@@ -188,6 +228,8 @@ class Bus:
         self._forget_script = self.redis.register_script(FORGET_IF_STALE)
         self._delconsumer_script = self.redis.register_script(DELCONSUMER_IF_IDLE)
         self._heartbeat_script = self.redis.register_script(HEARTBEAT)
+        self._emit_owned_script = self.redis.register_script(EMIT_IF_OWNER)
+        self._save_owned_script = self.redis.register_script(SAVE_IF_OWNER)
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -207,6 +249,42 @@ class Bus:
                     pipe.expire(stream, s.session_ttl_s)
         results = await pipe.execute()
         return [r for r in results if isinstance(r, bytes)]
+
+    async def emit_owned(self, owner: "Owner", *frames: Frame) -> list[bytes] | None:
+        """``emit`` fenced by session ownership (EMIT_IF_OWNER): None, and nothing
+        written, when ``owner`` no longer holds its session entry."""
+        s = self.settings
+        out_keys: list[str] = []
+        args: list = [owner.group, owner.consumer, owner.entry_id]
+        for frame in frames:
+            data = encode(frame)
+            for stream in routes(frame):
+                shared = "{" not in stream
+                out_keys.append(stream)
+                args += [data, s.stream_maxlen if shared else s.session_maxlen,
+                         0 if shared else s.session_ttl_s]
+        return await self._emit_owned_script(keys=[owner.stream, *out_keys], args=args)
+
+    async def session_resume(self, sid: str) -> tuple[bytes | None, bytes | None]:
+        """The last owner's resume point of a session: (audio position, state json)."""
+        position, state = await self.redis.mget(keys.vad_pos(sid), keys.vad_state(sid))
+        return position, state
+
+    async def save_session_state(self, owner: "Owner", sid: str, position: bytes,
+                                 state_json: str | None) -> bool:
+        """Write the resume point (state None: the session ended, drop its state),
+        fenced like ``emit_owned``; False when ``owner`` lost the session."""
+        done = await self._save_owned_script(
+            keys=[owner.stream, keys.vad_pos(sid), keys.vad_state(sid)],
+            args=[owner.group, owner.consumer, owner.entry_id, position, state_json or "",
+                  self.settings.session_ttl_s])
+        return bool(done)
+
+    async def read_audio(self, sid: str, after: bytes, count: int, block_ms: int
+                         ) -> list[Entry]:
+        res = await self.redis.xread({keys.audio(sid): after}, count=count, block=block_ms)
+        return [(eid, (fields or {}).get(FIELD, b"")) for _, entries in res or []
+                for eid, fields in entries]
 
     # --- consumer groups -------------------------------------------------------------
     async def ensure_group(self, stream: str, group: str) -> None:

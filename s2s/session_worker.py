@@ -12,8 +12,8 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from . import keys, metrics
-from .bus import RETRYABLE, entry_ms, redis_error_kind
+from . import metrics
+from .bus import RETRYABLE, Owner, entry_ms, redis_error_kind
 from .frames import Audio, FrameError, SessionConfig, SessionEnd, SessionOpen, decode
 from .config import Settings
 from .stage import SessionStage, Stage
@@ -22,6 +22,10 @@ from .worker import Runtime
 log = logging.getLogger("s2s.worker")
 BATCH = 50          # audio entries read (and processed) per round trip
 MAX_MARKS = 8192    # resume points kept (a stage that never lets go must not grow forever)
+
+
+class SessionLost(Exception):
+    """A fenced write found the session entry owned by another worker by now."""
 
 
 class SessionRuntime(Runtime):
@@ -43,6 +47,15 @@ class SessionRuntime(Runtime):
 
     async def _handle(self, entry_id: bytes, data: bytes) -> None:
         try:
+            await self._own_session(entry_id, data)
+        except SessionLost:
+            # Its writes were refused (fenced), so nothing of ours reached the stream the
+            # new owner works on.  Not acknowledged: the entry is the new owner's.
+            log.warning("entry %s was taken over by another worker: dropping ours",
+                        entry_id.decode())
+
+    async def _own_session(self, entry_id: bytes, data: bytes) -> None:
+        try:
             opened = decode(data, self.settings.max_frame_bytes, SessionOpen)
         except FrameError as e:
             metrics.BAD_FRAMES.labels(self.name, e.reason).inc()
@@ -50,11 +63,11 @@ class SessionRuntime(Runtime):
             await self._ack(entry_id)
             return
         sid = opened.sid
+        owner = Owner(self.stream, self.group, self.consumer, entry_id)
         backoff = 0.1
         while True:
             try:
-                position, state = await self.bus.redis.mget(keys.vad_pos(sid),
-                                                            keys.vad_state(sid))
+                position, state = await self.bus.session_resume(sid)
                 break
             except RedisError as e:  # still in flight (kept fresh): retry here
                 if self.stopping.is_set():
@@ -75,12 +88,11 @@ class SessionRuntime(Runtime):
         beyond = 0  # audio entries processed past where the last owner got to
         while not self.stopping.is_set():
             try:
-                res = await self.bus.redis.xread({keys.audio(sid): position}, count=BATCH,
-                                                 block=self.settings.block_ms)
+                batch = await self.bus.read_audio(sid, position, BATCH, self.settings.block_ms)
             except RedisError as e:
                 await self._redis_down(e, 0.5)
                 continue
-            if not res:
+            if not batch:
                 if time.monotonic() - idle_since > self.settings.session_ttl_s:
                     log.info("session idle too long: releasing", extra={"sid": sid})
                     break
@@ -88,9 +100,8 @@ class SessionRuntime(Runtime):
             idle_since = time.monotonic()
             ended = False
             try:
-                for audio_id, fields in res[0][1]:
-                    ended = await self._handle_audio(sid, session, audio_id,
-                                                     fields.get(b"f", b""))
+                for audio_id, data in batch:
+                    ended = await self._handle_audio(owner, sid, session, audio_id, data)
                     position = audio_id
                     if ended:
                         break
@@ -106,10 +117,9 @@ class SessionRuntime(Runtime):
                 # drops its state: a reopened session starts anew (its client counts audio
                 # positions from its new connection).
                 if ended:
-                    await self.retrying(self._save_end, sid, position)
+                    await self._save(owner, sid, position, None)
                 else:
-                    base_id, state_json = self._resume_point(marks, seen_id)
-                    await self.retrying(self._save_state, sid, base_id, state_json)
+                    await self._save(owner, sid, *self._resume_point(marks, seen_id))
                 if not progressed and beyond >= BATCH:
                     # A session lives long and changes owners on every worker restart
                     # (each takeover counts as a delivery): once this owner has got a
@@ -134,17 +144,17 @@ class SessionRuntime(Runtime):
             return  # shutting down: leave the session entry pending for another owner
         await self._ack(entry_id)
 
-    async def _save_state(self, sid: str, base_id: bytes, state_json: str) -> None:
-        pipe = self.bus.redis.pipeline(transaction=True)
-        pipe.set(keys.vad_pos(sid), base_id, ex=self.settings.session_ttl_s)
-        pipe.set(keys.vad_state(sid), state_json, ex=self.settings.session_ttl_s)
-        await pipe.execute()
+    async def _save(self, owner: Owner, sid: str, position: bytes,
+                    state_json: str | None) -> None:
+        """The resume point and the stage's state there, in one script: a new owner
+        resumes from both or from neither, and a stale owner writes neither."""
+        if not await self.retrying(self.bus.save_session_state, owner, sid, position,
+                                   state_json):
+            raise SessionLost(owner.entry_id)
 
-    async def _save_end(self, sid: str, position: bytes) -> None:
-        pipe = self.bus.redis.pipeline(transaction=True)
-        pipe.set(keys.vad_pos(sid), position, ex=self.settings.session_ttl_s)
-        pipe.delete(keys.vad_state(sid))
-        await pipe.execute()
+    async def _emit_owned(self, owner: Owner, *frames) -> None:
+        if await self.retrying(self.bus.emit_owned, owner, *frames) is None:
+            raise SessionLost(owner.entry_id)
 
     def _resume_point(self, marks: deque, seen_id: str) -> tuple[bytes, str]:
         """Where a new owner should resume (audio id) and the state to write: the latest
@@ -202,7 +212,8 @@ class SessionRuntime(Runtime):
             log.warning("session snapshot failed: %s", e, extra={"sid": sid})
             return {}
 
-    async def _handle_audio(self, sid: str, session: Any, audio_id: bytes, data: bytes) -> bool:
+    async def _handle_audio(self, owner: Owner, sid: str, session: Any, audio_id: bytes,
+                            data: bytes) -> bool:
         picked = time.time()
         try:
             frame = decode(data, self.settings.max_frame_bytes,
@@ -220,8 +231,10 @@ class SessionRuntime(Runtime):
         metrics.QUEUE_WAIT.labels(self.name).observe(max(0.0, picked - entry_ms(audio_id) / 1000))
         try:
             async for out in self.stage.process(frame, session):
-                await self.emit(out)
+                await self._emit_owned(owner, out)
             outcome = "ok"
+        except SessionLost:
+            raise
         except RedisError as e:
             if redis_error_kind(e) in RETRYABLE or redis_error_kind(e) == "nogroup":
                 raise
