@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import time
+from contextvars import ContextVar
 from typing import Iterable, NamedTuple
 
 import redis.asyncio as aioredis
@@ -33,6 +34,15 @@ class Owner(NamedTuple):
     group: str
     consumer: str
     entry_id: bytes
+
+
+class OwnershipLost(Exception):
+    """A fenced write found the entry owned by another consumer (or released)."""
+
+
+#: the session entry the current task owns (set by the session runtime for each session
+#: it owns): the turn changes a session-owning stage makes are fenced by it
+SESSION_OWNER: ContextVar[Owner | None] = ContextVar("s2s_session_owner", default=None)
 
 
 #: kinds of Redis trouble that pass: wait (with backoff) and do the same again
@@ -150,6 +160,16 @@ else redis.call('SET', KEYS[3], ARGV[5], 'EX', ARGV[6]) end
 return 1
 """
 
+# The same fence for a turn change (KEYS: sessions stream, turn key; ARGV: group,
+# consumer, entry id, ttl seconds).
+INCR_IF_OWNER = """
+local row = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if #row == 0 or row[1][2] ~= ARGV[2] then return false end
+local turn = redis.call('INCR', KEYS[2])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return turn
+"""
+
 # The heartbeat may run when Redis is out of memory (allow-oom: a few bytes; else
 # every worker would look dead to every other one until memory is back).
 HEARTBEAT = """#!lua flags=allow-oom
@@ -230,6 +250,7 @@ class Bus:
         self._heartbeat_script = self.redis.register_script(HEARTBEAT)
         self._emit_owned_script = self.redis.register_script(EMIT_IF_OWNER)
         self._save_owned_script = self.redis.register_script(SAVE_IF_OWNER)
+        self._incr_owned_script = self.redis.register_script(INCR_IF_OWNER)
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -429,7 +450,16 @@ class Bus:
         value = await self.redis.get(keys.turn(sid))
         return int(value) if value else 0
 
-    async def advance_turn(self, sid: str) -> int:
+    async def advance_turn(self, sid: str, owner: Owner | None = None) -> int:
+        """The session's next turn.  With ``owner``, fenced (INCR_IF_OWNER): a stale
+        owner's late increment would supersede the new owner's turn in every stage."""
+        if owner is not None:
+            turn = await self._incr_owned_script(
+                keys=[owner.stream, keys.turn(sid)],
+                args=[owner.group, owner.consumer, owner.entry_id, self.settings.session_ttl_s])
+            if turn is None:
+                raise OwnershipLost(owner.entry_id)
+            return int(turn)
         pipe = self.redis.pipeline(transaction=False)
         pipe.incr(keys.turn(sid))
         pipe.expire(keys.turn(sid), self.settings.session_ttl_s)

@@ -13,7 +13,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from . import metrics
-from .bus import RETRYABLE, Owner, entry_ms, redis_error_kind
+from .bus import RETRYABLE, SESSION_OWNER, Owner, OwnershipLost, entry_ms, redis_error_kind
 from .frames import Audio, FrameError, SessionConfig, SessionEnd, SessionOpen, decode
 from .config import Settings
 from .stage import SessionStage, Stage
@@ -22,10 +22,6 @@ from .worker import Runtime
 log = logging.getLogger("s2s.worker")
 BATCH = 50          # audio entries read (and processed) per round trip
 MAX_MARKS = 8192    # resume points kept (a stage that never lets go must not grow forever)
-
-
-class SessionLost(Exception):
-    """A fenced write found the session entry owned by another worker by now."""
 
 
 class SessionRuntime(Runtime):
@@ -48,7 +44,7 @@ class SessionRuntime(Runtime):
     async def _handle(self, entry_id: bytes, data: bytes) -> None:
         try:
             await self._own_session(entry_id, data)
-        except SessionLost:
+        except OwnershipLost:
             # Its writes were refused (fenced), so nothing of ours reached the stream the
             # new owner works on.  Not acknowledged: the entry is the new owner's.
             log.warning("entry %s was taken over by another worker: dropping ours",
@@ -64,6 +60,7 @@ class SessionRuntime(Runtime):
             return
         sid = opened.sid
         owner = Owner(self.stream, self.group, self.consumer, entry_id)
+        SESSION_OWNER.set(owner)  # this task's: the stage's turn changes are fenced by it
         backoff = 0.1
         while True:
             try:
@@ -150,11 +147,11 @@ class SessionRuntime(Runtime):
         resumes from both or from neither, and a stale owner writes neither."""
         if not await self.retrying(self.bus.save_session_state, owner, sid, position,
                                    state_json):
-            raise SessionLost(owner.entry_id)
+            raise OwnershipLost(owner.entry_id)
 
     async def _emit_owned(self, owner: Owner, *frames) -> None:
         if await self.retrying(self.bus.emit_owned, owner, *frames) is None:
-            raise SessionLost(owner.entry_id)
+            raise OwnershipLost(owner.entry_id)
 
     def _resume_point(self, marks: deque, seen_id: str) -> tuple[bytes, str]:
         """Where a new owner should resume (audio id) and the state to write: the latest
@@ -233,7 +230,7 @@ class SessionRuntime(Runtime):
             async for out in self.stage.process(frame, session):
                 await self._emit_owned(owner, out)
             outcome = "ok"
-        except SessionLost:
+        except OwnershipLost:
             raise
         except RedisError as e:
             if redis_error_kind(e) in RETRYABLE or redis_error_kind(e) == "nogroup":

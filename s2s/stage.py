@@ -20,6 +20,7 @@ import json
 from typing import Any, AsyncIterator, Callable, TypeVar
 
 from . import keys
+from .bus import SESSION_OWNER
 from .config import Settings
 from .frames import Frame, SessionOpen
 
@@ -43,7 +44,8 @@ class SessionState:
         return await self._call(self._bus.current_turn, sid)
 
     async def advance_turn(self, sid: str) -> int:
-        return await self._call(self._bus.advance_turn, sid)
+        # fenced by the session the calling task owns, if any (raises OwnershipLost)
+        return await self._call(self._bus.advance_turn, sid, SESSION_OWNER.get())
 
     async def prefs(self, sid: str) -> dict[str, str]:
         """What the client asked for (``instructions``, ``heard:<turn>``): see keys.prefs."""
