@@ -208,6 +208,9 @@ def test_dockerfiles_pin_torch_and_install_the_weights():
     assert "nvidia/cuda" in (DEPLOY / "Dockerfile.cuda").read_text()
     # one CUDA image for every role: it must install every role's engines
     assert re.search(r'pip install "/app\[all[,\]]', (DEPLOY / "Dockerfile.cuda").read_text())
+    # every image that runs the VAD carries the end-of-turn model the VAD looks for
+    for name in ("Dockerfile", "Dockerfile.cuda"):
+        assert "-m s2s.services.vad.turn_weights" in (DEPLOY / name).read_text(), name
 
 
 # --- Prometheus and Grafana ----------------------------------------------------------------
