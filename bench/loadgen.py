@@ -13,6 +13,10 @@ optionally one JSON object (``--json``) and a PNG of latency against sessions
 
 Everything is bounded: each session has a time limit derived from its audio, each
 level a time limit (``--level-timeout``), each scrape 2 s.
+
+``--from-file-end`` (and ``--sweep readme``, the README table) hands over to
+:mod:`s2s.bench.sweep`: voice-to-voice from the frame holding each input's known last
+speech sample instead of the VAD's ``end_s``, fresh conversations per row.
 """
 
 from __future__ import annotations
@@ -566,7 +570,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--markdown", action="store_true",
                         help="--from-file-end: also print the table as Markdown (README)")
     parser.add_argument("--out", default=None, metavar="JSON",
-                        help="--from-file-end: write the whole report to this JSON file")
+                        help="--from-file-end: write the whole report to this JSON file "
+                             "(--sweep readme: bench-sweep.json unless given)")
 
 
 def _utterances(args: argparse.Namespace) -> list[np.ndarray]:

@@ -395,6 +395,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         after = await asyncio.to_thread(loadgen.scrape, urls)
         rows.append(summarize_row(item, n, convs, wall, loadgen.server_breakdown(before, after),
                                   spec_delta(before, after)))
+        r = rows[-1]
+        print(f"bench: row {i} done in {wall:.0f} s: median {_s(r['median_ms'])}, p95 "
+              f"{_s(r['p95_ms'])}, answered {r['answered']}/{r['conversations']}, "
+              f"named {_named(r)}", file=log, flush=True)
     return {"method": "voice-to-voice from the frame holding the input's last speech sample "
                       "to the first reply audio", "url": args.url, "protocol": args.protocol,
             "conversations_per_client": args.conversations, "lead_s": args.lead,
@@ -414,9 +418,10 @@ def main(args: argparse.Namespace) -> int:
     print(format_table(report["rows"]), file=out)
     if args.markdown:
         print("\n" + markdown(report["rows"]), file=out)
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=1))
-        print(f"json: {args.out}", file=out)
+    path = args.out or ("bench-sweep.json" if args.sweep else None)
+    if path:
+        Path(path).write_text(json.dumps(report, indent=1))
+        print(f"json: {path}", file=out)
     if args.plot:
         report["plot"] = str(plot(report["rows"], args.plot))
         print(f"plot: {args.plot}", file=out)
