@@ -119,8 +119,7 @@ def load_inputs(wavs: Sequence[Path] = (), says: Sequence[str] = (),
     out = []
     for text in says:
         pcm = espeak_say(text)
-        label = text if len(text) <= 40 else text[:37] + "..."
-        out.append(Input(f'"{label}"', pcm, speech_end(pcm, vad), expect, f"espeak-ng: {text}"))
+        out.append(Input(f'"{text}"', pcm, speech_end(pcm, vad), expect, f"espeak-ng: {text}"))
     for path in wavs:
         pcm = read_audio(path, SR)
         out.append(Input(Path(path).name, pcm, speech_end(pcm, vad), None, str(path)))

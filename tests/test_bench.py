@@ -383,7 +383,7 @@ def test_readme_sweep_plan_and_command_line():
     args = parser.parse_args(["--sweep", "readme", "--conversations", "5", "--markdown",
                               "--out", "s.json"])
     inputs, rows = sweep.plan(args)
-    assert [i.name for i in inputs] == [f'"{sweep.FRANCE[:37]}..."', "jfk.wav"]
+    assert [i.name for i in inputs] == [f'"{sweep.FRANCE}"', "jfk.wav"]
     assert inputs[0].expect == "paris" and inputs[1].expect is None
     assert [(inputs[k].name[:5], n) for k, n in rows] == [
         ('"What', 1), ("jfk.w", 1), ('"What', 2), ('"What', 4), ('"What', 8)]
