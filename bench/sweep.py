@@ -131,6 +131,7 @@ def load_inputs(wavs: Sequence[Path] = (), says: Sequence[str] = (),
 class Conversation:
     v2v_ms: float | None = None        # from the known end of speech
     v2v_end_s_ms: float | None = None  # from the VAD's end_s (the older figure)
+    vad_end_s: float | None = None     # the answer's end_s (session audio, lead included)
     answered: bool = False
     early: bool = False                # reply audio began before the speech ended
     named: bool | None = None          # the reply names --expect (None: nothing expected)
@@ -155,6 +156,7 @@ def judge(result: Any, mark_at: float | None, expect: str | None) -> Conversatio
     conv.reply = answer.reply
     conv.answered = True
     conv.v2v_end_s_ms = answer.voice_to_voice_ms
+    conv.vad_end_s = answer.end_s
     if mark_at is not None:
         conv.v2v_ms = round((answer.first_audio_at - mark_at) * 1000, 1)
         conv.early = conv.v2v_ms < 0
@@ -250,6 +252,7 @@ def summarize_row(item: Input, sessions: int, convs: Sequence[Conversation], wal
         "errors": len(errors), "error_messages": sorted(set(errors))[:10],
         "speculations": spec, "wall_s": round(wall_s, 1), "server": server or {},
         "samples": [{"v2v_ms": c.v2v_ms, "v2v_end_s_ms": c.v2v_end_s_ms, "turns": c.turns,
+                     "vad_end_s": c.vad_end_s,
                      "transcript": c.transcript, "reply": c.reply} for c in convs],
     }
 
@@ -357,11 +360,11 @@ def plan(args: argparse.Namespace) -> tuple[list[Input], list[tuple[int, int]]]:
     return inputs, [(i, n) for n in args.sessions for i in range(len(inputs))]
 
 
-async def run(args: argparse.Namespace) -> dict[str, Any]:
+async def run(args: argparse.Namespace, inputs: Sequence[Input],
+              rows_plan: Sequence[tuple[int, int]]) -> dict[str, Any]:
     import os
 
     log = sys.stderr if args.json else sys.stdout
-    inputs, rows_plan = plan(args)
     for item in inputs:
         print(f"bench: {item.name}: {item.seconds:.2f} s, speech ends at {item.end_s:.3f} s",
               file=log, flush=True)
@@ -409,10 +412,11 @@ def main(args: argparse.Namespace) -> int:
         print("bench: --conversations must be at least 1", file=sys.stderr)
         return 2
     try:
-        report = asyncio.run(run(args))
-    except ValueError as e:  # an input without speech
-        print(f"bench: {e}", file=sys.stderr)
+        inputs, rows_plan = plan(args)
+    except (ValueError, OSError, RuntimeError) as e:  # no speech, no file, no espeak-ng
+        print(f"bench: cannot use the inputs: {e}", file=sys.stderr)
         return 2
+    report = asyncio.run(run(args, inputs, rows_plan))
     out = sys.stderr if args.json else sys.stdout
     print(format_table(report["rows"]), file=out)
     if args.markdown:

@@ -393,6 +393,11 @@ def test_readme_sweep_plan_and_command_line():
     assert len(inputs) == 1 and inputs[0].expect == "hi" and rows == [(0, 1), (0, 2)]
     args.conversations = 0
     assert loadgen.main(args) == 2
+    # inputs it cannot use: a clear error before any session, exit status 2
+    args = parser.parse_args(["--from-file-end", "--wav", "/nonexistent.wav"])
+    assert loadgen.main(args) == 2
+    args = parser.parse_args(["--from-file-end", "--say", ""])  # espeak-ng says nothing
+    assert loadgen.main(args) == 2
 
 
 @pytest.mark.slow
