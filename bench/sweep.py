@@ -131,7 +131,7 @@ def load_inputs(wavs: Sequence[Path] = (), says: Sequence[str] = (),
 class Conversation:
     v2v_ms: float | None = None        # from the known end of speech
     v2v_end_s_ms: float | None = None  # from the VAD's end_s (the older figure)
-    vad_end_s: float | None = None     # the answer's end_s (session audio, lead included)
+    vad_end_s: float | None = None     # the answer's end_s, in the file (s)
     answered: bool = False
     early: bool = False                # reply audio began before the speech ended
     named: bool | None = None          # the reply names --expect (None: nothing expected)
@@ -184,7 +184,10 @@ async def converse(url: str, item: Input, *, lead_s: float, turn_timeout: float,
         err = getattr(e, "error", None)
         return Conversation(errors=[loadgen._error_text(err) if err else
                                     f"{type(e).__name__}: {e}"])
-    return judge(result, result.marks_at[0] if result.marks_at else None, item.expect)
+    conv = judge(result, result.marks_at[0] if result.marks_at else None, item.expect)
+    if conv.vad_end_s is not None:  # on the file's timeline, like Input.end_s
+        conv.vad_end_s = round(conv.vad_end_s - lead_s, 3)
+    return conv
 
 
 async def run_row(url: str, item: Input, sessions: int, conversations: int, *,

@@ -421,6 +421,8 @@ def test_from_file_end_against_a_real_stack(stack, tmp_path, capsys):
     assert row["named"] == 2, row["samples"]
     for s in row["samples"]:
         assert s["v2v_ms"] > 0 and s["v2v_end_s_ms"] > 0
+        # a clean synthetic voice: the VAD's end and the known end agree within its margins
+        assert abs(s["vad_end_s"] - row["speech_end_s"]) < 0.5, s
         assert "capital" in s["transcript"].lower() and "france" in s["transcript"].lower()
     stages = row["server"]["stages"]
     assert {"stt", "llm", "tts"} <= set(stages)  # the breakdown came from every worker
