@@ -13,6 +13,10 @@ optionally one JSON object (``--json``) and a PNG of latency against sessions
 
 Everything is bounded: each session has a time limit derived from its audio, each
 level a time limit (``--level-timeout``), each scrape 2 s.
+
+``--from-file-end`` (and ``--sweep readme``, the README table) hands over to
+:mod:`s2s.bench.sweep`: voice-to-voice from the frame holding each input's known last
+speech sample instead of the VAD's ``end_s``, fresh conversations per row.
 """
 
 from __future__ import annotations
@@ -546,6 +550,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--protocol", choices=("native", "realtime"), default="native",
                         help="native: the gateway's /ws protocol; realtime: the OpenAI Realtime "
                              "endpoint /v1/realtime on the same host (same sessions and workers)")
+    # voice-to-voice from the known end of speech of each file (bench/sweep.py)
+    parser.add_argument("--from-file-end", action="store_true",
+                        help="measure voice-to-voice from the frame holding each input's last "
+                             "speech sample (found offline) instead of the VAD's end_s (kept as "
+                             "a second column); each client has --conversations fresh sessions "
+                             "speaking the input once; inputs: --wav and --say")
+    parser.add_argument("--sweep", choices=("readme",), default=None,
+                        help="readme: the README table (the France question at 1,2,4,8 "
+                             "sessions, jfk.wav at 1, 5 conversations each; implies "
+                             "--from-file-end)")
+    parser.add_argument("--say", action="append", default=None, metavar="TEXT",
+                        help="--from-file-end input: TEXT spoken by espeak-ng (repeatable)")
+    parser.add_argument("--expect", default=None, metavar="WORD",
+                        help="--from-file-end: the reply to every --say input must name WORD "
+                             "(counted in the table)")
+    parser.add_argument("--conversations", type=int, default=5, metavar="N",
+                        help="--from-file-end: fresh conversations per client and row")
+    parser.add_argument("--markdown", action="store_true",
+                        help="--from-file-end: also print the table as Markdown (README)")
+    parser.add_argument("--out", default=None, metavar="JSON",
+                        help="--from-file-end: write the whole report to this JSON file "
+                             "(--sweep readme: bench-sweep.json unless given)")
 
 
 def _utterances(args: argparse.Namespace) -> list[np.ndarray]:
@@ -601,6 +627,10 @@ def main(args: argparse.Namespace) -> int:
         from .burst import main as burst_main
 
         return burst_main(args)
+    if args.sweep or args.from_file_end:
+        from .sweep import main as sweep_main
+
+        return sweep_main(args)
     report = asyncio.run(run(args))
     table = format_table(report["levels"])
     if args.plot:

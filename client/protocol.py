@@ -26,7 +26,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -63,6 +63,7 @@ class TurnResult:
     first_transcript_ms: float | None = None
     first_reply_text_ms: float | None = None
     server_voice_to_voice_ms: float | None = None  # the gateway's own measure (audio_start)
+    first_audio_at: float | None = None   # wall clock (time.time) of the first reply audio byte
     interrupted: bool = False             # the user spoke over this reply (barge-in)
     superseded: bool = False              # a newer turn started before any reply
     done: bool = False                    # reply_done received
@@ -89,6 +90,7 @@ class TalkResult:
     errors: list[dict] = field(default_factory=list)
     timed_out: bool = False
     resumes: int = 0           # connections lost and resumed (same session id)
+    marks_at: list = field(default_factory=list)  # per talk(marks=...): wall clock of its frame
 
     def to_dict(self) -> dict[str, Any]:
         return {"session_id": self.session_id, "transcript": self.transcript,
@@ -96,7 +98,7 @@ class TalkResult:
                 "turns": [t.to_dict() for t in self.turns], "sample_rate": self.sample_rate,
                 "audio_s": round(len(self.audio) / 2 / self.sample_rate, 3)
                 if self.sample_rate else 0, "errors": self.errors, "timed_out": self.timed_out,
-                "resumes": self.resumes}
+                "resumes": self.resumes, "marks_at": self.marks_at}
 
 
 # --- the low-level session -------------------------------------------------------------------
@@ -205,6 +207,13 @@ class Tracker:
         i = bisect.bisect_left(self.sent_pos, pos_s - 1e-6)
         return self.sent_wall[min(i, len(self.sent_wall) - 1)]
 
+    def sent_at(self, pos_s: float) -> float | None:
+        """Wall time at which the frame holding the sample that ends at session position
+        ``pos_s`` was sent; None when the audio never got that far."""
+        if not self.sent_pos or pos_s > self.sent_pos[-1] + 1e-6:
+            return None
+        return self.wall_at(pos_s)
+
     def _ms(self, turn: TurnResult, now: float) -> float | None:
         end = self.wall_at(turn.end_s)
         return round((now - end) * 1000, 1) if end is not None else None
@@ -225,6 +234,8 @@ class Tracker:
             t = self.turns[self.audio_turn]
             if not t.audio and t.voice_to_voice_ms is None:
                 t.voice_to_voice_ms = self._ms(t, now)
+            if t.first_audio_at is None:
+                t.first_audio_at = now
             t.audio += bytes(msg)
             return
         kind, n = msg.get("type"), msg.get("turn")
@@ -321,7 +332,7 @@ async def talk(url: str | list[str], pcm: np.ndarray | bytes, sample_rate: int =
                out_rate: int | None = None, realtime: bool = True, speed: float | None = None,
                tail_silence_s: float = 3.0, reply_timeout_s: float = 30.0,
                session_id: str | None = None, resume_timeout_s: float = 20.0,
-               protocol: str = "native",
+               protocol: str = "native", marks: Sequence[float] = (),
                on_event: Callable[[dict | bytes], None] | None = None,
                api_key: str | None = None) -> TalkResult:
     """Send ``pcm`` (int16 mono at ``sample_rate``) as one session and collect the answer.
@@ -337,7 +348,12 @@ async def talk(url: str | list[str], pcm: np.ndarray | bytes, sample_rate: int =
     killed, restarted, network) is resumed with the same session id on the next URL
     (round robin, for up to ``resume_timeout_s``; 0: never), telling the gateway what
     of the current turn was already heard so nothing is heard twice; the audio not
-    yet sent waits meanwhile (it is delayed, not dropped)."""
+    yet sent waits meanwhile (it is delayed, not dropped).
+
+    ``marks``: positions (s) in ``pcm``, e.g. where its speech is known to end; the result's
+    ``marks_at`` holds, for each, the wall clock (``time.time``) at which the 20 ms frame
+    holding the sample that ends there was sent (None if never sent), to compare with a
+    turn's ``first_audio_at``."""
     urls = [url] if isinstance(url, str) else list(url)
     samples = np.frombuffer(pcm, np.int16) if isinstance(pcm, (bytes, bytearray)) else \
         np.asarray(pcm).astype(np.int16, copy=False)
@@ -451,4 +467,5 @@ async def talk(url: str | list[str], pcm: np.ndarray | bytes, sample_rate: int =
     result = tracker.result(conn.session_id)
     result.timed_out = timed_out
     result.resumes = resumes
+    result.marks_at = [tracker.sent_at(m) for m in marks]
     return result

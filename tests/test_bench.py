@@ -227,3 +227,202 @@ def test_whole_run_with_a_fake_client(monkeypatch, tmp_path, capsys):
     assert "sessions" in err and png.stat().st_size > 0
     assert len(calls) == 1 + 1 + 3  # warm-up, then the two levels
     assert all(sr == 16000 and not rt for _, _, sr, rt in calls)
+
+
+# --- voice-to-voice from the known end of speech (bench/sweep.py) ---------------------------
+from s2s.bench import sweep  # noqa: E402
+from tests.test_e2e import stack  # noqa: E402,F401  (the e2e module's whole stack, reused)
+
+SR = 16000
+
+
+@pytest.fixture(scope="module")
+def silero():
+    from s2s.services.vad.worker import SileroVad
+
+    return SileroVad()
+
+
+@pytest.fixture(scope="module")
+def france():
+    return sweep.espeak_say(sweep.FRANCE)
+
+
+def test_speech_end_of_a_synthetic_voice_is_its_last_sound(france, silero):
+    """espeak-ng's silence is digital zero, so its last sound is known exactly."""
+    end = sweep.speech_end(france, silero)
+    last_sound = int(np.flatnonzero(np.abs(france) > 0.01 * 32768)[-1])
+    assert 2.5 < len(france) / SR < 4.0  # the issue's "3.1 s"
+    assert abs(end - last_sound) <= SR // 50, (end / SR, last_sound / SR)
+    assert end < len(france)
+
+
+def test_speech_end_ignores_noise_and_clicks_after_the_speech(france, silero):
+    rng = np.random.default_rng(0)
+    hiss = (rng.normal(0, 60, SR)).astype(np.int16)           # -55 dBFS background
+    click = np.zeros(SR // 2, np.int16)
+    click[4000:4400] = (rng.normal(0, 8000, 400)).astype(np.int16)  # 25 ms, loud, not speech
+    padded = np.concatenate([france, hiss, click, np.zeros(SR // 2, np.int16)])
+    assert abs(sweep.speech_end(padded, silero) - sweep.speech_end(france, silero)) <= SR // 50
+
+
+def test_speech_end_of_jfk_is_country_not_the_crowd(silero):
+    """jfk.wav: "...for your country." ends near 10.2 s; the crowd follows to 11.0 s (silero
+    alone puts the end at 10.6 s and calls a blip at 10.95 s speech)."""
+    from s2s.audio import read_audio
+
+    pcm = read_audio(loadgen.DEFAULT_WAV, SR)
+    end_s = (sweep.speech_end(pcm, silero) + 1) / SR
+    assert 9.9 < end_s < 10.4, end_s
+
+
+def test_no_speech_is_a_clear_error(silero):
+    with pytest.raises(ValueError, match="no speech"):
+        sweep.speech_end(np.zeros(SR * 2, np.int16), silero)
+    rng = np.random.default_rng(1)
+    with pytest.raises(ValueError):
+        sweep.speech_end((rng.normal(0, 30, SR * 2)).astype(np.int16), silero)
+
+
+def test_tracker_knows_when_the_frame_holding_a_sample_was_sent():
+    from s2s.client import Tracker
+
+    tr = Tracker()
+    for i in range(1, 6):  # five 20 ms frames, sent at walls 100.1 … 100.5
+        tr.sent(i * 0.02, 100.0 + i / 10)
+    assert tr.sent_at(0.02) == 100.1           # sample 319 ends at 0.02 s: the first frame
+    assert tr.sent_at((320 + 1) / SR) == 100.2  # sample 320: the second frame
+    assert tr.sent_at(0.1) == 100.5
+    assert tr.sent_at(0.1 + 1 / SR) is None     # never sent
+    tr.handle({"type": "transcript", "turn": 1, "text": "hi", "start_s": 0.0, "end_s": 0.04})
+    tr.handle({"type": "audio_start", "turn": 1, "sample_rate": 22050})
+    tr.handle(b"\x00\x00" * 10, now=101.0)
+    tr.handle(b"\x00\x00" * 10, now=101.5)
+    t = tr.turns[1]
+    assert t.first_audio_at == 101.0 and t.voice_to_voice_ms == pytest.approx(800.0)
+
+
+def _talk_result(turns, **kw):
+    from s2s.client import TalkResult, TurnResult
+
+    return TalkResult(turns=[TurnResult(**t) for t in turns], **kw)
+
+
+def test_judge_takes_the_last_answered_turn():
+    result = _talk_result([
+        {"turn": 1, "transcript": "what is", "superseded": True},
+        {"turn": 2, "transcript": "what is the capital of France", "reply": "It is Paris.",
+         "first_audio_at": 50.9, "voice_to_voice_ms": 820.0, "done": True}],
+        transcript="what is the capital of France")
+    conv = sweep.judge(result, 50.0, "paris")
+    assert conv.answered and conv.v2v_ms == pytest.approx(900.0) and conv.v2v_end_s_ms == 820.0
+    assert conv.named is True and not conv.early and conv.turns == 2
+    assert sweep.judge(result, 50.0, "rome").named is False
+    assert sweep.judge(result, 51.0, None).early  # reply audio before the speech ended
+    none = sweep.judge(_talk_result([{"turn": 1, "transcript": "hm"}], timed_out=True,
+                                    errors=[{"code": "busy", "message": "full"}]), 50.0, "paris")
+    assert not none.answered and none.v2v_ms is None and none.named is None
+    assert none.errors == ["busy: full", "no reply within the turn timeout"]
+
+
+def test_speculation_outcomes_from_metrics():
+    from prometheus_client import Counter
+
+    registry = CollectorRegistry()
+    c = Counter("s2s_speculations", "spec", ["outcome"], registry=registry)
+    assert sweep.spec_delta("", generate_latest(registry).decode()) is None  # not exported yet
+    c.labels("used").inc(2)
+    before = generate_latest(registry).decode()
+    c.labels("used").inc(3)
+    c.labels("wasted").inc()
+    after = generate_latest(registry).decode()
+    # two workers: their counts add up
+    assert sweep.spec_delta(before + "\n" + before, after + "\n" + after) == \
+        {"used": 6, "wasted": 2}
+    row = {"speculations": {"used": 6, "wasted": 2}}
+    assert sweep._spec(row) == "6 used / 2 wasted" and sweep._spec({"speculations": None}) == "-"
+
+
+def _rows():
+    item = sweep.Input('"What is the capital of France?"', np.zeros(SR * 3, np.int16),
+                       SR * 3 - 800, "paris")
+    jfk = sweep.Input("jfk.wav", np.zeros(SR * 11, np.int16), int(10.17 * SR), None)
+    rows = []
+    for it, n in ((item, 1), (jfk, 1), (item, 2)):
+        convs = [sweep.Conversation(v2v_ms=900.0 + 100 * i * n, v2v_end_s_ms=800.0 + 100 * i,
+                                    answered=True, named=True if it.expect else None,
+                                    reply="Paris.") for i in range(5 * n)]
+        convs[-1] = sweep.Conversation(errors=["conversation timed out after 60s"])
+        rows.append(sweep.summarize_row(it, n, convs, 30.0, {"stages": {"stt": {
+            "processing_ms": {"p50": 150.0, "p95": 190.0, "count": 5}}}},
+            {"used": 3, "wasted": 1} if n == 2 else None))
+    return rows
+
+
+def test_rows_table_markdown_and_plot(tmp_path):
+    rows = _rows()
+    r = rows[0]
+    assert r["answered"] == 4 and r["conversations"] == 5 and r["named"] == 4
+    assert r["median_ms"] == pytest.approx(1050.0) and r["errors"] == 1
+    assert r["speech_end_s"] == pytest.approx((SR * 3 - 799) / SR, abs=1e-3)
+    assert rows[1]["named"] is None
+    table = sweep.format_table(rows)
+    assert "4/5" in table and "3 used / 1 wasted" in table and "stt" in table
+    assert "conversation timed out after 60s" in table and "jfk.wav 10.17 s of 11.00 s" in table
+    md = sweep.markdown(rows).splitlines()
+    assert md[0].startswith("| input | sessions | median | p95 | answered |")
+    assert len(md) == 2 + 3 and "| 1.05 s |" in md[2] and "| - |" in md[3]
+    json.dumps(rows)
+    png = sweep.plot(rows, tmp_path / "sweep.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_readme_sweep_plan_and_command_line():
+    parser = argparse.ArgumentParser()
+    loadgen.add_arguments(parser)
+    args = parser.parse_args(["--sweep", "readme", "--conversations", "5", "--markdown",
+                              "--out", "s.json"])
+    inputs, rows = sweep.plan(args)
+    assert [i.name for i in inputs] == [f'"{sweep.FRANCE}"', "jfk.wav"]
+    assert inputs[0].expect == "paris" and inputs[1].expect is None
+    assert [(inputs[k].name[:5], n) for k, n in rows] == [
+        ('"What', 1), ("jfk.w", 1), ('"What', 2), ('"What', 4), ('"What', 8)]
+    args = parser.parse_args(["--from-file-end", "--say", "Hello there.", "--expect", "hi",
+                              "--sessions", "1,2"])
+    inputs, rows = sweep.plan(args)
+    assert len(inputs) == 1 and inputs[0].expect == "hi" and rows == [(0, 1), (0, 2)]
+    args.conversations = 0
+    assert loadgen.main(args) == 2
+    # inputs it cannot use: a clear error before any session, exit status 2
+    args = parser.parse_args(["--from-file-end", "--wav", "/nonexistent.wav"])
+    assert loadgen.main(args) == 2
+    args = parser.parse_args(["--from-file-end", "--say", ""])  # espeak-ng says nothing
+    assert loadgen.main(args) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_from_file_end_against_a_real_stack(stack, tmp_path, capsys):
+    """A reduced --from-file-end run (the France question, 1 session, 2 conversations) on
+    the real stack: the measurement is sane.  Speed is not asserted."""
+    parser = argparse.ArgumentParser()
+    loadgen.add_arguments(parser)
+    out = tmp_path / "sweep.json"
+    args = parser.parse_args(["--url", stack.url, "--redis-url", stack.workers.redis_url,
+                              "--from-file-end", "--say", sweep.FRANCE, "--expect", "paris",
+                              "--sessions", "1", "--conversations", "2", "--no-warmup",
+                              "--markdown", "--out", str(out)])
+    assert loadgen.main(args) == 0, capsys.readouterr()
+    printed = capsys.readouterr().out
+    assert "names Paris" in printed and "per stage" in printed
+    (row,) = json.loads(out.read_text())["rows"]
+    assert 0 < row["speech_end_s"] <= row["input_s"]
+    assert row["answered"] == row["conversations"] == 2 and row["errors"] == 0
+    assert row["named"] == 2, row["samples"]
+    for s in row["samples"]:
+        assert s["v2v_ms"] > 0 and s["v2v_end_s_ms"] > 0
+        # a clean synthetic voice: the VAD's end and the known end agree within its margins
+        assert abs(s["vad_end_s"] - row["speech_end_s"]) < 0.5, s
+        assert "capital" in s["transcript"].lower() and "france" in s["transcript"].lower()
+    stages = row["server"]["stages"]
+    assert {"stt", "llm", "tts"} <= set(stages)  # the breakdown came from every worker
