@@ -37,7 +37,7 @@ class Owner(NamedTuple):
 
 
 class OwnershipLost(Exception):
-    """A fenced write found the entry owned by another consumer (or released)."""
+    """A fenced write found the entry held by another consumer."""
 
 
 #: the session entry the current task owns (set by the session runtime for each session
@@ -130,16 +130,24 @@ end
 return lost
 """
 
-# Fencing for a session owner: write only while the session entry is still pending to
-# this consumer, checked where the write lands.  A worker cut off from Redis keeps the
-# commands it sent in its kernel's send queue; when the link comes back they arrive
-# after another worker took the session over and would repeat its events (a second
-# "speech started", an interrupt) or rewind its resume point.
-# KEYS: the sessions stream, then the output keys; ARGV: group, consumer, entry id,
-# then per output stream (data, maxlen, ttl seconds or 0).  nil when not the owner.
-EMIT_IF_OWNER = """
-local row = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
-if #row == 0 or row[1][2] ~= ARGV[2] then return false end
+# Fencing for a session owner: no write once another consumer holds the session entry,
+# checked where the write lands.  A worker cut off from Redis keeps the commands it sent
+# in its kernel's send queue; when the link comes back they arrive after another worker
+# took the session over and would repeat its events (a second "speech started", an
+# interrupt), rewind its resume point or supersede its turn.  An entry pending to nobody
+# (Redis restarted empty, the group or stream gone) does not refuse: the owner that
+# survived a restart goes on (the gateway then does not open the session again).
+_TAKEN = """
+local function taken(stream, group, consumer, id)
+  local row = redis.pcall('XPENDING', stream, group, id, id, 1)
+  return type(row) == 'table' and row.err == nil and #row > 0 and row[1][2] ~= consumer
+end
+"""
+
+# KEYS: the sessions stream, then the output keys; ARGV: group, consumer, entry id, then
+# per output stream (data, maxlen, ttl seconds or 0).  nil when taken.
+EMIT_IF_OWNER = _TAKEN + """
+if taken(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) then return false end
 local ids = {}
 for i = 2, #KEYS do
   local j = 4 + (i - 2) * 3
@@ -149,22 +157,20 @@ end
 return ids
 """
 
-# The same fence for the resume point (KEYS: sessions stream, position key, state key;
-# ARGV: group, consumer, entry id, position, state or "" to delete it, ttl seconds).
-SAVE_IF_OWNER = """
-local row = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
-if #row == 0 or row[1][2] ~= ARGV[2] then return 0 end
+# The resume point (KEYS: sessions stream, position key, state key; ARGV: group,
+# consumer, entry id, position, state or "" to delete it, ttl seconds).  0 when taken.
+SAVE_IF_OWNER = _TAKEN + """
+if taken(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) then return 0 end
 redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[6])
 if ARGV[5] == '' then redis.call('DEL', KEYS[3])
 else redis.call('SET', KEYS[3], ARGV[5], 'EX', ARGV[6]) end
 return 1
 """
 
-# The same fence for a turn change (KEYS: sessions stream, turn key; ARGV: group,
-# consumer, entry id, ttl seconds).
-INCR_IF_OWNER = """
-local row = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
-if #row == 0 or row[1][2] ~= ARGV[2] then return false end
+# A turn change (KEYS: sessions stream, turn key; ARGV: group, consumer, entry id, ttl
+# seconds).  nil when taken.
+INCR_IF_OWNER = _TAKEN + """
+if taken(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) then return false end
 local turn = redis.call('INCR', KEYS[2])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 return turn
@@ -273,7 +279,7 @@ class Bus:
 
     async def emit_owned(self, owner: "Owner", *frames: Frame) -> list[bytes] | None:
         """``emit`` fenced by session ownership (EMIT_IF_OWNER): None, and nothing
-        written, when ``owner`` no longer holds its session entry."""
+        written, when another consumer holds ``owner``'s session entry."""
         s = self.settings
         out_keys: list[str] = []
         args: list = [owner.group, owner.consumer, owner.entry_id]
@@ -294,7 +300,7 @@ class Bus:
     async def save_session_state(self, owner: "Owner", sid: str, position: bytes,
                                  state_json: str | None) -> bool:
         """Write the resume point (state None: the session ended, drop its state),
-        fenced like ``emit_owned``; False when ``owner`` lost the session."""
+        fenced like ``emit_owned``; False when another consumer holds the session."""
         done = await self._save_owned_script(
             keys=[owner.stream, keys.vad_pos(sid), keys.vad_state(sid)],
             args=[owner.group, owner.consumer, owner.entry_id, position, state_json or "",

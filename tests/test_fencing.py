@@ -54,9 +54,26 @@ async def test_a_taken_over_owner_writes_nothing(settings):
         assert newest[0] == ids[0] and decode(newest[1]).turn == 3
         assert 0 < await bus.redis.ttl(keys.out(sid)) <= settings.session_ttl_s
 
-        # once released (acknowledged) nobody writes for it any more
-        await bus.ack(keys.SESSIONS, "vad", entry_id)
-        assert await bus.emit_owned(new, SpeechStarted(sid=sid, turn=4)) is None
+    finally:
+        await bus.close()
+
+
+async def test_an_owner_that_survived_an_empty_redis_goes_on(settings):
+    """Redis restarted empty (no persistence): the session entry is pending to nobody,
+    the stream and group are gone.  The owner still reading the session's audio is its
+    only owner: its writes go through (tests/test_failover.py restarts a real server)."""
+    bus = Bus(settings)
+    sid = "survivor-session"
+    try:
+        entry_id = await _session_entry(bus, sid)
+        owner = Owner(keys.SESSIONS, "vad", "old", entry_id)
+        await bus.redis.flushdb()
+        assert await bus.emit_owned(owner, SpeechStarted(sid=sid, turn=1, at_s=0.5))
+        assert await bus.save_session_state(owner, sid, b"7-0", '{"turn": 1}')
+        assert await bus.advance_turn(sid, owner) == 1
+        await bus.ensure_group(keys.SESSIONS, "vad")  # recreated, the entry not in it
+        assert await bus.emit_owned(owner, SpeechStarted(sid=sid, turn=2, at_s=1.5))
+        assert await bus.advance_turn(sid, owner) == 2
     finally:
         await bus.close()
 
