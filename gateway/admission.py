@@ -20,6 +20,7 @@ that answer, and its audio budget lives in its home cell.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from dataclasses import dataclass
@@ -62,6 +63,7 @@ class Admission:
         self.updated = 0.0
         self.task: asyncio.Task | None = None
         self.bytes_checked = 0.0
+        self.placed: list[tuple[float, str]] = []  # (when, cell) of recent placements
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._loop())
@@ -111,12 +113,22 @@ class Admission:
     async def place(self) -> Cell:
         """The cell for a new session (or ticket): the one with the most room, from a
         picture at most a tick old."""
-        if len(self.cells) > 1 and time.monotonic() - self.updated > TICK_S:
-            try:
-                await self.refresh()
-            except REDIS_DOWN:
-                pass  # every cell is down: the open fails with "unavailable" right after
-        return self.cells.choose()
+        if len(self.cells) == 1:
+            return self.cells.home
+        async with self.lock:
+            if time.monotonic() - self.updated > TICK_S:
+                try:
+                    await self.refresh()
+                except REDIS_DOWN:
+                    pass  # every cell is down: the open fails with "unavailable" right after
+            # sessions placed in the last ticks count at once (a refresh may not see them
+            # registered yet), so a burst of opens spreads over the cells
+            now = time.monotonic()
+            self.placed = [(t, c) for t, c in self.placed if now - t < 2 * TICK_S]
+            recent = collections.Counter(c for _, c in self.placed)
+            cell = self.cells.choose(recent)
+            self.placed.append((now, cell.name))
+            return cell
 
     async def admit(self, principal: Principal, sid: str) -> Refusal | None:
         """Decide on a new session and, when admitted, count it at once (under the lock,
@@ -130,7 +142,6 @@ class Admission:
                 REFUSED.labels(refusal.code).inc()
                 return refusal
             await cell.bus.register_sessions({sid: principal.id})
-            cell.info["live"] = cell.info.get("live", 0) + 1  # until the next refresh
             return None
 
     async def _principal_sessions(self, principal: Principal) -> int:

@@ -141,14 +141,16 @@ class Cells:
         return max(self.cells, key=lambda c: hashlib.sha256(
             f"{c.name}\0{principal}".encode()).digest())
 
-    def choose(self) -> Cell:
+    def choose(self, recent: dict[str, int] | None = None) -> Cell:
         """Where a new session goes: among the cells whose Redis answered last, the one
-        with the most free room (capacity − live sessions, from admission's picture);
-        a cell with no known capacity counts as having room; ties go to fewer sessions."""
+        with the most free room (capacity − live sessions, from admission's picture,
+        plus ``recent`` placements not counted there yet); a cell with no known capacity
+        counts as having room; ties go to fewer sessions, then to the earlier cell."""
         up = [c for c in self.cells if c.up] or self.cells
+        recent = recent or {}
 
         def room(c: Cell) -> tuple[float, float]:
-            cap, live = c.info.get("capacity"), c.info.get("live", 0)
+            cap, live = c.info.get("capacity"), c.info.get("live", 0) + recent.get(c.name, 0)
             free = (cap - live) / cap if cap else 1.0
             return (free, -live)
 

@@ -1,0 +1,181 @@
+"""Cells (s2s/cells.py): one gateway over two independent Redis instances, each with
+its own worker of every stage (real models); sessions placed in both and answered; a
+resumed session lands in its cell on any gateway; one cell's Redis killed leaves the
+other cell's sessions answered."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import httpx
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+
+from s2s import config, keys
+from s2s.cells import Cells, parse
+from s2s.client import Connection, ProtocolError, talk
+
+from tests.conftest import AUTH_SETTINGS, DATA, Workers, load_pcm16
+from tests.test_gateway import serve
+
+SR = 16000
+STAGES = ("vad", "stt", "llm", "tts")
+
+
+# --- placement, without Redis ---------------------------------------------------------------
+def cells_of(spec: str) -> Cells:
+    return Cells(config.load({"redis_cells": spec}, environ={}))
+
+
+def test_parse_names_and_refuses_bad_specs():
+    assert parse("a=redis://h1:6379, b=redis://h2:6379/1") == [
+        ("a", "redis://h1:6379"), ("b", "redis://h2:6379/1")]
+    assert parse("redis://h1:6379,redis://h2:6379") == [("0", "redis://h1:6379"),
+                                                       ("1", "redis://h2:6379")]
+    for bad in ("A.b=redis://h", "a=http://h", "a=redis://h,a=redis://g", " , "):
+        with pytest.raises(SystemExit):
+            parse(bad)
+
+
+def test_session_ids_name_their_cell():
+    cells = cells_of("a=redis://h1:1,b=redis://h2:2")
+    a, b = cells.cells
+    sid = cells.name(b, "Xy_-z")
+    assert sid == "b.Xy_-z" and re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", sid)
+    assert cells.of(sid) is b and cells.of(cells.name(a, "q")) is a
+    # ids from before cells (no prefix), unknown prefixes: the home cell
+    assert cells.of("Xy_-z") is a and cells.of("zz.q") is a and cells.of(None) is a
+    # one cell: ids unchanged
+    single = Cells(config.load({"redis_url": "redis://h:1"}, environ={}))
+    assert single.name(single.home, "tok") == "tok" and not single.prefixed
+
+
+def test_adding_a_cell_moves_no_session_and_few_budgets():
+    two = cells_of("a=redis://h1:1,b=redis://h2:2")
+    three = cells_of("a=redis://h1:1,b=redis://h2:2,c=redis://h3:3")
+    for sid in ("a.x", "b.y"):
+        assert two.of(sid).name == three.of(sid).name  # placement lives in the id
+    moved = 0
+    for i in range(300):
+        before, after = two.principal_cell(f"p{i}").name, three.principal_cell(f"p{i}").name
+        assert after in (before, "c")  # rendezvous: a principal moves only to the new cell
+        moved += after != before
+    assert 50 < moved < 150  # about a third
+
+
+def test_choose_prefers_room_and_skips_down_cells():
+    cells = cells_of("a=redis://h1:1,b=redis://h2:2")
+    a, b = cells.cells
+    a.info, b.info = {"capacity": 64, "live": 10}, {"capacity": 64, "live": 30}
+    assert cells.choose() is a
+    a.up = False
+    assert cells.choose() is b
+    a.up, b.info = True, {"capacity": 128, "live": 30}  # a 84 % free, b 77 %
+    assert cells.choose() is a
+    b.info = {"capacity": 640, "live": 30}
+    assert cells.choose() is b
+    # no capacity known: fewer sessions first, counting placements not yet registered
+    a.info, b.info = {"live": 0}, {"live": 0}
+    assert cells.choose() is a and cells.choose({"a": 1}) is b
+
+
+# --- two real cells -------------------------------------------------------------------------
+def words(text: str) -> str:
+    return " ".join(re.findall(r"[a-z']+", text.lower()))
+
+
+@pytest.fixture
+def two_cells(tmp_path):
+    from s2s.launcher.redis_server import RedisServer
+
+    servers = [RedisServer().start(), RedisServer().start()]
+    crews = [Workers(s.url, tmp_path / name) for s, name in zip(servers, "ab")]
+    try:
+        for crew in crews:
+            crew.tmp.mkdir()
+            for stage in STAGES:
+                crew.start(stage, env={"OMP_NUM_THREADS": "1"})
+        for crew in crews:
+            for stage in STAGES:
+                crew.wait_ready(stage, timeout=300)
+        yield servers, crews
+    finally:
+        for crew in crews:
+            crew.stop_all()
+        for s in servers:
+            s.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+async def test_two_cells_place_resume_and_fail_apart(two_cells):
+    (ra, rb), crews = two_cells
+    settings = config.load({"redis_cells": f"a={ra.url},b={rb.url}", "closed_ttl_s": 600,
+                            "metrics_port": 0, **AUTH_SETTINGS}, environ={})
+    gateways = [await serve(settings), await serve(settings)]
+    (_, _, http1), (_, _, http2) = gateways
+    ws1, ws2 = (h.replace("http", "ws", 1) + "/ws" for h in (http1, http2))
+    redis = {"a": aioredis.from_url(ra.url), "b": aioredis.from_url(rb.url)}
+    jfk = load_pcm16(DATA / "jfk.wav")
+    try:
+        async with httpx.AsyncClient(timeout=5) as http:
+            health = (await http.get(f"{http1}/healthz")).json()
+            assert health["ok"] and {n: c["missing"] for n, c in health["cells"].items()} == \
+                {"a": [], "b": []}, health
+            sd = (await http.get(f"{http1}/sd")).json()
+            cells_seen = {(g["labels"]["cell"], g["labels"]["role"]) for g in sd
+                          if "cell" in g["labels"]}
+            assert cells_seen == {(c, s) for c in "ab" for s in STAGES}, sd
+
+        # two sessions at once: one per cell (placement: the cell with the most room)
+        first = await asyncio.gather(*(talk(ws1, jfk, SR, realtime=False, reply_timeout_s=120)
+                                       for _ in range(2)))
+        sids = {r.session_id.split(".")[0]: r.session_id for r in first}
+        assert set(sids) == {"a", "b"}, [r.session_id for r in first]
+        for r in first:
+            assert not r.timed_out and "ask not what your country" in words(r.transcript), \
+                r.to_dict()
+            assert r.reply.strip() and r.audio, r.to_dict()
+        for name, sid in sids.items():  # the session's keys are in its cell's Redis only
+            other = "b" if name == "a" else "a"
+            assert await redis[name].exists(keys.owner(sid), keys.ctx(sid)) == 2
+            assert await redis[other].exists(keys.owner(sid), keys.audio(sid)) == 0
+
+        # resumed on the OTHER gateway by its id: it lands in its cell, with its context
+        conn = await Connection.open(ws2, session_id=sids["b"])
+        assert conn.session_id == sids["b"]
+        await conn.close()
+        assert await redis["a"].exists(keys.audio(sids["b"])) == 0
+
+        # cell a's Redis dies while a session of cell b speaks: b's session is answered
+        two_turns = np.concatenate([jfk, np.zeros(SR * 2, np.int16), jfk])
+        speaking = asyncio.create_task(talk(ws2, two_turns, SR, realtime=False,
+                                            session_id=sids["b"], reply_timeout_s=150))
+        await asyncio.sleep(1.0)
+        ra.stop()
+        got = await speaking
+        assert not got.timed_out and got.session_id == sids["b"], got.to_dict()
+        assert words(got.transcript).count("ask not what your country") >= 2, got.transcript
+        assert got.reply.strip() and got.audio, got.to_dict()
+
+        # cell a's session cannot open now; new sessions go to cell b
+        with pytest.raises(ProtocolError) as refused:
+            await Connection.open(ws1, session_id=sids["a"])
+        assert refused.value.code == "unavailable", refused.value
+        for _ in range(3):
+            conn = await Connection.open(ws1)
+            assert conn.session_id.startswith("b."), conn.session_id
+            await conn.close()
+        async with httpx.AsyncClient(timeout=5) as http:
+            r = await http.get(f"{http1}/healthz")
+            health = r.json()
+            assert r.status_code == 200 and health["ok"], health
+            assert health["cells"]["a"]["redis"] is False and health["cells"]["b"]["ok"], health
+    finally:
+        for server, task, _ in gateways:
+            server.should_exit = True
+            await asyncio.wait_for(task, 15)
+        for client in redis.values():
+            await client.aclose()
