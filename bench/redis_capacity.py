@@ -376,6 +376,8 @@ def step_c(server: "PinnedRedis", n: int, args, load_cores: list[int]) -> dict:
         cmd = [exe, "127.0.0.1", str(server.port), d, str(p)]
         if shutil.which("taskset") and load_cores:
             cmd = ["taskset", "-c", str(load_cores[p % len(load_cores)]), *cmd]
+        if args.rt:  # an open-loop schedule the machine's other work cannot delay (bursts)
+            cmd = ["chrt", "-f", "5", *cmd]
         loads.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     time.sleep(max(0.0, start + 2.0 - time.time()))  # 2 s of warm-up
     server.client.config_resetstat()
@@ -513,9 +515,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="load generator: bench/redis_load.c (compiled with gcc; needed to "
                         "load one Redis core from one load core) or the asyncio one")
     p.add_argument("--rt", action="store_true",
-                   help="run redis-server and the probe at real-time (FIFO) priority (root), so "
-                        "other work on a shared machine does not preempt them: the latency then "
-                        "shows Redis' own queueing")
+                   help="run redis-server, the probe and the C load at real-time (FIFO) "
+                        "priority (root), so other work on a shared machine does not preempt "
+                        "them: the latency then shows Redis' own queueing")
     p.add_argument("--probe-core", type=int, default=None,
                    help="core of the latency probe (C engine default: Redis' own core, so the "
                         "probe measures waiting for Redis, not for the busy load core)")

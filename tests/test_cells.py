@@ -179,3 +179,24 @@ async def test_two_cells_place_resume_and_fail_apart(two_cells):
             await asyncio.wait_for(task, 15)
         for client in redis.values():
             await client.aclose()
+
+
+def test_compose_cells_overlay_is_consistent():
+    """deploy/compose.cells.yml: the gateway's cells parse, each names a Redis service of the
+    stack, and every cell has a worker of every stage pointed at its own Redis only."""
+    import yaml
+
+    from tests.conftest import ROOT
+
+    base = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    overlay = yaml.safe_load((ROOT / "deploy" / "compose.cells.yml").read_text())["services"]
+    services = {**base, **overlay}
+    cells = parse(overlay["gateway"]["environment"]["S2S_REDIS_CELLS"])
+    assert [name for name, _ in cells] == ["a", "b"]
+    for name, url in cells:
+        host = url.split("://", 1)[1].split(":", 1)[0]
+        assert "redis-server" in " ".join(services[host]["command"]), host
+        stages = {svc["command"][-1] for svc in services.values()
+                  if svc.get("command", [])[:2] == ["s2s", "worker"]
+                  and svc.get("environment", {}).get("S2S_REDIS_URL") == url}
+        assert stages == set(STAGES), (name, stages)
