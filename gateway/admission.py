@@ -25,7 +25,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from s2s.bus import REDIS_DOWN, Bus
 from s2s.cells import Cell, Cells
@@ -42,6 +42,10 @@ LIVE_MAX_AGE_S = 30.0
 
 REFUSED = Counter("s2s_gateway_refused_sessions_total",
                   "New sessions refused by admission control, by reason", ["reason"])
+CELL_UP = Gauge("s2s_gateway_cell_up", "Whether the cell's Redis answered the gateway's last "
+                "admission tick (1) or not (0); one cell unless S2S_REDIS_CELLS.", ["cell"])
+CELL_SESSIONS = Gauge("s2s_gateway_cell_sessions", "Live sessions of the cell (all gateways), "
+                      "as of the gateway's last admission tick.", ["cell"])
 
 
 @dataclass
@@ -82,6 +86,9 @@ class Admission:
         errors = [r for r in results if isinstance(r, BaseException)]
         for cell, r in zip(self.cells, results):
             cell.up = not isinstance(r, BaseException)
+            CELL_UP.labels(cell.name).set(1 if cell.up else 0)
+            if cell.up:
+                CELL_SESSIONS.labels(cell.name).set(cell.info.get("live", 0))
         home = self.cells.home.info
         self.backlog, self.workers = home.get("stages", {}), home.get("workers", {})
         self.updated = time.monotonic()
@@ -145,9 +152,11 @@ class Admission:
             return None
 
     async def _principal_sessions(self, principal: Principal) -> int:
-        """The principal's live sessions over every cell that answers."""
+        """The principal's live sessions over every cell that answers (cells down at the
+        last tick are not waited for: their sessions are not being served anyway)."""
+        cells = [c for c in self.cells if c.up] or list(self.cells)
         counts = await asyncio.gather(*(asyncio.wait_for(
-            c.bus.live_sessions(principal.id, LIVE_MAX_AGE_S), 2) for c in self.cells),
+            c.bus.live_sessions(principal.id, LIVE_MAX_AGE_S), 2) for c in cells),
             return_exceptions=True)
         if all(isinstance(n, BaseException) for n in counts):
             raise counts[0]  # type: ignore[misc]

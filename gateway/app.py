@@ -19,6 +19,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
 from s2s import metrics
+from s2s.bus import REDIS_DOWN
 from s2s.cells import Cells
 from s2s.config import Settings
 
@@ -94,7 +95,7 @@ def create_app(settings: Settings) -> Starlette:
     async def cells_healthz() -> Response:
         """Per cell: its Redis, workers and missing stages. 200 while any cell can take
         sessions (new ones go there), 503 when none can."""
-        out, usable = {}, 0
+        out, usable, merged = {}, 0, {}
         for cell in cells:
             try:
                 workers = await asyncio.wait_for(cell.bus.live_workers(), 2)
@@ -106,8 +107,15 @@ def create_app(settings: Settings) -> Starlette:
             usable += not missing
             out[cell.name] = {"ok": not missing, "redis": True, "workers": workers,
                               "missing": missing}
-        return JSONResponse({"ok": usable > 0, "cells": out,
-                             "sessions": len(state["sessions"])},
+            for stage, ws in workers.items():
+                merged.setdefault(stage, []).extend({**w, "cell": cell.name} for w in ws)
+        # the single-Redis fields too (every cell's workers; stages no cell has), for tools
+        # that read them (s2s bench)
+        return JSONResponse({"ok": usable > 0, "redis": any(c["redis"] for c in out.values()),
+                             "workers": merged,
+                             "missing": [s for s in ("vad", "stt", "llm", "tts")
+                                         if s not in merged],
+                             "cells": out, "sessions": len(state["sessions"])},
                             status_code=200 if usable else 503)
 
     async def metrics_endpoint(request: Request) -> Response:
@@ -125,8 +133,12 @@ def create_app(settings: Settings) -> Starlette:
             return refused("unauthorized", "no credential", 401)
         cell = await state["admission"].place()  # the ticket names its cell
         value = cells.name(cell, new_ticket())
-        await cell.bus.put_ticket(ticket_key(value), principal.to_json(),
-                                  settings.ticket_ttl_s)
+        try:
+            await cell.bus.put_ticket(ticket_key(value), principal.to_json(),
+                                      settings.ticket_ttl_s)
+        except REDIS_DOWN as e:
+            log.warning("no ticket: Redis of cell %s unavailable (%s)", cell.name, e)
+            return refused("unavailable", "the service is unavailable; try again later", 503)
         return JSONResponse({"ticket": value, "expires_in": settings.ticket_ttl_s},
                             headers={"Cache-Control": "no-store"})
 

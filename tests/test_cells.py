@@ -6,6 +6,7 @@ other cell's sessions answered."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 
 import httpx
@@ -16,8 +17,9 @@ import redis.asyncio as aioredis
 from s2s import config, keys
 from s2s.cells import Cells, parse
 from s2s.client import Connection, ProtocolError, talk
+from s2s.gateway.auth import ticket_key
 
-from tests.conftest import AUTH_SETTINGS, DATA, Workers, load_pcm16
+from tests.conftest import AUTH_SETTINGS, DATA, TEST_API_KEY, Workers, load_pcm16
 from tests.test_gateway import serve
 
 SR = 16000
@@ -79,6 +81,73 @@ def test_choose_prefers_room_and_skips_down_cells():
     # no capacity known: fewer sessions first, counting placements not yet registered
     a.info, b.info = {"live": 0}, {"live": 0}
     assert cells.choose() is a and cells.choose({"a": 1}) is b
+
+
+# --- two real Redis, no models: counters and tickets across cells ---------------------------
+@pytest.fixture
+def two_redis():
+    from s2s.launcher.redis_server import RedisServer
+
+    servers = [RedisServer().start(), RedisServer().start()]
+    yield servers
+    for s in servers:
+        s.stop()
+
+
+async def test_limits_and_tickets_across_cells(two_redis):
+    """A principal's session limit counts its sessions in every cell; tickets name their
+    cell and are redeemed there; the audio budget is counted in the principal's home cell
+    only. No workers: a session opens without them."""
+    import websockets
+
+    ra, rb = two_redis
+    settings = config.load({"redis_cells": f"a={ra.url},b={rb.url}", "principal_max_sessions": 2,
+                            "principal_audio_s_per_min": 600.0, **AUTH_SETTINGS}, environ={})
+    server, task, http = await serve(settings)
+    ws_url = http.replace("http", "ws", 1) + "/ws"
+    redis = {"a": aioredis.from_url(ra.url), "b": aioredis.from_url(rb.url)}
+    try:
+        first = await Connection.open(ws_url)
+        second = await Connection.open(ws_url)
+        placed = sorted(c.session_id.split(".")[0] for c in (first, second))
+        assert placed == ["a", "b"], placed  # one per cell: the emptier one first
+        with pytest.raises(ProtocolError) as refused:  # 2 sessions, in two cells: the limit
+            await Connection.open(ws_url)
+        assert refused.value.code == "session_limit", refused.value
+        for conn in (first, second):  # audio: counted in the principal's home cell only
+            await conn.send_audio(np.zeros(SR // 10, np.int16))
+        home = Cells(settings).principal_cell("key:tests").name
+        other = "b" if home == "a" else "a"
+        for _ in range(50):
+            if await redis[home].keys("s2s:paudio:*"):
+                break
+            await asyncio.sleep(0.05)
+        assert await redis[home].keys("s2s:paudio:key:tests:*")
+        assert not await redis[other].keys("s2s:paudio:*")
+        await first.close()
+        await second.close()
+
+        async with httpx.AsyncClient(base_url=http, timeout=5) as client:
+            tickets = [(await client.post("/auth/ticket", headers={
+                "Authorization": f"Bearer {TEST_API_KEY}"})).json()["ticket"] for _ in range(2)]
+        assert {t.split(".")[0] for t in tickets} <= {"a", "b"}
+        for ticket in tickets:
+            cell = ticket.split(".")[0]
+            assert await redis[cell].exists(keys.ticket(ticket_key(ticket)))  # in its cell
+            async with websockets.connect(ws_url, additional_headers={},
+                                          subprotocols=["s2s", "s2s.ticket." + ticket]) as ws:
+                await ws.send('{"type": "hello"}')
+                ready = json.loads(await ws.recv())
+                assert ready["type"] == "ready", ready
+                await ws.send('{"type": "bye"}')
+        for ticket in tickets:  # one-time, in its cell
+            cell = ticket.split(".")[0]
+            assert not await redis[cell].keys("s2s:ticket:*")
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 15)
+        for client in redis.values():
+            await client.aclose()
 
 
 # --- two real cells -------------------------------------------------------------------------
@@ -173,6 +242,13 @@ async def test_two_cells_place_resume_and_fail_apart(two_cells):
             health = r.json()
             assert r.status_code == 200 and health["ok"], health
             assert health["cells"]["a"]["redis"] is False and health["cells"]["b"]["ok"], health
+            metrics_text = (await http.get(f"{http1}/metrics")).text
+            assert 's2s_gateway_cell_up{cell="a"} 0.0' in metrics_text
+            assert 's2s_gateway_cell_up{cell="b"} 1.0' in metrics_text
+            for _ in range(3):  # tickets, too, only in the cell that is up
+                r = await http.post(f"{http1}/auth/ticket",
+                                    headers={"Authorization": f"Bearer {TEST_API_KEY}"})
+                assert r.status_code == 200 and r.json()["ticket"].startswith("b."), r.text
     finally:
         for server, task, _ in gateways:
             server.should_exit = True
