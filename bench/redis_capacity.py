@@ -424,6 +424,8 @@ def step_c(server: "PinnedRedis", n: int, args, load_cores: list[int]) -> dict:
         "server_xadd_p99_us": (lat.get("xadd") or (None, None))[1],
         "used_memory_mb": mem / 1e6,
         "latency_events": server.client.execute_command("LATENCY", "LATEST"),
+        # the command mix Redis saw (inner calls of the Lua scripts included)
+        "calls": {k.split("_", 1)[1]: v["calls"] for k, v in stats.items()},
     }
 
 
@@ -511,7 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--maxmemory", default="4gb")
     p.add_argument("--json", action="store_true", help="also print the rows as JSON")
     p.add_argument("--engine", choices=("c", "python"),
-                   default="c" if shutil.which("gcc") else "python",
+                   default="c" if shutil.which("gcc") and os.path.exists(C_SOURCE)
+                   else "python",
                    help="load generator: bench/redis_load.c (compiled with gcc; needed to "
                         "load one Redis core from one load core) or the asyncio one")
     p.add_argument("--rt", action="store_true",
