@@ -525,6 +525,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="core of the latency probe (C engine default: Redis' own core, so the "
                         "probe measures waiting for Redis, not for the busy load core)")
     args = p.parse_args(argv)
+    if args.rt and (os.geteuid() != 0 or not shutil.which("chrt")):
+        raise SystemExit("--rt needs root and chrt (util-linux): it sets FIFO priorities")
     all_cores = cores()
     redis_core = args.redis_core if args.redis_core is not None else all_cores[-1]
     load_cores = [c for c in all_cores if c != redis_core] or all_cores
