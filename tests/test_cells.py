@@ -305,3 +305,30 @@ def test_redis_capacity_c_engine_sends_the_session_mix(tmp_path):
         assert calls.get(command, 0) > 0, (command, calls)
     # every utterance read by STT was acknowledged and deleted (ACK_DEL found its id)
     assert calls["xdel"] == calls["xack"], calls
+
+
+def test_k8s_cell_overlay_is_a_whole_stack_on_its_own_redis():
+    """deploy/k8s-cells/b builds (kubectl kustomize, when kubectl is here) into the whole
+    stack in namespace s2s-b, every scaler reading that namespace's Redis."""
+    import shutil
+    import subprocess
+
+    import yaml
+
+    from tests.conftest import ROOT
+
+    kubectl = shutil.which("kubectl")
+    if not kubectl:
+        pytest.skip("no kubectl: the overlay cannot be built here")
+    out = subprocess.run([kubectl, "kustomize", str(ROOT / "deploy" / "k8s-cells" / "b")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    namespaces = {d["metadata"]["name"] for d in docs if d["kind"] == "Namespace"}
+    assert namespaces == {"s2s-b"}
+    assert all(d["metadata"].get("namespace") == "s2s-b" for d in docs if d["kind"] != "Namespace")
+    config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "s2s-config")
+    assert config["data"]["REDIS_ADDRESS"] == "redis.s2s-b.svc.cluster.local:6379"
+    assert config["data"]["S2S_REDIS_URL"] == "redis://redis:6379/0"  # its own namespace's
+    deployments = {d["metadata"]["name"] for d in docs if d["kind"] == "Deployment"}
+    assert {"redis", *STAGES} <= deployments, deployments
