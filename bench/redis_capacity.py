@@ -138,7 +138,7 @@ async def session(bus: Bus, args, stop: float, counts: dict) -> None:
 
 async def stage_consumer(bus: Bus, stage: str, args, stop: float, counts: dict) -> None:
     """A stage worker's Redis side: read its group, ack, emit what the stage would."""
-    r, stream, group = bus.redis, STAGE_GROUPS[stage], stage
+    stream, group = STAGE_GROUPS[stage], stage
     await bus.ensure_group(stream, group)
     consumer = f"{stage}-{uuid.uuid4().hex[:6]}"
     chunk = b"\x00" * (args.chunk_kb * 1024)
