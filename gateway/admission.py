@@ -10,18 +10,25 @@ would only make everyone's replies late together.  The same loop refreshes this
 gateway's sessions in Redis (so counts across gateways stay right and a crashed
 gateway's sessions age out), closes idle sessions, and checks each session's bytes in
 Redis every few seconds.
+
+With cells (s2s/cells.py) the picture is kept per cell: capacity, backlog and live
+sessions are judged in the cell a new session is placed in (the one with the most room
+among the cells that answered), a principal's session limit is the sum over the cells
+that answer, and its audio budget lives in its home cell.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from dataclasses import dataclass
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from s2s.bus import REDIS_DOWN, Bus
+from s2s.cells import Cell, Cells
 from s2s.config import Settings
 
 from .auth import Principal
@@ -35,6 +42,10 @@ LIVE_MAX_AGE_S = 30.0
 
 REFUSED = Counter("s2s_gateway_refused_sessions_total",
                   "New sessions refused by admission control, by reason", ["reason"])
+CELL_UP = Gauge("s2s_gateway_cell_up", "Whether the cell's Redis answered the gateway's last "
+                "admission tick (1) or not (0); one cell unless S2S_REDIS_CELLS.", ["cell"])
+CELL_SESSIONS = Gauge("s2s_gateway_cell_sessions", "Live sessions of the cell (all gateways), "
+                      "as of the gateway's last admission tick.", ["cell"])
 
 
 @dataclass
@@ -45,9 +56,10 @@ class Refusal:
 
 
 class Admission:
-    def __init__(self, settings: Settings, bus: Bus, sessions: dict):
+    def __init__(self, settings: Settings, cells: Cells | Bus, sessions: dict):
         self.settings = settings
-        self.bus = bus
+        self.cells = cells if isinstance(cells, Cells) else Cells.of_bus(cells)
+        self.bus = self.cells.home.bus
         self.sessions = sessions            # this gateway's open sessions (sid -> ClientSession)
         self.lock = asyncio.Lock()          # one admission decision at a time per gateway
         self.backlog: dict[str, dict] = {}
@@ -55,6 +67,7 @@ class Admission:
         self.updated = 0.0
         self.task: asyncio.Task | None = None
         self.bytes_checked = 0.0
+        self.placed: list[tuple[float, str]] = []  # (when, cell) of recent placements
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._loop())
@@ -66,18 +79,63 @@ class Admission:
 
     # --- headroom ----------------------------------------------------------------------
     async def refresh(self) -> None:
-        self.backlog = await self.bus.stage_backlog()
-        self.workers = {stage: len(ws) for stage, ws in (await self.bus.live_workers()).items()}
+        """Every cell's picture; a cell whose Redis does not answer is marked down (no new
+        sessions go there).  Raises only when no cell answers."""
+        results = await asyncio.gather(*(self._refresh_cell(c) for c in self.cells),
+                                       return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        for cell, r in zip(self.cells, results):
+            cell.up = not isinstance(r, BaseException)
+            CELL_UP.labels(cell.name).set(1 if cell.up else 0)
+            if cell.up:
+                CELL_SESSIONS.labels(cell.name).set(cell.info.get("live", 0))
+        home = self.cells.home.info
+        self.backlog, self.workers = home.get("stages", {}), home.get("workers", {})
         self.updated = time.monotonic()
+        if len(errors) == len(self.cells):
+            raise errors[0]
 
-    def capacity(self) -> int | None:
-        if self.settings.session_capacity > 0:
+    async def _refresh_cell(self, cell: Cell) -> None:
+        bus = cell.bus
+        backlog = await asyncio.wait_for(bus.stage_backlog(), 2)
+        workers = {stage: len(ws) for stage, ws in (await bus.live_workers()).items()}
+        live = await bus.live_sessions(None, LIVE_MAX_AGE_S)
+        cell.info = {"stages": backlog, "workers": workers, "live": live,
+                     "capacity": self._capacity(workers)}
+
+    def _capacity(self, workers: dict[str, int]) -> int | None:
+        if self.settings.session_capacity > 0:  # per cell: each cell is a whole stack
             return self.settings.session_capacity
-        vad = self.workers.get("vad", 0)
+        vad = workers.get("vad", 0)
         return vad * VAD_SESSIONS_PER_WORKER if vad else None  # unknown: no cap
 
+    def capacity(self) -> int | None:
+        return self._capacity(self.workers)
+
     def headroom(self) -> dict:
-        return {"capacity": self.capacity(), "workers": self.workers, "stages": self.backlog}
+        if not self.cells.prefixed:
+            return {"capacity": self.capacity(), "workers": self.workers, "stages": self.backlog}
+        return {"cells": {c.name: {"up": c.up, **c.info} for c in self.cells}}
+
+    async def place(self) -> Cell:
+        """The cell for a new session (or ticket): the one with the most room, from a
+        picture at most a tick old."""
+        if len(self.cells) == 1:
+            return self.cells.home
+        async with self.lock:
+            if time.monotonic() - self.updated > TICK_S:
+                try:
+                    await self.refresh()
+                except REDIS_DOWN:
+                    pass  # every cell is down: the open fails with "unavailable" right after
+            # sessions placed in the last ticks count at once (a refresh may not see them
+            # registered yet), so a burst of opens spreads over the cells
+            now = time.monotonic()
+            self.placed = [(t, c) for t, c in self.placed if now - t < 2 * TICK_S]
+            recent = collections.Counter(c for _, c in self.placed)
+            cell = self.cells.choose(recent)
+            self.placed.append((now, cell.name))
+            return cell
 
     async def admit(self, principal: Principal, sid: str) -> Refusal | None:
         """Decide on a new session and, when admitted, count it at once (under the lock,
@@ -85,27 +143,42 @@ class Admission:
         async with self.lock:
             if time.monotonic() - self.updated > TICK_S:
                 await self.refresh()
-            refusal = await self._check(principal)
+            cell = self.cells.of(sid)
+            refusal = await self._check(principal, cell)
             if refusal is not None:
                 REFUSED.labels(refusal.code).inc()
                 return refusal
-            await self.bus.register_sessions({sid: principal.id})
+            await cell.bus.register_sessions({sid: principal.id})
             return None
 
-    async def _check(self, principal: Principal) -> Refusal | None:
+    async def _principal_sessions(self, principal: Principal) -> int:
+        """The principal's live sessions over every cell that answers (cells down at the
+        last tick are not waited for: their sessions are not being served anyway)."""
+        cells = [c for c in self.cells if c.up] or list(self.cells)
+        counts = await asyncio.gather(*(asyncio.wait_for(
+            c.bus.live_sessions(principal.id, LIVE_MAX_AGE_S), 2) for c in cells),
+            return_exceptions=True)
+        if all(isinstance(n, BaseException) for n in counts):
+            raise counts[0]  # type: ignore[misc]
+        return sum(n for n in counts if not isinstance(n, BaseException))
+
+    async def _check(self, principal: Principal, cell: Cell | None = None) -> Refusal | None:
         s = self.settings
+        cell = cell or self.cells.home
         limit = principal.max_sessions if principal.max_sessions is not None \
             else s.principal_max_sessions
-        if limit and await self.bus.live_sessions(principal.id, LIVE_MAX_AGE_S) >= limit:
+        if limit and await self._principal_sessions(principal) >= limit:
             return Refusal("session_limit", f"this key or token may hold {limit} sessions at "
                                             "once: end one first")
-        cap = self.capacity()
-        if cap is not None and await self.bus.live_sessions(None, LIVE_MAX_AGE_S) >= cap:
-            return Refusal("busy", f"the service is at its capacity of {cap} sessions; "
-                                   "try again later", retry_after_s=10.0)
+        cap = self._capacity(cell.info.get("workers", {}))
+        if cap is not None and await cell.bus.live_sessions(None, LIVE_MAX_AGE_S) >= cap:
+            where = f" (cell {cell.name}, the one with the most room)" if self.cells.prefixed \
+                else ""
+            return Refusal("busy", f"the service is at its capacity of {cap} sessions"
+                                   f"{where}; try again later", retry_after_s=10.0)
         bound = s.admission_max_wait_s
         if bound > 0:
-            for stage, info in self.backlog.items():
+            for stage, info in cell.info.get("stages", {}).items():
                 if info["wait_s"] > bound:
                     return Refusal("busy", f"the {stage} stage is {info['wait_s']:.1f} s "
                                            "behind; try again later",
@@ -118,7 +191,8 @@ class Admission:
             else self.settings.principal_audio_s_per_min
         if not rate:
             return True
-        return await self.bus.add_audio_seconds(principal.id, seconds) <= rate
+        bus = self.cells.principal_cell(principal.id).bus
+        return await bus.add_audio_seconds(principal.id, seconds) <= rate
 
     # --- the loop ------------------------------------------------------------------------
     async def _loop(self) -> None:
@@ -132,9 +206,18 @@ class Admission:
                 log.exception("admission tick failed")
 
     async def _tick(self) -> None:
-        await self.refresh()
+        try:
+            await self.refresh()
+        except REDIS_DOWN as e:  # no cell answers: still close idle sessions below
+            log.warning("admission: Redis unavailable (%s)", e)
         open_ = {sid: s for sid, s in self.sessions.items() if s.opened and not s.closed}
-        await self.bus.register_sessions({sid: s.principal.id for sid, s in open_.items()})
+        for cell in self.cells:  # each cell counts its own sessions
+            mine = {sid: s.principal.id for sid, s in open_.items() if self.cells.owns(cell, sid)}
+            if mine and cell.up:
+                try:
+                    await cell.bus.register_sessions(mine)
+                except REDIS_DOWN as e:
+                    log.warning("admission: cell %s unavailable (%s)", cell.name, e)
         now = time.monotonic()
         idle = self.settings.idle_timeout_s
         check_bytes = self.settings.max_session_bytes and now - self.bytes_checked > BYTES_EVERY_S
@@ -146,7 +229,10 @@ class Admission:
             elif session.principal.expires is not None and time.time() > session.principal.expires:
                 await session.end_for("token_expired", "the token of this session expired")
             elif check_bytes:
-                used = await self.bus.session_bytes(sid)
+                try:
+                    used = await self.cells.of(sid).bus.session_bytes(sid)
+                except REDIS_DOWN:
+                    continue  # its cell is down: look again at the next check
                 if used > self.settings.max_session_bytes:
                     await session.end_for("session_too_large",
                                           f"the session holds {used} bytes in Redis, over the "

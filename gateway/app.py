@@ -19,14 +19,15 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
 from s2s import metrics
-from s2s.bus import Bus
+from s2s.bus import REDIS_DOWN
+from s2s.cells import Cells
 from s2s.config import Settings
 
 from .admission import Admission
 from .auth import AuthError, Authenticator, new_ticket, origin_allowed, ticket_key
 from .discovery import sd_route
 from .realtime import RealtimeSocket
-from .failover import Failover
+from .failover import Failover, new_gateway_id
 from .session import ClientSession
 
 log = logging.getLogger("s2s.gateway")
@@ -41,14 +42,22 @@ See <a href="/healthz">/healthz</a> and <a href="/metrics">/metrics</a>.</p>
 def create_app(settings: Settings) -> Starlette:
     state: dict = {"sessions": {}}
     auth = Authenticator(settings)
+    cells = Cells(settings)  # one cell (redis_url) unless redis_cells names several
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
-        state["bus"] = Bus(settings)  # created on the server's event loop
-        state["admission"] = Admission(settings, state["bus"], state["sessions"])
+        cells.start()  # buses created on the server's event loop
+        state["bus"] = cells.home.bus
+        state["admission"] = Admission(settings, cells, state["sessions"])
         state["admission"].start()
-        app.state.failover = Failover(state["bus"], settings, state["sessions"])
-        await app.state.failover.start()
+        gateway_id = new_gateway_id()
+        for cell in cells:  # one failover loop per cell, one gateway id
+            cell.failover = Failover(cell.bus, settings, state["sessions"],
+                                     owns=lambda sid, c=cell: cells.owns(c, sid),
+                                     gateway_id=gateway_id)
+            await cell.failover.start()
+        app.state.failover = cells.home.failover
+        app.state.cells = cells
         try:
             yield
         finally:
@@ -58,8 +67,9 @@ def create_app(settings: Settings) -> Starlette:
                 task.cancel()
             if tasks:
                 await asyncio.wait(tasks, timeout=5)
-            await app.state.failover.stop()
-            await state["bus"].close()
+            for cell in cells:
+                await cell.failover.stop()
+            await cells.close()
 
     async def index(request: Request) -> Response:
         page = STATIC / "index.html"
@@ -68,6 +78,8 @@ def create_app(settings: Settings) -> Starlette:
         return HTMLResponse(PLACEHOLDER)
 
     async def healthz(request: Request) -> Response:
+        if cells.prefixed:
+            return await cells_healthz()
         try:
             workers = await asyncio.wait_for(state["bus"].live_workers(), 2)
         except Exception as e:
@@ -79,6 +91,32 @@ def create_app(settings: Settings) -> Starlette:
                              "missing": [s for s in ("vad", "stt", "llm", "tts")
                                          if s not in workers],
                              "sessions": len(state["sessions"])})
+
+    async def cells_healthz() -> Response:
+        """Per cell: its Redis, workers and missing stages. 200 while any cell can take
+        sessions (new ones go there), 503 when none can."""
+        out, usable, merged = {}, 0, {}
+        for cell in cells:
+            try:
+                workers = await asyncio.wait_for(cell.bus.live_workers(), 2)
+            except Exception as e:
+                out[cell.name] = {"ok": False, "redis": False,
+                                  "error": f"{type(e).__name__}: {e}"[:200]}
+                continue
+            missing = [s for s in ("vad", "stt", "llm", "tts") if s not in workers]
+            usable += not missing
+            out[cell.name] = {"ok": not missing, "redis": True, "workers": workers,
+                              "missing": missing}
+            for stage, ws in workers.items():
+                merged.setdefault(stage, []).extend({**w, "cell": cell.name} for w in ws)
+        # the single-Redis fields too (every cell's workers; stages no cell has), for tools
+        # that read them (s2s bench)
+        return JSONResponse({"ok": usable > 0, "redis": any(c["redis"] for c in out.values()),
+                             "workers": merged,
+                             "missing": [s for s in ("vad", "stt", "llm", "tts")
+                                         if s not in merged],
+                             "cells": out, "sessions": len(state["sessions"])},
+                            status_code=200 if usable else 503)
 
     async def metrics_endpoint(request: Request) -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
@@ -93,9 +131,14 @@ def create_app(settings: Settings) -> Starlette:
             return refused("unauthorized", str(e), 401)
         if principal is None:
             return refused("unauthorized", "no credential", 401)
-        value = new_ticket()
-        await state["bus"].put_ticket(ticket_key(value), principal.to_json(),
+        cell = await state["admission"].place()  # the ticket names its cell
+        value = cells.name(cell, new_ticket())
+        try:
+            await cell.bus.put_ticket(ticket_key(value), principal.to_json(),
                                       settings.ticket_ttl_s)
+        except REDIS_DOWN as e:
+            log.warning("no ticket: Redis of cell %s unavailable (%s)", cell.name, e)
+            return refused("unavailable", "the service is unavailable; try again later", 503)
         return JSONResponse({"ticket": value, "expires_in": settings.ticket_ttl_s},
                             headers={"Cache-Control": "no-store"})
 
@@ -124,7 +167,7 @@ def create_app(settings: Settings) -> Starlette:
 
     # open (no key): probes and Prometheus; they move to admin_port when one is set
     admin_routes = [Route("/healthz", healthz), Route("/metrics", metrics_endpoint),
-                    sd_route(lambda: state["bus"])]
+                    sd_route(lambda: cells)]  # workers of every cell
     separate = settings.admin_port > 0
     app = Starlette(routes=[
         Route("/", index),

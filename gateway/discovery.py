@@ -42,7 +42,10 @@ def target_groups(workers: dict[str, list[dict]], gateway: str) -> list[dict]:
                 log.warning("worker %s registered no usable metrics address: %r",
                             w["id"], w.get("metrics"))
                 continue
-            groups.append({"targets": [target], "labels": {"role": stage, "worker": w["id"]}})
+            labels = {"role": stage, "worker": w["id"]}
+            if w.get("cell"):  # a gateway serving several cells (s2s/cells.py)
+                labels["cell"] = w["cell"]
+            groups.append({"targets": [target], "labels": labels})
     return groups
 
 

@@ -26,7 +26,7 @@ import os
 import socket
 import time
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from prometheus_client import Counter
 
@@ -56,12 +56,20 @@ def redis_error_kind(exc: BaseException) -> str | None:
     return None if kind in ("down", "none") else kind
 
 
+def new_gateway_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
 class Failover:
-    def __init__(self, bus: Bus, settings: Settings, sessions: dict[str, "ClientSession"]):
+    def __init__(self, bus: Bus, settings: Settings, sessions: dict[str, "ClientSession"],
+                 owns: Callable[[str], bool] | None = None, gateway_id: str | None = None):
         self.bus = bus
         self.settings = settings
         self.sessions = sessions
-        self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        # with cells: one Failover per cell, each minding the sessions of its cell (owns),
+        # all under the one gateway id
+        self.owns = owns or (lambda sid: True)
+        self.id = gateway_id or new_gateway_id()
         self.task: asyncio.Task | None = None
         self.up_since: float | None = None   # wall time Redis answered since, without a miss
         self.next_reap = 0.0
@@ -98,7 +106,7 @@ class Failover:
 
     def _live(self) -> list["ClientSession"]:
         return [s for s in list(self.sessions.values())
-                if s.opened and not s.closed and not s.replaced]
+                if s.opened and not s.closed and not s.replaced and self.owns(s.sid)]
 
     async def tick(self) -> None:
         live = self._live()

@@ -60,7 +60,12 @@ def main(args: argparse.Namespace) -> int:
 
     settings = config.from_args(args)
     log.setup(settings.log_level, settings.log_json)
-    settings.redis()  # exits with a clear message when no Redis is configured
+    if settings.redis_cells:
+        from s2s.cells import parse
+
+        parse(settings.redis_cells)  # exits with the reason when malformed
+    else:
+        settings.redis()  # exits with a clear message when no Redis is configured
     check_auth(settings)
     if bool(settings.ssl_certfile) != bool(settings.ssl_keyfile):
         raise SystemExit("s2s gateway: set both S2S_SSL_CERTFILE and S2S_SSL_KEYFILE")

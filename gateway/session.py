@@ -90,6 +90,7 @@ class ClientSession:
         # failover (gateway/failover.py): this gateway's Failover, when run by the app
         app = ws.scope.get("app") if isinstance(getattr(ws, "scope", None), dict) else None
         self.failover = getattr(getattr(app, "state", None), "failover", None)
+        self.cells = getattr(getattr(app, "state", None), "cells", None)  # s2s/cells.py
         self.open_id: bytes | None = None   # the session's entry in s2s:vad:sessions
         self.probe: tuple[bytes, float] | None = None  # (audio id, when) not yet seen read
         self.turn_start: bytes | None = None  # output entry that opened the current turn
@@ -156,6 +157,12 @@ class ClientSession:
                 log.info("session owned by another gateway now: not ended",
                          extra={"sid": self.sid})
             await self.bus.drop_gateway_session(self.failover.id, self.sid)
+
+    def _use_cell(self, key: str) -> None:
+        """Talk to the cell a session id (or ticket) names, and to that cell's failover."""
+        if self.cells is not None:
+            cell = self.cells.of(key)
+            self.bus, self.failover = cell.bus, cell.failover
 
     # --- failover (driven by gateway/failover.py) ------------------------------------------
     def turn_floor(self) -> int:
@@ -293,6 +300,7 @@ class ClientSession:
             raise Reject("too_many_sessions", "the gateway is full; try again later", TRY_LATER)
         try:
             if requested is not None:
+                self._use_cell(requested)
                 owner = await self.bus.session_principal(requested)
                 if owner is None or not secrets.compare_digest(owner, self.principal.id):
                     # unknown, expired, client-made or another principal's: one answer for all,
@@ -322,6 +330,7 @@ class ClientSession:
             if ticket is None and isinstance(hello.get("ticket"), str):
                 ticket = hello["ticket"]
             if ticket:
+                self._use_cell(ticket)
                 raw = await self.bus.take_ticket(ticket_key(ticket[:200]))
                 if raw is None:
                     raise AuthError("unknown, used or expired ticket")
@@ -340,6 +349,9 @@ class ClientSession:
         """A new server-made session id (128 random bits), admitted and bound to the
         principal; Reject when admission control refuses it."""
         sid = secrets.token_urlsafe(16)
+        if self.cells is not None and self.admission is not None:
+            sid = self.cells.name(await self.admission.place(), sid)
+            self._use_cell(sid)
         if self.admission is not None:
             refusal = await self.admission.admit(self.principal, sid)
             if refusal is not None:

@@ -192,6 +192,13 @@ class Settings:
                                           "has one (lost to a Redis restart: it opens it again).",
                                      "gateway")
 
+    redis_cells: str = opt("", "Cells for a gateway: several independent Redis instances, each "
+                               "with its own workers, as `name=redis://host:port,name=…` (names "
+                               "[a-z0-9]{1,16}; keep them stable: session ids carry them). New "
+                               "sessions go to the cell with the most room; the first cell is "
+                               "the home cell (docs/scaling.md). Empty: one Redis, "
+                               "`S2S_REDIS_URL`.", "gateway")
+
     def redis(self) -> str:
         if not self.redis_url:
             raise SystemExit(
