@@ -154,6 +154,14 @@ class VadSession:
         self.last_end: int | None = None  # end of the last utterance (None: nothing to continue)
         self.turn = 0
         self.replay_until = 0  # at a takeover: the dead owner sent events up to here
+        # A takeover inside a speculated pause: the replay runs on another chunk grid, so
+        # its events there may fall a chunk either side of the dead owner's.  dead_spec:
+        # the end of the pause whose speculation the dead owner sent and had not yet
+        # confirmed (not sent again; its confirmation is sent even if re-lived: the
+        # gateway ignores a second one).  spec_silent: the replay re-lived a speculation
+        # the dead owner never sent (the confirmation then sends the whole utterance).
+        self.dead_spec: int | None = None
+        self.spec_silent = False
         self.config: dict[str, float] = {}  # the client's own settings (SessionConfig)
         self.answered_at: int | None = None  # end of the last utterance called complete
         self.pending: tuple[int, asyncio.Future] | None = None  # (pause start, decision)
@@ -170,6 +178,8 @@ class VadSession:
         return {"in_sr": self.in_sr, "in_samples": self.in_samples, "samples_16k": at,
                 "at": at, "replay_from": min(replay_from, at),
                 "seen16": max(at, self.replay_until), "turn": self.turn,
+                "spec": self.dead_spec if self.dead_spec is not None
+                else self.temp_end if self.speculated else None,
                 **({"config": self.config} if self.config else {})}
 
     def configure(self, vad: dict[str, float]) -> None:
@@ -197,6 +207,8 @@ class VadSession:
         self.in_samples = in_samples if in_sr == self.in_sr else at16 * self.in_sr // SR
         self.buf_start = self.n_vad = at16
         self.replay_until, self.turn = seen, turn
+        spec = latest.get("spec")
+        self.dead_spec = spec if isinstance(spec, int) and not isinstance(spec, bool) else None
         config = latest.get("config", snap.get("config"))
         if isinstance(config, dict):
             self.configure({k: float(v) for k, v in config.items()
@@ -338,9 +350,12 @@ class VadStage(SessionStage):
             events = session.step(at, prob)
             self._decide_early(session, at)  # before a "spec" event of this chunk awaits it
             for event in events:
-                if at + CHUNK <= session.replay_until:
-                    continue  # re-lived after a takeover: the dead owner sent it already
                 kind = event[0]
+                if not self._live(session, event, at + CHUNK <= session.replay_until):
+                    continue  # re-lived after a takeover: the dead owner sent it already
+                if kind == "commit" and session.spec_silent:
+                    kind = "utt"  # the dead owner never sent this pause's speculation
+                session.spec_silent, session.dead_spec = False, None
                 if kind == "speech":
                     session.turn = await self.state.advance_turn(session.sid)
                     yield SpeechStarted(sid=session.sid, turn=session.turn, at_s=event[1] / SR,
@@ -366,6 +381,23 @@ class VadStage(SessionStage):
                 else:
                     yield await self._utterance(session, recv, event[1], event[2])
         session.trim()
+
+    @staticmethod
+    def _live(session: VadSession, event: tuple, relived: bool) -> bool:
+        """Is this event to be sent (not re-lived after a takeover)?  Keeps the takeover
+        speculation state (``VadSession.dead_spec``/``spec_silent``) up to date."""
+        kind = event[0]
+        near = session.dead_spec is not None and kind in ("spec", "commit") \
+            and abs(event[2] - session.dead_spec) <= 2 * CHUNK  # the dead owner's pause
+        if relived:
+            if kind == "spec":
+                session.spec_silent = not near
+            elif kind == "commit" and near:
+                return True  # the dead owner had not confirmed it yet
+            else:
+                session.spec_silent = False
+            return False
+        return not (kind == "spec" and near)  # the dead owner sent it (a chunk earlier)
 
     def _decide_early(self, session: VadSession, at: int) -> None:
         """Start the end-of-turn decision inside the pause, halfway through the min silence
