@@ -44,9 +44,10 @@ def piper_pcm(text: str) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def france():
-    """'What is the capital ... of France?': a pause mid-question, then the rest."""
+    """'What is the capital ... of the country France?': a pause mid-question, then the
+    rest ('... of France?' alone, tiny.en hears as 'a France')."""
     silence = lambda s: np.zeros(int(s * SR), np.int16)  # noqa: E731
-    first, second = piper_pcm("What is the capital"), piper_pcm("of France?")
+    first, second = piper_pcm("What is the capital"), piper_pcm("of the country France?")
     return {"paused": np.concatenate([silence(0.5), first, silence(GAP_S), second, silence(1)]),
             "plain": np.concatenate([silence(0.5), piper_pcm("What is the capital of France?"),
                                      silence(1)])}
@@ -243,9 +244,9 @@ def test_a_plain_question_is_answered_and_counted_used(stack, france):
     result = _talk(stack, france["plain"])
     after = vad_speculations(stack)
     assert not result.timed_out, logs(stack)
-    assert after["used"] == before["used"] + 1 and after["wasted"] == before["wasted"]
     (turn,) = [t for t in result.turns if t.audio]
-    assert "paris" in turn.reply.lower(), turn.reply
+    assert "paris" in turn.reply.lower(), (turn.transcript, turn.reply, result.errors)
+    assert after["used"] == before["used"] + 1 and after["wasted"] == before["wasted"]
     assert turn.done and result.voice_to_voice_ms is not None and result.voice_to_voice_ms > 0
 
 
@@ -255,5 +256,5 @@ def test_a_realtime_endpoint_session_gets_the_speculative_turn(stack, france):
     result = _talk(stack, france["plain"], url=url, protocol="realtime")
     assert not result.timed_out, logs(stack)
     assert vad_speculations(stack)["used"] == before["used"] + 1
-    assert "france" in result.transcript.lower(), result.transcript
+    assert "france" in result.transcript.lower(), (result.transcript, result.errors)
     assert result.reply.strip() and result.audio, result.to_dict()
