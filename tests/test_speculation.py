@@ -251,10 +251,16 @@ def test_a_plain_question_is_answered_and_counted_used(stack, france):
 
 
 def test_a_realtime_endpoint_session_gets_the_speculative_turn(stack, france):
+    """The paused question over /v1/realtime: one user item (the one its speech_started
+    announced, though the transcript comes in the superseding turn) and one response."""
     url = stack.url.rsplit("/ws", 1)[0] + "/v1/realtime"
     before = vad_speculations(stack)
-    result = _talk(stack, france["plain"], url=url, protocol="realtime")
+    result = _talk(stack, france["paused"], url=url, protocol="realtime")
     assert not result.timed_out, logs(stack)
-    assert vad_speculations(stack)["used"] == before["used"] + 1
+    after = vad_speculations(stack)
+    assert after["used"] == before["used"] + 1 and after["wasted"] >= before["wasted"] + 1
     assert "france" in result.transcript.lower(), (result.transcript, result.errors)
     assert result.reply.strip() and result.audio, result.to_dict()
+    turns = [t.to_dict() for t in result.turns]
+    assert len(result.turns) == 1 and result.turns[0].transcript and result.turns[0].audio, turns
+    assert "interrupt" not in [e["type"] for e in result.events]
