@@ -149,3 +149,22 @@ def test_held_frames_are_bounded():
     for seq in range(playback.MAX_BUFFERED + 10):
         p.feed(ReplyText(sid="s", turn=1, seq=seq, text="x"))
     assert len(p.t.held_frames) == playback.MAX_BUFFERED and p.dropped == 10
+
+
+def test_a_resumed_session_replays_a_speculative_turn_once():
+    """A client that resumes on another gateway mid-reply of a committed speculative
+    turn: the replay (tentative, frames, committed) skips what it already heard."""
+    from s2s.frames import TurnStatus
+
+    clock = [100.0]
+    first = Playback(turn=1, clock=lambda: clock[0])
+    frames = [TurnStatus(sid="s", turn=2, status="tentative"), *reply(2, [2, 1]),
+              TurnStatus(sid="s", turn=2, status="committed")]
+    heard = [m for f in frames[:1] + frames[-1:] + frames[1:3] for m in first.feed(f)]
+    assert [m for m in heard if isinstance(m, bytes)] == [bytes([0, 0]), bytes([0, 1])]
+    second = Playback(turn=2, clock=lambda: clock[0])
+    assert second.resume({"turn": 2, "transcript": False, "text_next": 0,
+                          "audio_next": [1, 0], "sample_rate": 16000})
+    out = [m for f in frames for m in second.feed(f)]
+    assert [m for m in out if isinstance(m, bytes)] == [bytes([1, 0])]
+    assert [m["type"] for m in out if isinstance(m, dict)] == ["reply_done"]
