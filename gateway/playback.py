@@ -6,6 +6,13 @@ a newer turn starts a fresh state (and an ``interrupt`` when a reply of the old
 turn was pending, being sent or still playing on the client), reply text and audio
 are released in (seq, chunk) order with duplicates dropped.  No I/O here, so the
 ordering rules are tested without Redis or sockets.
+
+A speculative turn (``TurnStatus`` "tentative", sent by the VAD at a short pause)
+is held: its transcript, reply text, audio and notices wait, unprocessed, until
+``TurnStatus`` "committed" flushes them at once (latencies and ``audio_start`` are
+measured then, when the client gets them).  If the user goes on instead, a newer
+turn arrives and the held frames are dropped: nothing of them was sent, so that is
+no barge-in (no ``interrupt``).
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from typing import Callable, Union
 import numpy as np
 
 from s2s import metrics
-from s2s.frames import Frame, Notice, ReplyAudio, ReplyText, SpeechStarted, Transcript
+from s2s.frames import Frame, Notice, ReplyAudio, ReplyText, SpeechStarted, Transcript, TurnStatus
 
 log = logging.getLogger("s2s.gateway")
 
@@ -48,6 +55,9 @@ class TurnState:
         self.audio_t0 = 0.0
         self.audio_s = 0.0                # seconds of audio sent
         self.done = False                 # reply_done sent
+        self.held = False                 # tentative (speculative) turn: output waits
+        self.committed = False            # the speculation was confirmed (a late
+        self.held_frames: list[Frame] = []  # re-delivered "tentative" holds nothing)
 
     def playing(self, now: float) -> bool:
         """A reply is pending, being sent, or (estimated) still playing on the client."""
@@ -100,6 +110,26 @@ class Playback:
         if frame.turn > self.t.turn:
             self._advance(frame.turn, out)
         t = self.t
+        if isinstance(frame, TurnStatus):
+            if frame.status == "tentative":
+                t.held = not t.committed
+            elif not t.committed:
+                t.held, t.committed = False, True
+                held, t.held_frames = t.held_frames, []
+                for f in held:  # released at once, in arrival order
+                    self._handle(f, out)
+            return out
+        if t.held and not isinstance(frame, SpeechStarted):
+            if len(t.held_frames) >= MAX_BUFFERED:
+                self.dropped += 1
+            else:
+                t.held_frames.append(frame)
+            return out
+        self._handle(frame, out)
+        return out
+
+    def _handle(self, frame: Frame, out: list[Message]) -> None:
+        t = self.t
         now = self.clock()
         if isinstance(frame, SpeechStarted):
             if not t.speech_sent:
@@ -124,7 +154,6 @@ class Playback:
             else:
                 out.append({"type": "notice", "event": frame.event, "message": frame.message,
                             "turn": frame.turn})
-        return out
 
     def supersede(self, turn: int) -> list[Message]:
         """The session moved on to ``turn`` without a frame saying so (the client cancelled

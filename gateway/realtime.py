@@ -64,6 +64,10 @@ class RealtimeSocket:
         self.out_resampler: StreamResampler | None = None
         self.user_items: dict[int, str] = {}   # native turn -> id of its user item
         self.committed: set[str] = set()       # user items already announced as committed
+        # (turn, item) of the last speech_started not yet transcribed: a speculative turn
+        # the user went on from is superseded without a new speech_started, so the whole
+        # thought's transcript comes in a later turn, for this same item
+        self.unheard: tuple[int, str] | None = None
         self.texts_pending: list[str] = []     # typed user text waiting for response.create
         self.text_turns = 0                     # native transcripts to expect for typed text
         self.response: Response | None = None
@@ -344,6 +348,7 @@ class RealtimeSocket:
             item_id = getattr(self, "_next_user_item", None) or "item_" + uuid.uuid4().hex[:20]
             self._next_user_item = None
             self.user_items[msg["turn"]] = item_id
+            self.unheard = (msg["turn"], item_id)
             if item_id not in self.committed:
                 await self.emit("input_audio_buffer.speech_started", item_id=item_id,
                                 audio_start_ms=int(msg.get("at_s", 0) * 1000))
@@ -371,7 +376,11 @@ class RealtimeSocket:
         if self.text_turns > 0 and turn not in self.user_items:
             self.text_turns -= 1  # the echo of typed text: its item was announced already
             return
+        if turn not in self.user_items and self.unheard and self.unheard[0] < turn:
+            self.user_items[turn] = self.unheard[1]
         item_id = self.user_items.setdefault(turn, "item_" + uuid.uuid4().hex[:20])
+        if self.unheard and self.unheard[1] == item_id:
+            self.unheard = None
         end_ms = int(msg.get("end_s", 0) * 1000)
         if item_id not in self.committed:
             await self.emit("input_audio_buffer.speech_stopped", item_id=item_id,

@@ -20,7 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from . import keys
 from .config import Settings
 from .frames import (Audio, Frame, Notice, ReplyAudio, ReplyText, SessionConfig, SessionEnd,
-                     SessionOpen, SpeechStarted, Transcript, Utterance, encode)
+                     SessionOpen, SpeechStarted, Transcript, TurnStatus, Utterance, encode)
 
 FIELD = b"f"
 #: what "Redis is unreachable" looks like: callers retry with backoff
@@ -214,7 +214,7 @@ def routes(frame: Frame) -> list[str]:
         return [keys.STAGE_STREAMS["llm"], keys.out(sid)]
     if isinstance(frame, ReplyText):
         return [keys.STAGE_STREAMS["tts"], keys.out(sid)]
-    if isinstance(frame, (SpeechStarted, ReplyAudio, Notice)):
+    if isinstance(frame, (SpeechStarted, ReplyAudio, Notice, TurnStatus)):
         return [keys.out(sid)]
     raise TypeError(f"no route for frame kind {type(frame).__name__}")
 

@@ -13,7 +13,7 @@ latency can be measured end to end.
 from __future__ import annotations
 
 import time
-from typing import Annotated, Union
+from typing import Annotated, Literal, Union
 
 import msgspec
 
@@ -116,6 +116,18 @@ class Utterance(_Pcm, tag="utt"):
     # the end-of-turn model's verdict at this pause (None: no model ran; STT's text
     # heuristic decides); travels on as Transcript.complete
     complete: Union[bool, None] = None
+    # sent at a short pause (vad_speculate_ms) before the end of turn is confirmed; a
+    # TurnStatus "tentative" went to the session's out stream just before it
+    speculative: bool = False
+
+
+class TurnStatus(Frame, tag="turn_status"):
+    """A speculative turn's state, for the gateway (session out stream): ``tentative``
+    (hold this turn's transcript, reply text and audio) then ``committed`` (the end of
+    turn is confirmed: release them at once).  A superseded speculation gets no frame:
+    the turn counter advances (every stage drops the turn's work) and the gateway drops
+    the held frames when a newer turn shows up; nothing of it was played."""
+    status: Literal["tentative", "committed"]
 
 
 # --- STT -> out / LLM ----------------------------------------------------------------
@@ -152,7 +164,7 @@ class Notice(Frame, tag="notice"):
 
 
 AnyFrame = Union[SessionOpen, Audio, SessionEnd, SessionConfig, SpeechStarted, Utterance,
-                 Transcript, ReplyText, ReplyAudio, Notice]
+                 Transcript, ReplyText, ReplyAudio, Notice, TurnStatus]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(AnyFrame)

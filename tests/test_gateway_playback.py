@@ -86,3 +86,85 @@ def test_mixed_rates_are_resampled_to_the_first():
     out = p.feed(a) + p.feed(b)
     audio = [m for m in out if isinstance(m, bytes)]
     assert out[0]["sample_rate"] == 16000 and abs(len(audio[1]) - 3200) <= 4
+
+
+# --- speculative turns (TurnStatus) ------------------------------------------------------
+def _tentative_turn(p: Playback, turn: int, clock: list[float]) -> list:
+    """A speculative turn's frames as they arrive before the end of turn is confirmed."""
+    from s2s.frames import Transcript, TurnStatus
+
+    out = p.feed(SpeechStarted(sid="s", turn=turn, at_s=1.0))
+    out += p.feed(TurnStatus(sid="s", turn=turn, status="tentative"))
+    out += p.feed(Transcript(sid="s", turn=turn, text="What is the capital",
+                             marks={"speech_end": clock[0] - 0.2}))
+    out += p.feed(ReplyText(sid="s", turn=turn, seq=0, text="Paris.", final=True))
+    for f in reply(turn, [2]):
+        f.marks["speech_end"] = clock[0] - 0.2
+        out += p.feed(f)
+    return out
+
+
+def test_a_tentative_turn_is_held_then_flushed_at_once_on_commit():
+    from s2s.frames import TurnStatus
+
+    clock = [100.0]
+    p = Playback(turn=1, clock=lambda: clock[0])
+    out = _tentative_turn(p, 2, clock)
+    assert [m["type"] for m in out] == ["speech_started"]  # only the speech event passes
+    clock[0] += 0.15  # the min silence confirms the end of turn
+    out = p.feed(TurnStatus(sid="s", turn=2, status="committed"))
+    assert [m["type"] if isinstance(m, dict) else "pcm" for m in out] == [
+        "transcript", "reply_text", "audio_start", "pcm", "pcm", "reply_done"]
+    start = next(m for m in out if isinstance(m, dict) and m["type"] == "audio_start")
+    # voice-to-voice counts from the end of speech to when the audio is really sent
+    assert start["voice_to_voice_ms"] == 350.0
+    # a late duplicate "tentative" (at-least-once delivery) does not hold the turn again
+    p.feed(TurnStatus(sid="s", turn=2, status="tentative"))
+    assert p.feed(ReplyText(sid="s", turn=2, seq=0, text="Paris.", final=True)) == []
+    assert p.feed(TurnStatus(sid="s", turn=2, status="committed")) == []
+
+
+def test_a_superseded_speculation_plays_nothing_and_is_no_barge_in():
+    from s2s import metrics
+
+    clock = [100.0]
+    p = Playback(turn=1, clock=lambda: clock[0])
+    interrupts = metrics.INTERRUPTS._value.get()
+    _tentative_turn(p, 2, clock)
+    # the user went on: the next frames are of a newer turn (the whole thought)
+    from s2s.frames import Transcript
+
+    out = p.feed(Transcript(sid="s", turn=3, text="What is the capital of France?"))
+    assert [m["type"] for m in out] == ["transcript"] and out[0]["turn"] == 3
+    assert metrics.INTERRUPTS._value.get() == interrupts
+    # old turn's frames (held or late) never reach the client
+    assert p.feed(ReplyText(sid="s", turn=2, seq=1, text="x", final=True)) == []
+
+
+def test_held_frames_are_bounded():
+    from s2s.frames import TurnStatus
+
+    p = Playback(turn=1)
+    p.feed(TurnStatus(sid="s", turn=1, status="tentative"))
+    for seq in range(playback.MAX_BUFFERED + 10):
+        p.feed(ReplyText(sid="s", turn=1, seq=seq, text="x"))
+    assert len(p.t.held_frames) == playback.MAX_BUFFERED and p.dropped == 10
+
+
+def test_a_resumed_session_replays_a_speculative_turn_once():
+    """A client that resumes on another gateway mid-reply of a committed speculative
+    turn: the replay (tentative, frames, committed) skips what it already heard."""
+    from s2s.frames import TurnStatus
+
+    clock = [100.0]
+    first = Playback(turn=1, clock=lambda: clock[0])
+    frames = [TurnStatus(sid="s", turn=2, status="tentative"), *reply(2, [2, 1]),
+              TurnStatus(sid="s", turn=2, status="committed")]
+    heard = [m for f in frames[:1] + frames[-1:] + frames[1:3] for m in first.feed(f)]
+    assert [m for m in heard if isinstance(m, bytes)] == [bytes([0, 0]), bytes([0, 1])]
+    second = Playback(turn=2, clock=lambda: clock[0])
+    assert second.resume({"turn": 2, "transcript": False, "text_next": 0,
+                          "audio_next": [1, 0], "sample_rate": 16000})
+    out = [m for f in frames for m in second.feed(f)]
+    assert [m for m in out if isinstance(m, bytes)] == [bytes([1, 0])]
+    assert [m["type"] for m in out if isinstance(m, dict)] == ["reply_done"]

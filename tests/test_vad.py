@@ -28,6 +28,9 @@ class FakeState:
 
 
 def make_stage(**overrides) -> VadStage:
+    """Speculation off unless asked for: these tests check where utterances end (the
+    speculative path is compared against this one in tests/test_speculation.py)."""
+    overrides.setdefault("vad_speculate_ms", 0)
     stage = VadStage(config.load(overrides, environ={}))
     stage.setup()
     stage.state = FakeState()

@@ -19,6 +19,16 @@ included, up to ``vad_max_utterance_s``), so STT hears the whole thought instead
 fragments it transcribes badly.  Each piece still opens a new turn, so the work on
 the earlier pieces is dropped as stale: the continuation carries their audio.
 
+Speculative turns: after ``vad_speculate_ms`` of silence (less than the min silence)
+the utterance already goes to STT (``speculative``), preceded by a ``TurnStatus``
+"tentative" to the session's out stream, so STT, the LLM and TTS start while the
+gateway holds the turn's output.  When the pause reaches the min silence a
+``TurnStatus`` "committed" releases it (no second utterance: the speculative one
+holds the same audio).  If speech resumes first, the turn advances (``advance_turn``,
+no SpeechStarted: the speech never stopped): every stage drops the speculation's work
+as stale, the gateway drops what it held, and the next utterance carries the whole
+thought in the new turn.  ``s2s_speculations_total{outcome}`` counts used / wasted.
+
 Takeover: when the owner dies, the next one resumes with its ``snapshot``, so session
 positions (``at_s``, ``start_s``, ``end_s``: the client's audio timeline) go on where
 they were instead of restarting at 0.  While speech is in progress (or may still be
@@ -43,7 +53,7 @@ import onnxruntime as ort
 from prometheus_client import Counter, Histogram
 
 from s2s.audio import StreamResampler, pcm16_to_float, to_int16
-from s2s.frames import Audio, SessionConfig, SessionOpen, SpeechStarted, Utterance
+from s2s.frames import Audio, SessionConfig, SessionOpen, SpeechStarted, TurnStatus, Utterance
 from s2s.stage import SessionStage
 
 from .turn import TurnModel
@@ -63,6 +73,9 @@ TURN_DECISION = Histogram("s2s_turn_decision_seconds", "Time the end-of-turn mod
                                                          0.1, 0.15, 0.2, 0.3, 0.5, 1.0))
 TURN_VERDICTS = Counter("s2s_turn_verdicts", "End-of-turn decisions at pauses, by verdict "
                         "(complete, incomplete, unknown: no model, or it failed).", ["verdict"])
+SPECULATIONS = Counter("s2s_speculations", "Utterances sent early at a short pause "
+                       "(vad_speculate_ms), by outcome: used (the end of turn was confirmed) or "
+                       "wasted (the user went on; the turn's work was dropped).", ["outcome"])
 TURN_EARLY = Counter("s2s_turn_early", "Pauses the turn model called complete after which the "
                      "user went on within 2 s (answered before the user finished).")
 
@@ -131,6 +144,8 @@ class VadSession:
         self.pad = int(s.vad_speech_pad_ms * SR / 1000)
         self.max_len = int(s.vad_max_utterance_s * SR)
         self.continue_len = int(s.vad_continue_ms * SR / 1000)
+        self.speculate = int(s.vad_speculate_ms * SR / 1000)  # 0: no speculative turns
+        self.speculated = False  # an utterance of this pause went out early (tentative turn)
         self.triggered = False  # inside speech (maybe not yet long enough to count)
         self.started = False    # SpeechStarted sent for this speech
         self.start = 0          # first chunk of the speech
@@ -139,6 +154,14 @@ class VadSession:
         self.last_end: int | None = None  # end of the last utterance (None: nothing to continue)
         self.turn = 0
         self.replay_until = 0  # at a takeover: the dead owner sent events up to here
+        # A takeover inside a speculated pause: the replay runs on another chunk grid, so
+        # its events there may fall a chunk either side of the dead owner's.  dead_spec:
+        # the end of the pause whose speculation the dead owner sent and had not yet
+        # confirmed (not sent again; its confirmation is sent even if re-lived: the
+        # gateway ignores a second one).  spec_silent: the replay re-lived a speculation
+        # the dead owner never sent (the confirmation then sends the whole utterance).
+        self.dead_spec: int | None = None
+        self.spec_silent = False
         self.config: dict[str, float] = {}  # the client's own settings (SessionConfig)
         self.answered_at: int | None = None  # end of the last utterance called complete
         self.pending: tuple[int, asyncio.Future] | None = None  # (pause start, decision)
@@ -155,6 +178,8 @@ class VadSession:
         return {"in_sr": self.in_sr, "in_samples": self.in_samples, "samples_16k": at,
                 "at": at, "replay_from": min(replay_from, at),
                 "seen16": max(at, self.replay_until), "turn": self.turn,
+                "spec": self.dead_spec if self.dead_spec is not None
+                else self.temp_end if self.speculated else None,
                 **({"config": self.config} if self.config else {})}
 
     def configure(self, vad: dict[str, float]) -> None:
@@ -182,6 +207,8 @@ class VadSession:
         self.in_samples = in_samples if in_sr == self.in_sr else at16 * self.in_sr // SR
         self.buf_start = self.n_vad = at16
         self.replay_until, self.turn = seen, turn
+        spec = latest.get("spec")
+        self.dead_spec = spec if isinstance(spec, int) and not isinstance(spec, bool) else None
         config = latest.get("config", snap.get("config"))
         if isinstance(config, dict):
             self.configure({k: float(v) for k, v in config.items()
@@ -216,6 +243,9 @@ class VadSession:
         events: list[tuple] = []
         now = at + CHUNK
         if prob >= self.threshold:
+            if self.speculated:  # the user goes on: the early utterance was premature
+                self.speculated = False
+                events.append(("resume", at))
             self.temp_end = 0
             if not self.triggered:
                 self.triggered, self.started, self.start = True, False, at
@@ -225,6 +255,11 @@ class VadSession:
             self.temp_end = self.temp_end or at
             if now - self.temp_end >= self.min_silence:
                 events += self._close(self.temp_end)
+            elif self.speculate and self.started and not self.speculated \
+                    and now - self.temp_end >= max(self.speculate, self.pad):
+                # (the trailing pad must be heard: the utterance is cut with it)
+                self.speculated = True
+                events.append(("spec", self.thought, self.temp_end))
         if self.triggered and not self.started and not self.temp_end \
                 and now - self.start >= self.min_speech:
             self.started = True
@@ -245,8 +280,11 @@ class VadSession:
             and at - self.thought < self.max_len
 
     def _close(self, end: int) -> list[tuple]:
-        # speech shorter than min_speech never opened a turn: a blip, dropped
-        event = [("utt", self.thought, end)] if self.started else []
+        # speech shorter than min_speech never opened a turn: a blip, dropped; a pause
+        # whose utterance went out early only confirms it
+        kind = "commit" if self.speculated else "utt"
+        event = [(kind, self.thought, end)] if self.started else []
+        self.speculated = False
         if self.started:
             self.last_end = end
         self.triggered = self.started = False
@@ -309,18 +347,57 @@ class VadStage(SessionStage):
         recv = frame.marks.get("recv") or time.time()  # wall time of the frame's last sample
         chunks = await self.run_blocking(session.feed, frame.pcm, self.vad)
         for at, prob in chunks:
-            for event in session.step(at, prob):
-                if at + CHUNK <= session.replay_until:
+            events = session.step(at, prob)
+            self._decide_early(session, at)  # before a "spec" event of this chunk awaits it
+            for event in events:
+                kind = event[0]
+                if not self._live(session, event, at + CHUNK <= session.replay_until):
                     continue  # re-lived after a takeover: the dead owner sent it already
-                if event[0] == "speech":
+                if kind == "commit" and session.spec_silent:
+                    kind = "utt"  # the dead owner never sent this pause's speculation
+                session.spec_silent, session.dead_spec = False, None
+                if kind == "speech":
                     session.turn = await self.state.advance_turn(session.sid)
                     yield SpeechStarted(sid=session.sid, turn=session.turn, at_s=event[1] / SR,
                                         marks={"speech_start": self._wall(session, recv,
                                                                           event[1])})
+                elif kind == "spec":
+                    utt = await self._utterance(session, recv, event[1], event[2])
+                    utt.speculative = True
+                    decided = asyncio.get_running_loop().create_future()  # the verdict is
+                    decided.set_result((utt.complete, None))  # this pause's: not again
+                    session.pending = (event[2], decided)
+                    yield TurnStatus(sid=session.sid, turn=session.turn, status="tentative")
+                    yield utt  # after the status: the gateway holds this turn's output
+                elif kind == "commit":
+                    SPECULATIONS.labels("used").inc()
+                    yield TurnStatus(sid=session.sid, turn=session.turn, status="committed")
+                elif kind == "resume":
+                    # superseded: a new turn (stages drop the old one's work; the gateway,
+                    # which held it, plays nothing of it and sends no interrupt)
+                    SPECULATIONS.labels("wasted").inc()
+                    session.answered_at = None
+                    session.turn = await self.state.advance_turn(session.sid)
                 else:
                     yield await self._utterance(session, recv, event[1], event[2])
-            self._decide_early(session, at)
         session.trim()
+
+    @staticmethod
+    def _live(session: VadSession, event: tuple, relived: bool) -> bool:
+        """Is this event to be sent (not re-lived after a takeover)?  Keeps the takeover
+        speculation state (``VadSession.dead_spec``/``spec_silent``) up to date."""
+        kind = event[0]
+        near = session.dead_spec is not None and kind in ("spec", "commit") \
+            and abs(event[2] - session.dead_spec) <= 2 * CHUNK  # the dead owner's pause
+        if relived:
+            if kind == "spec":
+                session.spec_silent = not near
+            elif kind == "commit" and near:
+                return True  # the dead owner had not confirmed it yet
+            else:
+                session.spec_silent = False
+            return False
+        return not (kind == "spec" and near)  # the dead owner sent it (a chunk earlier)
 
     def _decide_early(self, session: VadSession, at: int) -> None:
         """Start the end-of-turn decision inside the pause, halfway through the min silence
@@ -328,8 +405,11 @@ class VadStage(SessionStage):
         the VAD waits out the rest, so the verdict costs the reply no time.  If the user
         goes on, the result is unused (the short gaps between words end before halfway)."""
         end = session.temp_end
+        half = session.min_silence // 2
+        if session.speculate:  # a speculative utterance awaits the verdict: start by then
+            half = min(half, session.speculate)
         if self.turn_model is None or not (session.started and end) \
-                or at + CHUNK - end < max(session.pad, session.min_silence // 2) \
+                or at + CHUNK - end < max(session.pad, half) \
                 or (session.pending is not None and session.pending[0] == end):
             return
         pcm = session.cut(session.thought, end)
