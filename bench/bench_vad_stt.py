@@ -1,16 +1,20 @@
 """Listening benchmark: VAD cost, end-of-speech decision delay, STT latency.
 
-    python -m s2s.bench.bench_vad_stt
+    python -m s2s.bench.bench_vad_stt [--only stt]
 
 Runs the real stages in-process (no Redis) on tests/data speech, one model thread
-each, and prints a table with the targets next to the numbers.
+each, and prints a table with the targets next to the numbers; then incremental STT
+(each utterance the real VAD emits for jfk.wav and lecture.wav: ms and WER, whole vs
+incremental) and batched vs one-by-one decoding of 2 and 4 waiting utterances.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -21,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from s2s import config  # noqa: E402
 from s2s.audio import read_audio  # noqa: E402
 from s2s.frames import Audio, SessionOpen, Utterance  # noqa: E402
-from s2s.services.stt.worker import FULL_WINDOW, SttStage  # noqa: E402
+from s2s.services.stt.worker import FULL_WINDOW, Job, SttStage, group_similar  # noqa: E402
 from s2s.services.vad.worker import CHUNK, SR, SileroVad, VadStage  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
@@ -116,7 +120,121 @@ def stt_latency(runs: int = 5) -> list[tuple[float, float, float]]:
     return rows
 
 
+JFK_TEXT = ("And so my fellow Americans, ask not what your country can do for you, "
+            "ask what you can do for your country.")
+
+
+def wer(reference: str, hypothesis: str) -> float:
+    """Word error rate (case and punctuation ignored)."""
+    ref = re.findall(r"[a-z0-9']+", reference.lower())
+    hyp = re.findall(r"[a-z0-9']+", hypothesis.lower())
+    d = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, d[0] = d[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r != h))
+    return d[-1] / max(len(ref), 1)
+
+
+def vad_utterances(name: str) -> list[Utterance]:
+    """The utterances the real VAD sends for a file streamed in 20 ms frames (a thought
+    continued after a pause comes again, longer, with the same start)."""
+    pcm = np.concatenate([load(name), np.zeros(2 * SR, np.int16)])
+    return [u for u, _ in asyncio.run(_stream(_vad_stage(), pcm))]
+
+
+def stt_stage(**overrides) -> SttStage:
+    stt = SttStage(config.load(overrides, environ={}))
+    stt.setup()
+    return stt
+
+
+def transcribe_sequence(stt: SttStage, utts: list[Utterance]) -> tuple[list[float], str]:
+    """Each utterance in turn, as the stack does: (ms each, the final transcript: the
+    last piece of each thought, joined)."""
+    stt.local.clear()
+
+    async def run():
+        times, finals = [], {}
+        for u in utts:
+            t = time.perf_counter()
+            out = [o async for o in stt.process(u)]
+            times.append((time.perf_counter() - t) * 1000)
+            finals[u.start_s] = out[0].text if out else ""
+        return times, " ".join(finals.values())
+    return asyncio.run(run())
+
+
+def lecture_reference(stt: SttStage) -> str:
+    """lecture.wav has no human transcript: the reference is tiny.en's most careful one
+    (faster-whisper's own transcribe(): beam 5, 30 s windows, previous text as prompt)."""
+    segments, _ = stt.whisper.model.transcribe(load("lecture.wav").astype(np.float32) / 32768,
+                                               beam_size=5, language="en", vad_filter=False)
+    return " ".join(s.text.strip() for s in segments)
+
+
+def incremental_rows() -> list[str]:
+    whole, incr = stt_stage(stt_incremental=False), stt_stage(stt_incremental=True)
+    rows = []
+    refs = {"jfk.wav": JFK_TEXT, "lecture.wav": lecture_reference(whole)}
+    for name in ("jfk.wav", "lecture.wav"):
+        utts = vad_utterances(name)
+        transcribe_sequence(whole, utts[:2])  # warm-up
+        w_ms, w_text = transcribe_sequence(whole, utts)
+        i_ms, i_text = transcribe_sequence(incr, utts)
+        seen: set[float] = set()
+        for u, a, b in zip(utts, w_ms, i_ms):
+            how = "continued" if u.start_s in seen else "new thought"
+            seen.add(u.start_s)
+            rows.append(f"| {name} {u.start_s:.1f}–{u.end_s:.1f} s ({how}, {u.seconds:.1f} s "
+                        f"of audio) | {a:.0f} ms | {b:.0f} ms |")
+        rows.append(f"| **{name} total STT** | {sum(w_ms):.0f} ms | {sum(i_ms):.0f} ms |")
+        rows.append(f"| **{name} WER** of the final transcripts | "
+                    f"{wer(refs[name], w_text):.1%} | {wer(refs[name], i_text):.1%} |")
+        print(f"{name} whole:       {w_text}\n{name} incremental: {i_text}\n", flush=True)
+    return rows
+
+
+def batch_rows(runs: int = 3) -> list[str]:
+    """Decoding 2 and 4 utterances of similar length that wait together: one batch vs one
+    by one (total, and the mean time each one's transcript is ready)."""
+    stt = stt_stage()
+    jfk, lec = load("jfk.wav").astype(np.float32) / 32768, load("lecture.wav").astype(
+        np.float32) / 32768
+    pieces = [jfk[int(0.3 * SR):int(4.5 * SR)], lec[int(9.3 * SR):int(13.5 * SR)],
+              jfk[int(5.3 * SR):int(9.5 * SR)], lec[int(30 * SR):int(34.2 * SR)]]
+    stt.whisper.decode_jobs([Job(pieces[0])])
+
+    def best(fn):
+        ts = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            ready = fn()
+            ts.append(((time.perf_counter() - t) * 1000, ready))
+        return min(ts)
+
+    def one_by_one(jobs):
+        t, ready = time.perf_counter(), []
+        for j in jobs:
+            stt.whisper.decode_jobs([j])
+            ready.append((time.perf_counter() - t) * 1000)
+        return statistics.mean(ready)
+
+    rows = []
+    for n in (2, 4):
+        jobs = [Job(p) for p in pieces[:n]]
+        assert len(group_similar(jobs, n)) == 1  # what the worker batches
+        seq, seq_ready = best(lambda: one_by_one(jobs))
+        bat, _ = best(lambda: stt.whisper.decode_jobs(jobs))
+        rows.append(f"| {n} utterances of ~4.2 s waiting together | {seq:.0f} ms "
+                    f"(each ready after {seq_ready:.0f} ms on average) | {bat:.0f} ms "
+                    f"(all ready together) |")
+    return rows
+
+
 def main() -> None:
+    if sys.argv[1:] == ["--only", "stt"]:
+        return stt_main()
     s = config.load({}, environ={})
     print(f"s2s listening benchmark on {os.cpu_count()} CPU core(s), one model thread each\n")
     bare, staged = vad_chunk_cost()
@@ -138,7 +256,21 @@ def main() -> None:
         print(f"| STT latency, {seconds} s utterance (median of 5) | {short:.0f} ms "
               f"(30 s window: {full:.0f} ms) | {target} |")
     print(f"\n(min silence {s.vad_min_silence_ms} ms, threshold {s.vad_threshold}, "
-          f"STT beam {s.stt_beam_size}; load average {os.getloadavg()[0]:.2f})")
+          f"STT beam {s.stt_beam_size}; load average {os.getloadavg()[0]:.2f})\n")
+    stt_main()
+
+
+def stt_main() -> None:
+    rows = incremental_rows()
+    print("| utterance the VAD sent | STT whole | STT incremental |")
+    print("|---|---|---|")
+    print("\n".join(rows))
+    print("\n| decode | one by one | one batch |")
+    print("|---|---|---|")
+    print("\n".join(batch_rows()))
+    print(f"\n(one CPU thread; lecture.wav's WER is against tiny.en's own beam-5, 30 s-window "
+          f"transcript, jfk.wav's against the speech's text; load average "
+          f"{os.getloadavg()[0]:.2f})")
 
 
 if __name__ == "__main__":

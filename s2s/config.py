@@ -87,6 +87,11 @@ class Settings:
     stt_beam_size: int = opt(1, "Beam size for decoding (1 is greedy and fastest).", "stt")
     stt_language: str = opt("en", "Language of the speech (empty: detect).", "stt")
     stt_batch_size: int = opt(8, "On CUDA, utterances transcribed together as one batch.", "stt")
+    stt_cpu_batch_size: int = opt(4, "On CPU, utterances waiting at the same time (of similar "
+                                     "length) transcribed together as one batch (1: one by one).",
+                                  "stt")
+    stt_incremental: bool = opt(True, "A continued thought decodes only its new audio, with the "
+                                      "text so far as the prompt (else all of it again).", "stt")
 
     # --- llm ------------------------------------------------------------------------
     llm_backend: str = opt("transformers", "LLM backend: transformers, vllm or openai.", "llm")

@@ -66,9 +66,15 @@ def prefs(sid: str) -> str:
     return f"s2s:prefs:{{{sid}}}"
 
 
+def stage_state(sid: str, stage: str) -> str:
+    """A shared stage's small per-session value (STT: the thought heard so far), so the
+    next turn may go to any worker of that stage."""
+    return f"s2s:stage:{{{sid}}}:{stage}"
+
+
 def session_keys(sid: str) -> list[str]:
     return [audio(sid), out(sid), turn(sid), ctx(sid), vad_pos(sid), vad_state(sid), owner(sid),
-            prefs(sid), session_gateway(sid)]
+            prefs(sid), session_gateway(sid), stage_state(sid, "stt")]
 
 
 # --- gateways (failover) ---------------------------------------------------------------

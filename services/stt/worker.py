@@ -9,17 +9,31 @@ and a transcript that still looks like a loop is decoded again over 30 s.
 Decoding is otherwise what ``transcribe(beam_size, language, without_timestamps=
 True, vad_filter=False, condition_on_previous_text=False)`` does for one window.
 
-On CUDA several waiting utterances are stacked into one encoder/decoder batch
-(``MicroBatcher``); on CPU each utterance runs alone (concurrency 1).
+Several waiting utterances are stacked into one encoder/decoder batch
+(``MicroBatcher``).  On CUDA any that wait together.  On one CPU thread a batch
+costs about as much as its longest member (the decoder's matrix-vector steps become
+matrix-matrix ones: 2 utterances ~25% less time than one after the other, 4 ~25%
+less; `s2s.bench.bench_vad_stt`), but only when their lengths are similar: so on CPU
+waiting utterances are grouped by length (``group_similar``) and the group of the
+shortest runs first, so a short transcript is never held back behind another
+session's long utterance.
+
+A thought continued after a pause is decoded from its previous pause on, with the
+text before that as the prompt (``incremental``).
+A superseded turn is skipped before decoding, and its decode stops before the
+decoder runs when the turn goes stale during the encoder.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import re
+import threading
 import time
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 import ctranslate2
@@ -33,12 +47,18 @@ from s2s.audio import pcm16_to_float, resample, rms_dbfs
 from s2s.frames import Transcript, Utterance
 from s2s.stage import Stage
 
+from .incremental import Thought, join, prefix_of, same_thought
+
+log = logging.getLogger("s2s.stt")
+
 SR = 16000
 FRAMES_PER_S = 100          # log-mel frames per second of audio
 MIN_WINDOW = 1000           # 10 s: shorter windows make whisper loop
 PAD_FRAMES = 100            # 1 s of (padded) silence after the speech helps it stop
 FULL_WINDOW = 3000          # whisper's native 30 s
 LOOP_COMPRESSION = 2.4      # gzip ratio above which text is a repetition loop (whisper's own)
+PROMPT_TOKENS = 64          # previous-text tokens a continued thought's decode is prompted with
+SIMILAR = 1.6               # CPU: utterances batched together differ at most this much in length
 TOKENS_PER_S = 12           # generous speech rate; caps a runaway decode
 NO_SPEECH_PROB = 0.6        # whisper's no-speech rule: this high and ...
 LOW_LOGPROB = -1.0          # ... this unsure -> silence or noise
@@ -65,6 +85,12 @@ NUMBER_WORDS = {
     "ninety", "hundred", "thousand", "double", "triple", "and", "point", "dash"}
 ANNOTATION = re.compile(r"\[[^\]]*\]|\([^)]*\)|\*[^*]*\*|♪+")  # [BLANK_AUDIO], (music), *cough*
 
+DECODES = Counter("s2s_stt_decodes", "Utterances by how they were decoded: whole, incremental (a "
+                  "continued thought: from its previous pause on, the text before as the "
+                  "prompt), same "
+                  "(the same utterance again: nothing decoded), miss (a stored thought did not "
+                  "match this audio: decoded whole).", ["how"])
+BATCHED = Counter("s2s_stt_batched", "Utterances decoded in a batch with others (CPU or CUDA).")
 DROPPED = Counter("s2s_stt_dropped", "Utterances whose transcript was dropped, by reason "
                   "(empty, no_speech, hallucination).", ["reason"])
 
@@ -75,6 +101,20 @@ class Heard:
     avg_logprob: float
     no_speech_prob: float
     language: str = ""
+    tokens: int = 0
+    head: str = ""  # the words that start before the job's ``split_s`` (when it has one)
+
+
+@dataclass
+class Job:
+    """One utterance to decode: 16 kHz audio; ``prompt``, the text said before it (a
+    continued thought's, whisper's previous-text prompt; "" for none); ``split_s``: also
+    find which words start before this time (``Heard.head``); ``stop``, set when its
+    turn is superseded."""
+    audio: np.ndarray
+    prompt: str = ""
+    split_s: float | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
 
 
 def looks_complete(text: str) -> bool:
@@ -152,83 +192,170 @@ class Whisper:
         self.suppress = get_suppressed_tokens(self.tokenizer, [-1])
         self.beam_size = beam_size
 
-    def transcribe(self, audios: list[np.ndarray]) -> list[Heard]:
-        """Blocking: 16 kHz float32 utterances (≤ 30 s) -> what was heard in each."""
-        feats = [self.model.feature_extractor(a[:30 * SR]) for a in audios]
+    def transcribe(self, audios: list[np.ndarray], prompts: list[str] | None = None
+                   ) -> list[Heard]:
+        """Blocking: 16 kHz float32 utterances (≤ 30 s) -> what was heard in each.
+        ``prompts[i]``: the text said before utterance i."""
+        return self.decode_jobs([Job(a, prompts[i] if prompts else "")
+                                 for i, a in enumerate(audios)])  # type: ignore[return-value]
+
+    def decode_jobs(self, jobs: list[Job]) -> list[Heard | None]:
+        """Blocking: decode ``jobs`` as one batch.  If every job's ``stop`` is set by the
+        time the encoder is done (their turns were superseded), the decoder does not run:
+        None each."""
+        feats = [self.model.feature_extractor(j.audio[:30 * SR]) for j in jobs]
         longest = max(f.shape[1] for f in feats)
         window = min(FULL_WINDOW, max(MIN_WINDOW, longest + PAD_FRAMES))
         max_new = int(TOKENS_PER_S * longest / FRAMES_PER_S) + 16
-        heard = self._decode(feats, window, max_new)
+        prompts = self._prompts([j.prompt for j in jobs])
+        heard = self._decode(feats, window, max_new, prompts, jobs)
         for i, h in enumerate(heard):  # a repetition loop: redo it the way whisper was trained
-            if window < FULL_WINDOW and is_loop(h.text):
-                heard[i] = self._decode([feats[i]], FULL_WINDOW, max_new)[0]
+            if h is not None and window < FULL_WINDOW and is_loop(h.text):
+                heard[i] = self._decode([feats[i]], FULL_WINDOW, max_new, [prompts[i]],
+                                        [jobs[i]])[0]
         return heard
 
-    def _decode(self, feats: list[np.ndarray], window: int, max_new: int) -> list[Heard]:
+    def _prompts(self, texts: list[str]) -> list[list[int]]:
+        """Decoder prompts: the previous text's last PROMPT_TOKENS tokens before
+        <|startoftranscript|>.  CTranslate2 wants that token at one position in a batch,
+        so previous texts are cut to the shortest one's length (the batcher keeps
+        prompted and plain utterances apart)."""
+        prev = [self.tokenizer.encode(" " + t.strip())[-PROMPT_TOKENS:] if t.strip() else []
+                for t in texts]
+        n = min(len(p) for p in prev)
+        if n == 0 and any(prev):
+            raise ValueError("a batch mixes utterances with and without previous text")
+        return [self.model.get_prompt(self.tokenizer, p[len(p) - n:], without_timestamps=True)
+                if n else list(self.prompt) for p in prev]
+
+    def _decode(self, feats: list[np.ndarray], window: int, max_new: int,
+                prompts: list[list[int]], jobs: list[Job]) -> list[Heard | None]:
         batch = np.zeros((len(feats), feats[0].shape[0], window), np.float32)  # 0 = whisper's pad
         for i, f in enumerate(feats):
             batch[i, :, :min(window, f.shape[1])] = f[:, :window]
         encoded = self.model.encode(batch)
-        prompts = [list(self.prompt) for _ in feats]
+        if all(j.stop.is_set() for j in jobs):  # superseded meanwhile: skip the decoder
+            return [None] * len(jobs)
+        prompts = [list(p) for p in prompts]
         languages = [self.language] * len(feats)
         if not self.language:  # multilingual model, no language set: detect each one's
-            at = self.prompt.index(self.tokenizer.language)
             for i, langs in enumerate(self.model.model.detect_language(encoded)):
+                at = prompts[i].index(self.tokenizer.language)
                 prompts[i][at] = self.tokenizer.tokenizer.token_to_id(langs[0][0])
                 languages[i] = langs[0][0].strip("<|>")
         results = self.model.model.generate(
             encoded, prompts, beam_size=self.beam_size, max_length=min(
-                self.model.max_length, len(self.prompt) + max_new),
+                self.model.max_length, len(prompts[0]) + max_new),
             suppress_blank=True, suppress_tokens=self.suppress, return_scores=True,
             return_no_speech_prob=True)
-        heard = []
-        for r, language in zip(results, languages):
+        heard: list[Heard | None] = []
+        for i, (r, language) in enumerate(zip(results, languages)):
             tokens = r.sequences_ids[0]
             text = self.tokenizer.decode(tokens)
             # avg_logprob as faster-whisper reports it (length_penalty 1)
-            heard.append(Heard(ANNOTATION.sub("", text).strip(),
-                               r.scores[0] * len(tokens) / (len(tokens) + 1), r.no_speech_prob,
-                               language))
+            h = Heard(ANNOTATION.sub("", text).strip(),
+                      r.scores[0] * len(tokens) / (len(tokens) + 1), r.no_speech_prob,
+                      language, len(tokens))
+            if jobs[i].split_s is not None:
+                h.head = self._head(encoded, i, len(jobs), tokens, feats[i].shape[1],
+                                    jobs[i].split_s)
+            heard.append(h)
         return heard
+
+    def _head(self, encoded, i: int, n: int, tokens: list[int], frames: int,
+              split_s: float) -> str:
+        """The words of ``tokens`` that start before ``split_s`` (word alignment from the
+        decoder's cross-attention, as faster-whisper's word timestamps)."""
+        if not tokens:
+            return ""
+        if n > 1:  # one item's encoder output
+            encoded = ctranslate2.StorageView.from_array(np.ascontiguousarray(
+                np.asarray(encoded)[i:i + 1]))
+        words = self.model.find_alignment(self.tokenizer, [tokens], encoded, frames)[0]
+        return ANNOTATION.sub("", "".join(w["word"] for w in words
+                                          if w["start"] < split_s)).strip()
+
+
+def group_similar(jobs: list[Job], max_batch: int) -> list[list[int]]:
+    """CPU batching: indices of ``jobs`` in groups decoded together, shortest group first.
+    A group holds jobs of similar length (the longest at most SIMILAR times the shortest,
+    or all under 2 s): a batch costs about what its longest member costs, so a short
+    utterance batched with a long one would wait for it.  Jobs with previous text and
+    without it are never in one group (see Whisper._prompts)."""
+    order = sorted(range(len(jobs)), key=lambda i: len(jobs[i].audio))
+    groups: list[list[int]] = []
+    for i in order:
+        g = groups[-1] if groups else None
+        if g and len(g) < max_batch and bool(jobs[g[0]].prompt) == bool(jobs[i].prompt) \
+                and len(jobs[i].audio) <= max(SIMILAR * len(jobs[g[0]].audio), 2 * SR):
+            g.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def group_by_prompt(jobs: list[Job], max_batch: int) -> list[list[int]]:
+    """CUDA: all that wait in one batch (a GPU batch costs little more than one item),
+    but those with previous text apart from those without (see Whisper._prompts)."""
+    groups = [[i for i, j in enumerate(jobs) if not j.prompt],
+              [i for i, j in enumerate(jobs) if j.prompt]]
+    return [g for g in groups if g]
 
 
 class MicroBatcher:
-    """GPU only: utterances that arrive within ``wait_s`` of each other share one call."""
+    """Utterances that wait together share one call of ``fn`` (a list of items -> a list
+    of results): those arriving within ``wait_s`` of the first, and all that queued up
+    while the last batch ran.  ``split`` cuts what waits into groups run one after the
+    other (each group's results are handed out as soon as it is done)."""
 
     def __init__(self, fn: Callable[[list], list], max_batch: int,
-                 run: Callable[..., Awaitable], wait_s: float = 0.005):
+                 run: Callable[..., Awaitable], wait_s: float = 0.005,
+                 split: Callable[[list, int], list[list[int]]] | None = None):
         self.fn, self.max_batch, self.run, self.wait_s = fn, max_batch, run, wait_s
+        self.split = split
         self.queue: asyncio.Queue | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.server: asyncio.Task | None = None
 
     async def submit(self, item):
-        if self.queue is None:  # created on first use, inside the worker's event loop
-            self.queue = asyncio.Queue()
-            asyncio.get_running_loop().create_task(self._serve())
+        loop = asyncio.get_running_loop()
+        if self.loop is not loop:  # created on first use, inside the (current) event loop
+            self.queue, self.loop = asyncio.Queue(), loop
+            self.server = loop.create_task(self._serve(self.queue))
         future = asyncio.get_running_loop().create_future()
         await self.queue.put((item, future))
         return await future
 
-    async def _serve(self) -> None:
+    async def _serve(self, queue: asyncio.Queue) -> None:
         while True:
-            batch = [await self.queue.get()]
+            batch = [await queue.get()]
             deadline = time.monotonic() + self.wait_s
             while len(batch) < self.max_batch and (left := deadline - time.monotonic()) > 0:
                 try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), left))
+                    batch.append(await asyncio.wait_for(queue.get(), left))
                 except asyncio.TimeoutError:
                     break
-            batch = [(item, fut) for item, fut in batch if not fut.done()]  # cancelled: stale
-            if not batch:
-                continue
-            try:
-                results = await self.run(self.fn, [item for item, _ in batch])
-                for (_, fut), result in zip(batch, results):
-                    if not fut.done():
-                        fut.set_result(result)
-            except Exception as e:
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(e)
+            while len(batch) < self.max_batch and not queue.empty():
+                batch.append(queue.get_nowait())
+            items = [item for item, _ in batch]
+            groups = self.split(items, self.max_batch) if self.split else [list(range(len(batch)))]
+            for group in groups:
+                live = [batch[i] for i in group if not batch[i][1].done()]  # cancelled: stale
+                if live:
+                    await self._run(live)
+
+    async def _run(self, batch: list) -> None:
+        try:
+            results = await self.run(self.fn, [item for item, _ in batch])
+            if len(batch) > 1:
+                BATCHED.inc(len(batch))
+            for (_, fut), result in zip(batch, results):
+                if not fut.done():
+                    fut.set_result(result)
+        except Exception as e:
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(e)
 
 
 class SttStage(Stage):
@@ -238,36 +365,104 @@ class SttStage(Stage):
         super().__init__(settings)
         # decided before setup(): the runtime reads concurrency when it starts
         self.device = resolve_device(settings.device)
+        self.concurrency = max(1, settings.stt_batch_size if self.device == "cuda"
+                               else settings.stt_cpu_batch_size)
         self.batcher: MicroBatcher | None = None
-        if self.device == "cuda":
-            self.concurrency = max(1, settings.stt_batch_size)
+        self.local: dict[str, Thought] = {}  # the thoughts, when there is no Redis (tests, bench)
 
     def setup(self) -> None:
         s = self.settings
         self.whisper = Whisper(s.stt_model, self.device, s.stt_compute_type, s.stt_beam_size,
                                s.stt_language)
-        if self.device == "cuda" and self.concurrency > 1:
-            self.batcher = MicroBatcher(self.whisper.transcribe, self.concurrency,
-                                        self.run_blocking)
+        cuda = self.device == "cuda"  # a GPU batch costs little more than one: batch all
+        self.batcher = MicroBatcher(self.whisper.decode_jobs, self.concurrency,
+                                    self.run_blocking, 0.005 if cuda else 0.002,
+                                    group_by_prompt if cuda else group_similar)
 
     def describe(self) -> str:
-        batching = f", batches of {self.concurrency}" if self.batcher else ""
-        return f"faster-whisper {self.whisper.name}, beam {self.settings.stt_beam_size}{batching}"
+        batching = f", batches of ≤ {self.concurrency}" if self.concurrency > 1 else ""
+        how = "incremental" if self.settings.stt_incremental else "whole utterances"
+        return f"faster-whisper {self.whisper.name}, beam {self.settings.stt_beam_size}" \
+               f"{batching}, {how}"
+
+    async def heard(self, audio: np.ndarray, prompt: str = "",
+                    split_s: float | None = None) -> Heard | None:
+        """Decode one utterance (batched with others waiting); None if superseded first."""
+        job = Job(audio, prompt, split_s)
+        try:
+            return (await self.batcher.submit(job)) if self.batcher else \
+                (await self.run_blocking(self.whisper.decode_jobs, [job]))[0]
+        except asyncio.CancelledError:
+            job.stop.set()  # the turn was superseded: the decoder must not run for it
+            raise
 
     async def process(self, frame: Utterance):
         audio = resample(pcm16_to_float(frame.pcm), frame.sr, SR)
-        if self.batcher:
-            heard = await self.batcher.submit(audio)
+        stored = await self._recall(frame.sid) if self.settings.stt_incremental else None
+        known = prefix_of(stored, frame.pcm, frame.sr, frame.start_s)
+        thought: Thought | None = None
+        if known is not None and known.samples * 2 == len(frame.pcm):
+            DECODES.labels("same").inc()  # redelivered: what it said is known
+            thought = known
+            heard = Heard(known.text, known.logprob, 0.0, known.language)
+        elif known is not None:
+            # decode from the previous pause on, prompted with the text before it
+            base = known.base * SR // frame.sr
+            part = await self.heard(audio[base:], known.base_text,
+                                    (known.samples - known.base) / frame.sr)
+            if part is None:
+                return
+            DECODES.labels("incremental").inc()
+            if drop_reason(part, rms_dbfs(audio[base:])):  # nothing more heard: as it was
+                part.text, part.head = known.text[len(known.base_text):], ""
+            heard = Heard(join(known.base_text, part.text), part.avg_logprob,
+                          part.no_speech_prob, part.language or known.language)
+            thought = Thought(frame.start_s, frame.sr, len(frame.pcm) // 2,
+                              zlib.crc32(frame.pcm), heard.text, known.samples,
+                              join(known.base_text, part.head), part.avg_logprob,
+                              heard.language)
         else:
-            heard = (await self.run_blocking(self.whisper.transcribe, [audio]))[0]
+            if same_thought(stored, frame.start_s):
+                DECODES.labels("miss").inc()  # same thought, other audio: decode it whole
+            heard = await self.heard(audio)
+            if heard is None:
+                return
+            DECODES.labels("whole").inc()
+            thought = Thought(frame.start_s, frame.sr, len(frame.pcm) // 2,
+                              zlib.crc32(frame.pcm), heard.text, 0, "", heard.avg_logprob,
+                              heard.language)
         reason = drop_reason(heard, rms_dbfs(audio))
         if reason:
             DROPPED.labels(reason).inc()
             return
+        if self.settings.stt_incremental:
+            await self._remember(frame.sid, thought)
         out = Transcript(sid=frame.sid, turn=frame.turn, marks=dict(frame.marks), text=heard.text,
-                         language=heard.language, confidence=math.exp(
-                             heard.avg_logprob), start_s=frame.start_s, end_s=frame.end_s,
+                         language=heard.language, confidence=math.exp(heard.avg_logprob),
+                         start_s=frame.start_s, end_s=frame.end_s,
                          complete=turn_complete(frame.complete, heard.text),
                          out_sr=frame.out_sr)
         out.stamp("stt_done")
         yield out
+
+    async def _recall(self, sid: str) -> Thought | None:
+        state = getattr(self, "state", None)
+        if state is None:
+            return self.local.get(sid)
+        try:
+            return Thought.loads(await state.load_own(sid, self.name))
+        except Exception as e:  # the record only saves time: without it, decode whole
+            log.warning("could not read the thought so far (%s): decoding whole", e)
+            return None
+
+    async def _remember(self, sid: str, thought: Thought) -> None:
+        state = getattr(self, "state", None)
+        if state is None:
+            self.local[sid] = thought
+            while len(self.local) > 1024:  # bounded: the oldest session goes first
+                self.local.pop(next(iter(self.local)))
+            return
+        try:
+            await state.save_own(sid, self.name, thought.dumps())
+        except Exception as e:
+            log.warning("could not store the thought so far (%s)", e)
