@@ -282,15 +282,18 @@ def group_similar(jobs: list[Job], max_batch: int) -> list[list[int]]:
     or all under 2 s): a batch costs about what its longest member costs, so a short
     utterance batched with a long one would wait for it.  Jobs with previous text and
     without it are never in one group (see Whisper._prompts)."""
-    order = sorted(range(len(jobs)), key=lambda i: len(jobs[i].audio))
     groups: list[list[int]] = []
-    for i in order:
-        g = groups[-1] if groups else None
-        if g and len(g) < max_batch and bool(jobs[g[0]].prompt) == bool(jobs[i].prompt) \
-                and len(jobs[i].audio) <= max(SIMILAR * len(jobs[g[0]].audio), 2 * SR):
-            g.append(i)
-        else:
-            groups.append([i])
+    for prompted in (False, True):
+        order = sorted((i for i, j in enumerate(jobs) if bool(j.prompt) == prompted),
+                       key=lambda i: len(jobs[i].audio))
+        for i in order:
+            g = groups[-1] if groups and bool(jobs[groups[-1][0]].prompt) == prompted else None
+            if g and len(g) < max_batch \
+                    and len(jobs[i].audio) <= max(SIMILAR * len(jobs[g[0]].audio), 2 * SR):
+                g.append(i)
+            else:
+                groups.append([i])
+    groups.sort(key=lambda g: len(jobs[g[0]].audio))
     return groups
 
 
