@@ -32,6 +32,7 @@ SessionState), so the next piece may go to any STT worker.
 from __future__ import annotations
 
 import json
+import re
 import zlib
 from dataclasses import asdict, dataclass
 
@@ -87,3 +88,8 @@ def prefix_of(thought: Thought | None, pcm: bytes, sr: int, start_s: float) -> T
 
 def join(*parts: str) -> str:
     return " ".join(p.strip() for p in parts if p.strip())
+
+
+def words(text: str) -> list[str]:
+    return [w for w in (re.sub(r"[^a-z0-9']", "", w.lower()) for w in text.split()) if w]
+

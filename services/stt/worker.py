@@ -47,7 +47,7 @@ from s2s.audio import pcm16_to_float, resample, rms_dbfs
 from s2s.frames import Transcript, Utterance
 from s2s.stage import Stage
 
-from .incremental import Thought, join, prefix_of, same_thought
+from .incremental import Thought, join, prefix_of, same_thought, words
 
 log = logging.getLogger("s2s.stt")
 
@@ -87,7 +87,7 @@ ANNOTATION = re.compile(r"\[[^\]]*\]|\([^)]*\)|\*[^*]*\*|♪+")  # [BLANK_AUDIO]
 
 DECODES = Counter("s2s_stt_decodes", "Utterances by how they were decoded: whole, incremental (a "
                   "continued thought: from its previous pause on, the text before as the "
-                  "prompt), same "
+                  "prompt), redone (such a decode heard nothing new: decoded whole), same "
                   "(the same utterance again: nothing decoded), miss (a stored thought did not "
                   "match this audio: decoded whole).", ["how"])
 BATCHED = Counter("s2s_stt_batched", "Utterances decoded in a batch with others (CPU or CUDA).")
@@ -403,37 +403,25 @@ class SttStage(Stage):
         audio = resample(pcm16_to_float(frame.pcm), frame.sr, SR)
         stored = await self._recall(frame.sid) if self.settings.stt_incremental else None
         known = prefix_of(stored, frame.pcm, frame.sr, frame.start_s)
-        thought: Thought | None = None
+        got: tuple[Heard, Thought] | None = None
         if known is not None and known.samples * 2 == len(frame.pcm):
             DECODES.labels("same").inc()  # redelivered: what it said is known
-            thought = known
-            heard = Heard(known.text, known.logprob, 0.0, known.language)
+            got = Heard(known.text, known.logprob, 0.0, known.language), known
         elif known is not None:
-            # decode from the previous pause on, prompted with the text before it
-            base = known.base * SR // frame.sr
-            part = await self.heard(audio[base:], known.base_text,
-                                    (known.samples - known.base) / frame.sr)
-            if part is None:
-                return
-            DECODES.labels("incremental").inc()
-            if drop_reason(part, rms_dbfs(audio[base:])):  # nothing more heard: as it was
-                part.text, part.head = known.text[len(known.base_text):], ""
-            heard = Heard(join(known.base_text, part.text), part.avg_logprob,
-                          part.no_speech_prob, part.language or known.language)
-            thought = Thought(frame.start_s, frame.sr, len(frame.pcm) // 2,
-                              zlib.crc32(frame.pcm), heard.text, known.samples,
-                              join(known.base_text, part.head), part.avg_logprob,
-                              heard.language)
-        else:
-            if same_thought(stored, frame.start_s):
-                DECODES.labels("miss").inc()  # same thought, other audio: decode it whole
+            got = await self._continue(frame, audio, known)
+            if got is False:
+                return  # superseded
+        elif same_thought(stored, frame.start_s):
+            DECODES.labels("miss").inc()  # same thought, other audio: decode it whole
+        if got is None:
             heard = await self.heard(audio)
             if heard is None:
                 return
             DECODES.labels("whole").inc()
-            thought = Thought(frame.start_s, frame.sr, len(frame.pcm) // 2,
-                              zlib.crc32(frame.pcm), heard.text, 0, "", heard.avg_logprob,
-                              heard.language)
+            got = heard, Thought(frame.start_s, frame.sr, len(frame.pcm) // 2,
+                                 zlib.crc32(frame.pcm), heard.text, 0, "", heard.avg_logprob,
+                                 heard.language)
+        heard, thought = got
         reason = drop_reason(heard, rms_dbfs(audio))
         if reason:
             DROPPED.labels(reason).inc()
@@ -447,6 +435,37 @@ class SttStage(Stage):
                          out_sr=frame.out_sr)
         out.stamp("stt_done")
         yield out
+
+    async def _continue(self, frame: Utterance, audio: np.ndarray,
+                        known: Thought) -> tuple[Heard, Thought] | None | bool:
+        """A continued thought: decode from ``known.base`` (a pause) on, prompted with the
+        text before it.  None when that cannot be trusted (then it is decoded whole):
+        nothing heard after the last pause although speech went on there (whisper skips
+        what it takes for a repetition of the prompt), or a repetition loop.  False:
+        superseded."""
+        base = known.base * SR // frame.sr
+        split_s = (known.samples - known.base) / frame.sr
+        part = await self.heard(audio[base:], known.base_text, split_s)
+        if part is None:
+            return False
+        new = words(part.text)[len(words(part.head)):]
+        if base and (not new or is_loop(part.text)):
+            DECODES.labels("redone").inc()
+            return None
+        DECODES.labels("incremental" if base else "whole").inc()
+        heard = Heard(join(known.base_text, part.text), part.avg_logprob, part.no_speech_prob,
+                      part.language or known.language)
+        # The next piece starts after this one's first pause only if two decodes agree on
+        # how many words lie before it: this one and the last (which ended there).  Else
+        # the cut by word alignment may be off (a word counted twice or lost at the seam):
+        # the next piece starts from the same pause as this one.  (A word may still differ:
+        # "america" at the pause, "Americans" with more audio; the newer decode is kept.)
+        agreed = len(words(part.head)) == len(words(known.text)) - len(words(known.base_text))
+        thought = Thought(frame.start_s, frame.sr, len(frame.pcm) // 2, zlib.crc32(frame.pcm),
+                          heard.text, known.samples if agreed else known.base,
+                          join(known.base_text, part.head) if agreed else known.base_text,
+                          part.avg_logprob, heard.language)
+        return heard, thought
 
     async def _recall(self, sid: str) -> Thought | None:
         state = getattr(self, "state", None)
