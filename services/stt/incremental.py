@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import re
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 
 @dataclass
@@ -93,3 +93,15 @@ def join(*parts: str) -> str:
 def words(text: str) -> list[str]:
     return [w for w in (re.sub(r"[^a-z0-9']", "", w.lower()) for w in text.split()) if w]
 
+
+
+def advance(thought: Thought, known: Thought, head: str) -> Thought:
+    """``thought`` (decoded from ``known.base`` on) with the next start moved to the pause
+    where ``known`` ended, ``head`` being the words this decode heard before that pause.
+    It moves only if this decode and the last agree on how many words lie before it:
+    else the cut by word alignment may be off (a word doubled or lost at the seam), and
+    the next piece starts from the same pause as this one.  (A word may still differ:
+    "america" at a pause, "Americans" with more audio; the newer decode is kept.)"""
+    if len(words(head)) != len(words(known.text)) - len(words(known.base_text)):
+        return thought
+    return replace(thought, base=known.samples, base_text=join(known.base_text, head))

@@ -27,6 +27,7 @@ decoder runs when the turn goes stale during the encoder.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import re
@@ -47,7 +48,7 @@ from s2s.audio import pcm16_to_float, resample, rms_dbfs
 from s2s.frames import Transcript, Utterance
 from s2s.stage import Stage
 
-from .incremental import Thought, join, prefix_of, same_thought, words
+from .incremental import Thought, advance, join, prefix_of, same_thought, words
 
 log = logging.getLogger("s2s.stt")
 
@@ -102,14 +103,16 @@ class Heard:
     no_speech_prob: float
     language: str = ""
     tokens: int = 0
-    head: str = ""  # the words that start before the job's ``split_s`` (when it has one)
+    # when the job has a ``split_s``: blocking, the words that start before it (word
+    # alignment; run after the transcript is sent, it only prepares the next piece)
+    aligner: Callable[[], str] | None = None
 
 
 @dataclass
 class Job:
     """One utterance to decode: 16 kHz audio; ``prompt``, the text said before it (a
     continued thought's, whisper's previous-text prompt; "" for none); ``split_s``: also
-    find which words start before this time (``Heard.head``); ``stop``, set when its
+    find which words start before this time (``Heard.aligner``); ``stop``, set when its
     turn is superseded."""
     audio: np.ndarray
     prompt: str = ""
@@ -257,20 +260,18 @@ class Whisper:
                       r.scores[0] * len(tokens) / (len(tokens) + 1), r.no_speech_prob,
                       language, len(tokens))
             if jobs[i].split_s is not None:
-                h.head = self._head(encoded, i, len(jobs), tokens, feats[i].shape[1],
-                                    jobs[i].split_s)
+                h.aligner = functools.partial(
+                    self._head, encoded if len(jobs) == 1 else ctranslate2.StorageView.from_array(
+                        np.ascontiguousarray(np.asarray(encoded)[i:i + 1])),
+                    tokens, feats[i].shape[1], jobs[i].split_s)
             heard.append(h)
         return heard
 
-    def _head(self, encoded, i: int, n: int, tokens: list[int], frames: int,
-              split_s: float) -> str:
+    def _head(self, encoded, tokens: list[int], frames: int, split_s: float) -> str:
         """The words of ``tokens`` that start before ``split_s`` (word alignment from the
         decoder's cross-attention, as faster-whisper's word timestamps)."""
         if not tokens:
             return ""
-        if n > 1:  # one item's encoder output
-            encoded = ctranslate2.StorageView.from_array(np.ascontiguousarray(
-                np.asarray(encoded)[i:i + 1]))
         words = self.model.find_alignment(self.tokenizer, [tokens], encoded, frames)[0]
         return ANNOTATION.sub("", "".join(w["word"] for w in words
                                           if w["start"] < split_s)).strip()
@@ -403,31 +404,32 @@ class SttStage(Stage):
         audio = resample(pcm16_to_float(frame.pcm), frame.sr, SR)
         stored = await self._recall(frame.sid) if self.settings.stt_incremental else None
         known = prefix_of(stored, frame.pcm, frame.sr, frame.start_s)
-        got: tuple[Heard, Thought] | None = None
+        heard: Heard | None = None
         if known is not None and known.samples * 2 == len(frame.pcm):
             DECODES.labels("same").inc()  # redelivered: what it said is known
-            got = Heard(known.text, known.logprob, 0.0, known.language), known
+            heard = Heard(known.text, known.logprob, 0.0, known.language)
+            thought = known
         elif known is not None:
             got = await self._continue(frame, audio, known)
             if got is False:
                 return  # superseded
+            if got:
+                heard, thought = got
         elif same_thought(stored, frame.start_s):
             DECODES.labels("miss").inc()  # same thought, other audio: decode it whole
-        if got is None:
+        if heard is None:
+            known = None
             heard = await self.heard(audio)
             if heard is None:
                 return
             DECODES.labels("whole").inc()
-            got = heard, Thought(frame.start_s, frame.sr, len(frame.pcm) // 2,
-                                 zlib.crc32(frame.pcm), heard.text, 0, "", heard.avg_logprob,
-                                 heard.language)
-        heard, thought = got
+            thought = Thought(frame.start_s, frame.sr, len(frame.pcm) // 2,
+                              zlib.crc32(frame.pcm), heard.text, 0, "", heard.avg_logprob,
+                              heard.language)
         reason = drop_reason(heard, rms_dbfs(audio))
         if reason:
             DROPPED.labels(reason).inc()
             return
-        if self.settings.stt_incremental:
-            await self._remember(frame.sid, thought)
         out = Transcript(sid=frame.sid, turn=frame.turn, marks=dict(frame.marks), text=heard.text,
                          language=heard.language, confidence=math.exp(heard.avg_logprob),
                          start_s=frame.start_s, end_s=frame.end_s,
@@ -435,37 +437,33 @@ class SttStage(Stage):
                          out_sr=frame.out_sr)
         out.stamp("stt_done")
         yield out
+        if self.settings.stt_incremental:  # for the next piece; the transcript is out
+            if heard.aligner is not None and known is not None:
+                thought = advance(thought, known, await self.run_blocking(heard.aligner))
+            await self._remember(frame.sid, thought)
 
     async def _continue(self, frame: Utterance, audio: np.ndarray,
                         known: Thought) -> tuple[Heard, Thought] | None | bool:
         """A continued thought: decode from ``known.base`` (a pause) on, prompted with the
         text before it.  None when that cannot be trusted (then it is decoded whole):
-        nothing heard after the last pause although speech went on there (whisper skips
-        what it takes for a repetition of the prompt), or a repetition loop.  False:
+        fewer words than the last decode heard there although speech went on (whisper
+        skips what it takes for a repetition of the prompt), or a repetition loop.  False:
         superseded."""
         base = known.base * SR // frame.sr
-        split_s = (known.samples - known.base) / frame.sr
-        part = await self.heard(audio[base:], known.base_text, split_s)
+        part = await self.heard(audio[base:], known.base_text,
+                                (known.samples - known.base) / frame.sr)
         if part is None:
             return False
-        new = words(part.text)[len(words(part.head)):]
-        if base and (not new or is_loop(part.text)):
+        before = len(words(known.text)) - len(words(known.base_text))
+        if base and (len(words(part.text)) <= before or is_loop(part.text)):
             DECODES.labels("redone").inc()
             return None
         DECODES.labels("incremental" if base else "whole").inc()
         heard = Heard(join(known.base_text, part.text), part.avg_logprob, part.no_speech_prob,
-                      part.language or known.language)
-        # The next piece starts after this one's first pause only if two decodes agree on
-        # how many words lie before it: this one and the last (which ended there).  Else
-        # the cut by word alignment may be off (a word counted twice or lost at the seam):
-        # the next piece starts from the same pause as this one.  (A word may still differ:
-        # "america" at the pause, "Americans" with more audio; the newer decode is kept.)
-        agreed = len(words(part.head)) == len(words(known.text)) - len(words(known.base_text))
-        thought = Thought(frame.start_s, frame.sr, len(frame.pcm) // 2, zlib.crc32(frame.pcm),
-                          heard.text, known.samples if agreed else known.base,
-                          join(known.base_text, part.head) if agreed else known.base_text,
-                          part.avg_logprob, heard.language)
-        return heard, thought
+                      part.language or known.language, part.tokens, part.aligner)
+        return heard, Thought(frame.start_s, frame.sr, len(frame.pcm) // 2,
+                              zlib.crc32(frame.pcm), heard.text, known.base, known.base_text,
+                              part.avg_logprob, heard.language)
 
     async def _recall(self, sid: str) -> Thought | None:
         state = getattr(self, "state", None)
