@@ -25,7 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from s2s import config  # noqa: E402
 from s2s.audio import read_audio  # noqa: E402
 from s2s.frames import Audio, SessionOpen, Utterance  # noqa: E402
-from s2s.services.stt.worker import FULL_WINDOW, Job, SttStage, group_similar  # noqa: E402
+from s2s.services.stt.batching import Job, group_similar  # noqa: E402
+from s2s.services.stt.worker import FULL_WINDOW, SttStage  # noqa: E402
 from s2s.services.vad.worker import CHUNK, SR, SileroVad, VadStage  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
@@ -151,10 +152,11 @@ def stt_stage(**overrides) -> SttStage:
 
 def compare_sequence(whole: SttStage, incr: SttStage, utts: list[Utterance], runs: int = 3
                      ) -> tuple[list[float], list[float], str, str]:
-    """Each utterance in turn, as the stack sends them, through both stages: CPU ms each
-    (one model thread, so on an idle machine the same as the wall time; the best of ``runs``, whole and incremental interleaved so that load from other
-    processes hits both alike; the incremental stage's record is put back before each
-    repeat) and the final transcripts (the last piece of each thought, joined)."""
+    """Each utterance in turn, as the stack sends them, through both stages: CPU ms
+    each (one model thread: on an idle machine the wall time), the best of ``runs``,
+    whole and incremental interleaved so that others' load hits both alike (the
+    incremental stage's record is put back before each repeat); and the final
+    transcripts (the last piece of each thought, joined)."""
     incr.local.clear()
 
     async def once(stt: SttStage, u: Utterance) -> tuple[float, str]:

@@ -14,10 +14,10 @@ from s2s.audio import pcm16_to_float
 from s2s.bench.bench_vad_stt import vad_utterances
 from s2s.bus import Bus
 from s2s.frames import Utterance
+from s2s.services.stt.batching import BATCHED, Job, MicroBatcher, group_similar
 from s2s.services.stt.incremental import Thought, prefix_of
-from s2s.services.stt.worker import (BATCHED, DECODES, DROPPED, Heard, Job, MicroBatcher,
-                                     SttStage, drop_reason, group_similar, is_loop,
-                                     looks_complete)
+from s2s.services.stt.worker import DECODES, DROPPED, Heard, SttStage, drop_reason, is_loop, \
+    looks_complete
 from s2s.stage import SessionState
 from tests.conftest import DATA, JFK_TEXT, load_pcm16
 

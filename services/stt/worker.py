@@ -31,11 +31,9 @@ import functools
 import logging
 import math
 import re
-import threading
-import time
 import zlib
-from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Callable
 
 import ctranslate2
 import numpy as np
@@ -48,6 +46,7 @@ from s2s.audio import pcm16_to_float, resample, rms_dbfs
 from s2s.frames import Transcript, Utterance
 from s2s.stage import Stage
 
+from .batching import Job, MicroBatcher, group_by_prompt, group_similar
 from .incremental import Thought, advance, join, prefix_of, same_thought, words
 
 log = logging.getLogger("s2s.stt")
@@ -59,7 +58,6 @@ PAD_FRAMES = 100            # 1 s of (padded) silence after the speech helps it 
 FULL_WINDOW = 3000          # whisper's native 30 s
 LOOP_COMPRESSION = 2.4      # gzip ratio above which text is a repetition loop (whisper's own)
 PROMPT_TOKENS = 64          # previous-text tokens a continued thought's decode is prompted with
-SIMILAR = 1.6               # CPU: utterances batched together differ at most this much in length
 TOKENS_PER_S = 12           # generous speech rate; caps a runaway decode
 NO_SPEECH_PROB = 0.6        # whisper's no-speech rule: this high and ...
 LOW_LOGPROB = -1.0          # ... this unsure -> silence or noise
@@ -91,7 +89,6 @@ DECODES = Counter("s2s_stt_decodes", "Utterances by how they were decoded: whole
                   "prompt), redone (such a decode heard nothing new: decoded whole), same "
                   "(the same utterance again: nothing decoded), miss (a stored thought did not "
                   "match this audio: decoded whole).", ["how"])
-BATCHED = Counter("s2s_stt_batched", "Utterances decoded in a batch with others (CPU or CUDA).")
 DROPPED = Counter("s2s_stt_dropped", "Utterances whose transcript was dropped, by reason "
                   "(empty, no_speech, hallucination).", ["reason"])
 
@@ -106,18 +103,6 @@ class Heard:
     # when the job has a ``split_s``: blocking, the words that start before it (word
     # alignment; run after the transcript is sent, it only prepares the next piece)
     aligner: Callable[[], str] | None = None
-
-
-@dataclass
-class Job:
-    """One utterance to decode: 16 kHz audio; ``prompt``, the text said before it (a
-    continued thought's, whisper's previous-text prompt; "" for none); ``split_s``: also
-    find which words start before this time (``Heard.aligner``); ``stop``, set when its
-    turn is superseded."""
-    audio: np.ndarray
-    prompt: str = ""
-    split_s: float | None = None
-    stop: threading.Event = field(default_factory=threading.Event)
 
 
 def looks_complete(text: str) -> bool:
@@ -275,91 +260,6 @@ class Whisper:
         words = self.model.find_alignment(self.tokenizer, [tokens], encoded, frames)[0]
         return ANNOTATION.sub("", "".join(w["word"] for w in words
                                           if w["start"] < split_s)).strip()
-
-
-def group_similar(jobs: list[Job], max_batch: int) -> list[list[int]]:
-    """CPU batching: indices of ``jobs`` in groups decoded together, shortest group first.
-    A group holds jobs of similar length (the longest at most SIMILAR times the shortest,
-    or all under 2 s): a batch costs about what its longest member costs, so a short
-    utterance batched with a long one would wait for it.  Jobs with previous text and
-    without it are never in one group (see Whisper._prompts)."""
-    groups: list[list[int]] = []
-    for prompted in (False, True):
-        order = sorted((i for i, j in enumerate(jobs) if bool(j.prompt) == prompted),
-                       key=lambda i: len(jobs[i].audio))
-        for i in order:
-            g = groups[-1] if groups and bool(jobs[groups[-1][0]].prompt) == prompted else None
-            if g and len(g) < max_batch \
-                    and len(jobs[i].audio) <= max(SIMILAR * len(jobs[g[0]].audio), 2 * SR):
-                g.append(i)
-            else:
-                groups.append([i])
-    groups.sort(key=lambda g: len(jobs[g[0]].audio))
-    return groups
-
-
-def group_by_prompt(jobs: list[Job], max_batch: int) -> list[list[int]]:
-    """CUDA: all that wait in one batch (a GPU batch costs little more than one item),
-    but those with previous text apart from those without (see Whisper._prompts)."""
-    groups = [[i for i, j in enumerate(jobs) if not j.prompt],
-              [i for i, j in enumerate(jobs) if j.prompt]]
-    return [g for g in groups if g]
-
-
-class MicroBatcher:
-    """Utterances that wait together share one call of ``fn`` (a list of items -> a list
-    of results): those arriving within ``wait_s`` of the first, and all that queued up
-    while the last batch ran.  ``split`` cuts what waits into groups run one after the
-    other (each group's results are handed out as soon as it is done)."""
-
-    def __init__(self, fn: Callable[[list], list], max_batch: int,
-                 run: Callable[..., Awaitable], wait_s: float = 0.005,
-                 split: Callable[[list, int], list[list[int]]] | None = None):
-        self.fn, self.max_batch, self.run, self.wait_s = fn, max_batch, run, wait_s
-        self.split = split
-        self.queue: asyncio.Queue | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.server: asyncio.Task | None = None
-
-    async def submit(self, item):
-        loop = asyncio.get_running_loop()
-        if self.loop is not loop:  # created on first use, inside the (current) event loop
-            self.queue, self.loop = asyncio.Queue(), loop
-            self.server = loop.create_task(self._serve(self.queue))
-        future = asyncio.get_running_loop().create_future()
-        await self.queue.put((item, future))
-        return await future
-
-    async def _serve(self, queue: asyncio.Queue) -> None:
-        while True:
-            batch = [await queue.get()]
-            deadline = time.monotonic() + self.wait_s
-            while len(batch) < self.max_batch and (left := deadline - time.monotonic()) > 0:
-                try:
-                    batch.append(await asyncio.wait_for(queue.get(), left))
-                except asyncio.TimeoutError:
-                    break
-            while len(batch) < self.max_batch and not queue.empty():
-                batch.append(queue.get_nowait())
-            items = [item for item, _ in batch]
-            groups = self.split(items, self.max_batch) if self.split else [list(range(len(batch)))]
-            for group in groups:
-                live = [batch[i] for i in group if not batch[i][1].done()]  # cancelled: stale
-                if live:
-                    await self._run(live)
-
-    async def _run(self, batch: list) -> None:
-        try:
-            results = await self.run(self.fn, [item for item, _ in batch])
-            if len(batch) > 1:
-                BATCHED.inc(len(batch))
-            for (_, fut), result in zip(batch, results):
-                if not fut.done():
-                    fut.set_result(result)
-        except Exception as e:
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(e)
 
 
 class SttStage(Stage):
