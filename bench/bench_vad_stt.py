@@ -95,7 +95,8 @@ def decision_delays(name: str) -> tuple[list[float], list[float]]:
 
 def stt_latency(runs: int = 5) -> list[tuple[float, float, float]]:
     """(seconds, median ms with the short window, median ms over whisper's 30 s window)."""
-    stt = SttStage(config.load({}, environ={}))
+    # a new utterance each time (incremental off: a repeat would be "the same again")
+    stt = SttStage(config.load({"stt_incremental": False}, environ={}))
     stt.setup()
     pcm = np.tile(load("jfk.wav"), 2)
     rows = []
@@ -115,7 +116,7 @@ def stt_latency(runs: int = 5) -> list[tuple[float, float, float]]:
         full = []
         for _ in range(max(2, runs // 2)):
             t = time.perf_counter()
-            stt.whisper._decode(feats, FULL_WINDOW, 200)
+            stt.whisper._decode(feats, FULL_WINDOW, 200, [stt.whisper.prompt], [Job(piece)])
             full.append((time.perf_counter() - t) * 1000)
         rows.append((seconds, statistics.median(times), statistics.median(full)))
     return rows
