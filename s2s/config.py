@@ -90,8 +90,9 @@ class Settings:
     stt_cpu_batch_size: int = opt(4, "On CPU, utterances waiting at the same time (of similar "
                                      "length) transcribed together as one batch (1: one by one).",
                                   "stt")
-    stt_incremental: bool = opt(True, "A continued thought decodes only its new audio, with the "
-                                      "text so far as the prompt (else all of it again).", "stt")
+    stt_incremental: bool = opt(True, "A thought continued after a pause is decoded from its "
+                                      "previous pause on, with the text before it as the "
+                                      "prompt (else all of it again).", "stt")
 
     # --- llm ------------------------------------------------------------------------
     llm_backend: str = opt("transformers", "LLM backend: transformers, vllm or openai.", "llm")
