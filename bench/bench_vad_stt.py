@@ -152,36 +152,43 @@ def stt_stage(**overrides) -> SttStage:
 
 
 def compare_sequence(whole: SttStage, incr: SttStage, utts: list[Utterance], runs: int = 3
-                     ) -> tuple[list[float], list[float], str, str]:
+                     ) -> tuple[list[float], list[float], float, str, str]:
     """Each utterance in turn, as the stack sends them, through both stages: CPU ms
-    each (one model thread: on an idle machine the wall time), the best of ``runs``,
-    whole and incremental interleaved so that others' load hits both alike (the
-    incremental stage's record is put back before each repeat); and the final
-    transcripts (the last piece of each thought, joined)."""
+    each until the transcript is out (one model thread: on an idle machine the wall
+    time), the best of ``runs``, whole and incremental interleaved so that others' load
+    hits both alike (the incremental stage's record is put back before each repeat);
+    the CPU ms the incremental stage spends after its transcripts (preparing the next
+    piece: word alignment), summed; and the final transcripts (the last piece of each
+    thought, joined)."""
     incr.local.clear()
 
-    async def once(stt: SttStage, u: Utterance) -> tuple[float, str]:
+    async def once(stt: SttStage, u: Utterance) -> tuple[float, float, str]:
         t = time.process_time()  # CPU time of this process: others' load barely moves it
-        out = [o async for o in stt.process(u)]
-        return (time.process_time() - t) * 1000, out[0].text if out else ""
+        text, took = "", None
+        async for o in stt.process(u):
+            text, took = o.text, time.process_time() - t
+        total = time.process_time() - t
+        took = total if took is None else took
+        return took * 1000, (total - took) * 1000, text
 
     async def run():
-        w_ms, i_ms, w_fin, i_fin = [], [], {}, {}
+        w_ms, i_ms, after, w_fin, i_fin = [], [], 0.0, {}, {}
         for u in utts:
             record = incr.local.get(u.sid)
-            best_w = best_i = float("inf")
+            best_w = best_i = best_after = float("inf")
             for _ in range(runs):
-                ms, w_fin[u.start_s] = await once(whole, u)
+                ms, _, w_fin[u.start_s] = await once(whole, u)
                 best_w = min(best_w, ms)
                 if record is not None:
                     incr.local[u.sid] = record
                 else:
                     incr.local.pop(u.sid, None)
-                ms, i_fin[u.start_s] = await once(incr, u)
-                best_i = min(best_i, ms)
+                ms, later, i_fin[u.start_s] = await once(incr, u)
+                best_i, best_after = min(best_i, ms), min(best_after, later)
             w_ms.append(best_w)
             i_ms.append(best_i)
-        return w_ms, i_ms, " ".join(w_fin.values()), " ".join(i_fin.values())
+            after += best_after
+        return w_ms, i_ms, after, " ".join(w_fin.values()), " ".join(i_fin.values())
     return asyncio.run(run())
 
 
@@ -200,7 +207,7 @@ def incremental_rows() -> list[str]:
     for name in ("jfk.wav", "lecture.wav"):
         utts = vad_utterances(name)
         compare_sequence(whole, incr, utts[:1], 1)  # warm-up
-        w_ms, i_ms, w_text, i_text = compare_sequence(whole, incr, utts)
+        w_ms, i_ms, after, w_text, i_text = compare_sequence(whole, incr, utts)
         last = {u.start_s: u for u in utts}
         seen: set[float] = set()
         for u, a, b in zip(utts, w_ms, i_ms):
@@ -208,13 +215,53 @@ def incremental_rows() -> list[str]:
             seen.add(u.start_s)
             rows.append(f"| {name} {u.start_s:.1f}–{u.end_s:.1f} s ({how}, {u.seconds:.1f} s "
                         f"of audio) | {a:.0f} ms | {b:.0f} ms |")
-        rows.append(f"| **{name} total STT** | {sum(w_ms):.0f} ms | {sum(i_ms):.0f} ms |")
+        rows.append(f"| **{name} total STT CPU** (incremental: + preparing the next piece "
+                    f"after each transcript) | {sum(w_ms):.0f} ms | {sum(i_ms):.0f} + "
+                    f"{after:.0f} ms |")
         rows.append(f"| **{name} STT of the last piece of each thought** (waited for) | "
                     f"{sum(a for u, a in zip(utts, w_ms) if last[u.start_s] is u):.0f} ms | "
                     f"{sum(b for u, b in zip(utts, i_ms) if last[u.start_s] is u):.0f} ms |")
         rows.append(f"| **{name} WER** of the final transcripts (of each thought) | "
                     f"{wer(refs[name], w_text):.1%} | {wer(refs[name], i_text):.1%} |")
         print(f"{name} whole:       {w_text}\n{name} incremental: {i_text}\n", flush=True)
+    return rows
+
+
+def _utterances_of(pcm: np.ndarray, sid: str) -> list[Utterance]:
+    pcm = np.concatenate([pcm, np.zeros(2 * SR, np.int16)])
+    return [u for u, _ in asyncio.run(_stream(_vad_stage(), pcm))]
+
+
+def eval_set_rows() -> list[str]:
+    """The evaluation set's dictation turns (Piper and espeak voices, 0.5-1.2 s pauses
+    mid-thought): WER of the final transcripts, whole vs incremental, against the text
+    that was spoken (numbers said as words, so digits count as errors both ways)."""
+    import tempfile
+
+    from s2s.bench.eval_set import CONVERSATIONS, Voices
+    whole, incr = stt_stage(stt_incremental=False), stt_stage(stt_incremental=True)
+    voices = Voices(Path(tempfile.gettempdir()) / "s2s-eval-audio")
+    rows, refs, w_all, i_all, w_ms, i_ms = [], [], [], [], 0.0, 0.0
+    for conv in CONVERSATIONS:
+        if conv.group != "dictation":
+            continue
+        for turn in conv.turns:
+            try:
+                pcm, _ = voices.turn_audio(conv.voice, turn)
+            except Exception as e:  # a voice that is not installed: say so, go on
+                rows.append(f"| {conv.id} | (no audio: {e}) | |")
+                continue
+            utts = _utterances_of(pcm, "bench")
+            a, b, after, w_text, i_text = compare_sequence(whole, incr, utts, 1)
+            w_ms, i_ms = w_ms + sum(a), i_ms + sum(b) + after
+            refs.append(turn.text)
+            w_all.append(w_text)
+            i_all.append(i_text)
+            rows.append(f"| {conv.id} ({len(utts)} pieces) | {wer(turn.text, w_text):.0%} | "
+                        f"{wer(turn.text, i_text):.0%} |")
+    rows.append(f"| **all {len(refs)} dictation turns** (CPU {w_ms:.0f} / {i_ms:.0f} ms) | "
+                f"{wer(' '.join(refs), ' '.join(w_all)):.1%} | "
+                f"{wer(' '.join(refs), ' '.join(i_all)):.1%} |")
     return rows
 
 
@@ -285,9 +332,13 @@ def main() -> None:
 
 def stt_main() -> None:
     rows = incremental_rows()
-    print("| utterance the VAD sent (CPU ms, best of 3) | STT whole | STT incremental |")
+    print("| utterance the VAD sent (CPU ms to the transcript, best of 3) | STT whole | "
+          "STT incremental |")
     print("|---|---|---|")
     print("\n".join(rows))
+    print("\n| eval-set dictation turn | WER whole | WER incremental |")
+    print("|---|---|---|")
+    print("\n".join(eval_set_rows()))
     print("\n| decode (CPU ms, best of 3) | one by one | one batch |")
     print("|---|---|---|")
     print("\n".join(batch_rows()))
