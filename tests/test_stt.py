@@ -371,6 +371,29 @@ async def test_waiting_utterances_are_batched_and_heard_the_same(stt):
 
 
 @pytest.mark.slow
+async def test_a_short_utterance_is_not_held_behind_a_long_one(stt):
+    """Two sessions wait together, one with 15 s of speech and one with 2 s: they are not
+    batched, and the short one's transcript comes first."""
+    lecture = load_pcm16(DATA / "lecture.wav")
+    jfk = load_pcm16(DATA / "jfk.wav")
+    w = worker(stt, None)
+    w.batcher = MicroBatcher(w.whisper.decode_jobs, 4, w.run_blocking, 0.01, group_similar)
+    done: list[str] = []
+
+    async def one(sid, pcm):
+        out = await transcribe(w, Utterance(sid=sid, pcm=pcm.tobytes(), sr=SR))
+        done.append(sid)
+        return out[0].text
+    before = BATCHED._value.get()
+    long_text, short_text = await asyncio.gather(
+        one("long", lecture[int(9.3 * SR):int(24.3 * SR)]),
+        one("short", jfk[int(0.2 * SR):int(2.4 * SR)]))
+    assert done == ["short", "long"] and BATCHED._value.get() == before
+    assert wer("and so my fellow americans", short_text) <= 0.25, short_text
+    assert "political philosophy" in long_text.lower(), long_text
+
+
+@pytest.mark.slow
 def test_prompted_utterances_batch_together(stt, jfk_pieces):
     """Continued thoughts of two sessions (previous text of different lengths) share one
     batch; previous text cannot be mixed with none in one."""
