@@ -98,10 +98,16 @@ def words(text: str) -> list[str]:
 def advance(thought: Thought, known: Thought, head: str) -> Thought:
     """``thought`` (decoded from ``known.base`` on) with the next start moved to the pause
     where ``known`` ended, ``head`` being the words this decode heard before that pause.
-    It moves only if this decode and the last agree on how many words lie before it:
-    else the cut by word alignment may be off (a word doubled or lost at the seam), and
-    the next piece starts from the same pause as this one.  (A word may still differ:
-    "america" at a pause, "Americans" with more audio; the newer decode is kept.)"""
-    if len(words(head)) != len(words(known.text)) - len(words(known.base_text)):
+    It moves only if this decode and the last agree on those words (streaming whisper's
+    "local agreement"): whisper often changes its mind about earlier words once more
+    audio follows (jfk.wav's "ass not" became "ask not"; a dictated "10001" heard as
+    "1001" came right again), and the word alignment may cut a word on the wrong side
+    of the pause.  One difference is allowed: the last word of the last decode, cut by
+    the pause, may be a shorter or longer form of the new one ("america" at the pause,
+    "Americans" with more audio; the newer decode is kept).  Else the next piece starts
+    from the same pause as this one, and hears those words again."""
+    new, old = words(head), words(known.text)[len(words(known.base_text)):]
+    if not old or len(new) != len(old) or new[:-1] != old[:-1] \
+            or not (new[-1].startswith(old[-1]) or old[-1].startswith(new[-1])):
         return thought
     return replace(thought, base=known.samples, base_text=join(known.base_text, head))
