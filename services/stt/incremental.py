@@ -17,7 +17,8 @@ not what your country can do for you" came out as "country"), and the word at a 
 often wrong ("and so my fellow america" at jfk's first pause); heard again with the
 audio before it, whisper gets both right.  Where the overlap's words end is found with
 whisper's word alignment (cross-attention DTW) of that decode: the words that start
-before the last pause join ``base_text`` for the next piece.  Every cut lies inside a
+before the last pause join ``base_text`` for the next piece, if the last decode heard
+the same words there (``advance``).  Every cut lies inside a
 pause (the VAD sent the piece after ``vad_min_silence_ms`` of silence; the piece ends
 ``vad_speech_pad_ms`` into it), so no word straddles it.
 
