@@ -10,13 +10,13 @@ Decoding is otherwise what ``transcribe(beam_size, language, without_timestamps=
 True, vad_filter=False, condition_on_previous_text=False)`` does for one window.
 
 Several waiting utterances are stacked into one encoder/decoder batch
-(``MicroBatcher``).  On CUDA any that wait together.  On one CPU thread a batch
-costs about as much as its longest member (the decoder's matrix-vector steps become
-matrix-matrix ones: 2 utterances ~25% less time than one after the other, 4 ~25%
-less; `s2s.bench.bench_vad_stt`), but only when their lengths are similar: so on CPU
-waiting utterances are grouped by length (``group_similar``) and the group of the
-shortest runs first, so a short transcript is never held back behind another
-session's long utterance.
+(``batching``).  On CUDA any that wait together.  On one CPU thread a batch of
+similar utterances costs less than one after the other (the decoder's matrix-vector
+steps become matrix-matrix ones: 2 of ~4 s ~30% less CPU, 4 ~30-45% less; `python -m
+s2s.bench.bench_vad_stt --only stt`), but a batch lasts as long as its longest member:
+so on CPU waiting utterances are grouped by length (``group_similar``) and the group of
+the shortest runs first, so a short transcript is never held back behind another
+session's long utterance.  The worker takes ``stt_cpu_batch_size`` entries at once.
 
 A thought continued after a pause is decoded from its previous pause on, with the
 text before that as the prompt (``incremental``).
