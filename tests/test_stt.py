@@ -394,6 +394,19 @@ async def test_a_short_utterance_is_not_held_behind_a_long_one(stt):
 
 
 @pytest.mark.slow
+def test_words_before_a_pause_are_found_alone_and_in_a_batch(stt, jfk_pieces):
+    """The word alignment that prepares the next piece: the words before the first pause
+    of jfk.wav's second piece, for one utterance and for each member of a batch."""
+    audio = pcm16_to_float(jfk_pieces[1].pcm)
+    split_s = len(jfk_pieces[0].pcm) / 2 / SR
+    alone = stt.whisper.decode_jobs([Job(audio, split_s=split_s)])[0].aligner()
+    batch = stt.whisper.decode_jobs([Job(audio, split_s=split_s), Job(audio[:], split_s=split_s),
+                                     Job(audio)])
+    assert wer("and so my fellow americans", alone) <= 0.2, alone
+    assert [h.aligner() for h in batch[:2]] == [alone, alone] and batch[2].aligner is None
+
+
+@pytest.mark.slow
 def test_prompted_utterances_batch_together(stt, jfk_pieces):
     """Continued thoughts of two sessions (previous text of different lengths) share one
     batch; previous text cannot be mixed with none in one."""

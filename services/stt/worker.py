@@ -102,7 +102,7 @@ class Heard:
     tokens: int = 0
     # when the job has a ``split_s``: blocking, the words that start before it (word
     # alignment; run after the transcript is sent, it only prepares the next piece)
-    aligner: Callable[[], str] | None = None
+    aligner: Callable[[], str | None] | None = None
 
 
 def looks_complete(text: str) -> bool:
@@ -245,19 +245,30 @@ class Whisper:
                       r.scores[0] * len(tokens) / (len(tokens) + 1), r.no_speech_prob,
                       language, len(tokens))
             if jobs[i].split_s is not None:
-                h.aligner = functools.partial(
-                    self._head, encoded if len(jobs) == 1 else ctranslate2.StorageView.from_array(
-                        np.ascontiguousarray(np.asarray(encoded)[i:i + 1])),
-                    tokens, feats[i].shape[1], jobs[i].split_s)
+                h.aligner = functools.partial(self._head, encoded, i, len(jobs), tokens,
+                                              feats[i].shape[1], jobs[i].split_s)
             heard.append(h)
         return heard
 
-    def _head(self, encoded, tokens: list[int], frames: int, split_s: float) -> str:
-        """The words of ``tokens`` that start before ``split_s`` (word alignment from the
-        decoder's cross-attention, as faster-whisper's word timestamps)."""
+    def _head(self, encoded, i: int, n: int, tokens: list[int], frames: int,
+              split_s: float) -> str | None:
+        """Blocking: the words of ``tokens`` that start before ``split_s`` (word alignment
+        from the decoder's cross-attention, as faster-whisper's word timestamps) for item
+        ``i`` of a batch of ``n``; None if it cannot be found (the next piece then starts
+        where this one did: slower, never wrong)."""
         if not tokens:
             return ""
-        words = self.model.find_alignment(self.tokenizer, [tokens], encoded, frames)[0]
+        try:
+            if n > 1:  # this item's encoder output (on the CPU; align moves it back)
+                if encoded.device != "cpu":
+                    encoded = encoded.to_device(ctranslate2.Device.cpu)
+                encoded = ctranslate2.StorageView.from_array(
+                    np.ascontiguousarray(np.asarray(encoded)[i:i + 1]))
+            words = self.model.find_alignment(self.tokenizer, [tokens], encoded, frames)[0]
+        except Exception as e:  # an engine that cannot align: no word positions
+            log.warning("word alignment failed (%s): the next piece decodes from further "
+                        "back", e)
+            return None
         return ANNOTATION.sub("", "".join(w["word"] for w in words
                                           if w["start"] < split_s)).strip()
 
@@ -339,7 +350,9 @@ class SttStage(Stage):
         yield out
         if self.settings.stt_incremental:  # for the next piece; the transcript is out
             if heard.aligner is not None and known is not None:
-                thought = advance(thought, known, await self.run_blocking(heard.aligner))
+                head = await self.run_blocking(heard.aligner)
+                if head is not None:
+                    thought = advance(thought, known, head)
             await self._remember(frame.sid, thought)
 
     async def _continue(self, frame: Utterance, audio: np.ndarray,
