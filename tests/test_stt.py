@@ -230,7 +230,6 @@ async def test_continued_thought_decodes_from_the_last_pause_on_any_worker(stt, 
         assert record is not None and record.samples * 2 == len(jfk_pieces[-1].pcm)
         assert 0 < record.base < record.samples and record.base_text
         assert await bus.redis.ttl(keys.stage_state("s1", "stt")) > 0  # expires with the session
-        assert keys.stage_state("s1", "stt") in keys.session_keys("s1")
     finally:
         await bus.close()
 
