@@ -86,7 +86,8 @@ ANNOTATION = re.compile(r"\[[^\]]*\]|\([^)]*\)|\*[^*]*\*|♪+")  # [BLANK_AUDIO]
 
 DECODES = Counter("s2s_stt_decodes", "Utterances by how they were decoded: whole, incremental (a "
                   "continued thought: from its previous pause on, the text before as the "
-                  "prompt), redone (such a decode heard nothing new: decoded whole), same "
+                  "prompt), redone (such a decode heard fewer words than the last: decoded "
+                  "whole), same "
                   "(the same utterance again: nothing decoded), miss (a stored thought did not "
                   "match this audio: decoded whole).", ["how"])
 DROPPED = Counter("s2s_stt_dropped", "Utterances whose transcript was dropped, by reason "
