@@ -480,6 +480,12 @@ class Bus:
         pipe.expire(keys.prefs(sid), self.settings.session_ttl_s)
         await pipe.execute()
 
+    async def stage_value(self, sid: str, stage: str) -> bytes | None:
+        return await self.redis.get(keys.stage_state(sid, stage))
+
+    async def set_stage_value(self, sid: str, stage: str, value: str) -> None:
+        await self.redis.set(keys.stage_state(sid, stage), value, ex=self.settings.session_ttl_s)
+
     async def prefs(self, sid: str) -> dict[str, str]:
         raw = await self.redis.hgetall(keys.prefs(sid))
         return {k.decode(): v.decode("utf-8", "replace") for k, v in raw.items()}

@@ -91,6 +91,13 @@ class Settings:
     stt_beam_size: int = opt(1, "Beam size for decoding (1 is greedy and fastest).", "stt")
     stt_language: str = opt("en", "Language of the speech (empty: detect).", "stt")
     stt_batch_size: int = opt(8, "On CUDA, utterances transcribed together as one batch.", "stt")
+    stt_cpu_batch_size: int = opt(4, "On CPU, utterances waiting at the same time (of similar "
+                                     "length) transcribed together as one batch (1: one by one). "
+                                     "A worker takes that many entries at once: with several "
+                                     "STT workers, 1 spreads them over the workers.", "stt")
+    stt_incremental: bool = opt(True, "A thought continued after a pause is decoded from its "
+                                      "previous pause on, with the text before it as the "
+                                      "prompt (else all of it again).", "stt")
 
     # --- llm ------------------------------------------------------------------------
     llm_backend: str = opt("transformers", "LLM backend: transformers, vllm or openai.", "llm")

@@ -66,6 +66,14 @@ def prefs(sid: str) -> str:
     return f"s2s:prefs:{{{sid}}}"
 
 
+def stage_state(sid: str, stage: str) -> str:
+    """A shared stage's small per-session value (STT: the thought heard so far), so the
+    next turn may go to any worker of that stage.  Written with the session TTL and
+    refreshed with every turn, it expires on its own (not in ``session_keys``: only that
+    stage's ACL user may touch it)."""
+    return f"s2s:stage:{{{sid}}}:{stage}"
+
+
 def session_keys(sid: str) -> list[str]:
     return [audio(sid), out(sid), turn(sid), ctx(sid), vad_pos(sid), vad_state(sid), owner(sid),
             prefs(sid), session_gateway(sid)]

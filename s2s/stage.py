@@ -51,6 +51,13 @@ class SessionState:
         """What the client asked for (``instructions``, ``heard:<turn>``): see keys.prefs."""
         return await self._call(self._bus.prefs, sid)
 
+    async def load_own(self, sid: str, stage: str) -> bytes | None:
+        """A stage's own small per-session value (``save_own``), None when there is none."""
+        return await self._call(self._bus.stage_value, sid, stage)
+
+    async def save_own(self, sid: str, stage: str, value: str) -> None:
+        await self._call(self._bus.set_stage_value, sid, stage, value)
+
     async def load(self, sid: str, default: Any = None) -> Any:
         raw = await self._call(self._bus.redis.get, keys.ctx(sid))
         return json.loads(raw) if raw else default

@@ -1,4 +1,5 @@
-"""SttStage with the bundled faster-whisper tiny.en on real speech (no Redis)."""
+"""SttStage with the bundled faster-whisper tiny.en on real speech; the incremental
+decode of continued thoughts with the real VAD's cuts and a real Redis."""
 
 from __future__ import annotations
 
@@ -8,10 +9,16 @@ import re
 import numpy as np
 import pytest
 
-from s2s import config
+from s2s import config, keys
+from s2s.audio import pcm16_to_float
+from s2s.bench.bench_vad_stt import vad_utterances
+from s2s.bus import Bus
 from s2s.frames import Utterance
-from s2s.services.stt.worker import (DROPPED, Heard, MicroBatcher, SttStage, drop_reason, is_loop,
-                                 looks_complete)
+from s2s.services.stt.batching import BATCHED, Job, MicroBatcher, group_similar
+from s2s.services.stt.incremental import Thought, prefix_of
+from s2s.services.stt.worker import DECODES, DROPPED, Heard, SttStage, drop_reason, is_loop, \
+    looks_complete
+from s2s.stage import SessionState
 from tests.conftest import DATA, JFK_TEXT, load_pcm16
 
 SR = 16000
@@ -153,6 +160,260 @@ async def test_micro_batcher_gathers_waiting_items():
 
 
 def test_concurrency_follows_the_device():
-    cpu = SttStage(config.load({"device": "cpu"}, environ={}))
+    cpu = SttStage(config.load({"device": "cpu", "stt_cpu_batch_size": 3}, environ={}))
+    one = SttStage(config.load({"device": "cpu", "stt_cpu_batch_size": 1}, environ={}))
     cuda = SttStage(config.load({"device": "cuda", "stt_batch_size": 6}, environ={}))
-    assert (cpu.concurrency, cuda.concurrency) == (1, 6)
+    assert (cpu.concurrency, one.concurrency, cuda.concurrency) == (3, 1, 6)
+
+
+# --- incremental STT: a thought continued after pauses -----------------------------------
+
+@pytest.fixture(scope="module")
+def jfk_pieces() -> list[Utterance]:
+    """jfk.wav as the real VAD sends it: one thought, sent again longer after each pause."""
+    pieces = vad_utterances("jfk.wav")
+    assert len(pieces) >= 3 and len({u.start_s for u in pieces}) == 1
+    return pieces
+
+
+def decodes(how: str) -> float:
+    return DECODES.labels(how)._value.get()
+
+
+def counts() -> dict[str, float]:
+    return {h: decodes(h) for h in ("whole", "incremental", "redone", "same", "miss")}
+
+
+def worker(stt: SttStage, state: SessionState | None) -> SttStage:
+    """Another STT worker with the same loaded model (and its own batcher)."""
+    other = SttStage(stt.settings)
+    other.whisper = stt.whisper
+    other.batcher = None  # the unbatched path: one decode per call
+    if state is not None:
+        other.state = state
+    return other
+
+
+def with_turn(u: Utterance, turn: int, pcm: bytes | None = None) -> Utterance:
+    return Utterance(sid="s1", turn=turn, pcm=pcm if pcm is not None else u.pcm, sr=u.sr,
+                     start_s=u.start_s, end_s=u.end_s, marks=dict(u.marks))
+
+
+@pytest.mark.slow
+async def test_continued_thought_decodes_from_the_last_pause_on_any_worker(stt, settings,
+                                                                          jfk_pieces):
+    """Pieces of one thought alternate between two workers sharing only Redis: every piece
+    after the first is decoded incrementally, and the transcripts are as accurate as
+    whole decodes of the same pieces."""
+    bus = Bus(settings)
+    try:
+        state = SessionState(bus)
+        a, b = worker(stt, state), worker(stt, state)
+        whole = worker(stt, None)
+        whole.settings = config.load({"stt_incremental": False}, environ={})
+        before = counts()
+        texts, whole_texts = [], []
+        for i, u in enumerate(jfk_pieces):
+            out = await transcribe((a, b)[i % 2], with_turn(u, i + 1))
+            texts.append(out[0].text)
+            whole_texts.append((await transcribe(whole, with_turn(u, i + 1)))[0].text)
+        after = counts()
+        # every piece decoded once (no redo); the later ones from a pause on, not whole
+        assert after["whole"] + after["incremental"] - before["whole"] - before["incremental"] \
+            == 2 * len(jfk_pieces)
+        assert after["incremental"] - before["incremental"] >= 1
+        assert after["redone"] == before["redone"]
+        assert wer(JFK_TEXT, texts[-1]) <= 0.10, texts[-1]
+        for text, reference in zip(texts, whole_texts):  # each piece, not only the last
+            assert wer(reference, text) <= 0.2, (reference, text)
+        record = Thought.loads(await bus.redis.get(keys.stage_state("s1", "stt")))
+        assert record is not None and record.samples * 2 == len(jfk_pieces[-1].pcm)
+        assert 0 < record.base < record.samples and record.base_text
+        assert await bus.redis.ttl(keys.stage_state("s1", "stt")) > 0  # expires with the session
+    finally:
+        await bus.close()
+
+
+@pytest.mark.slow
+async def test_the_next_start_moves_only_when_two_decodes_agree_on_the_seam(stt, jfk_pieces):
+    """The words before a pause, counted by this decode and by the last: if they differ
+    (a word doubled or lost at the cut), the next piece starts from the same pause."""
+    w = worker(stt, None)
+    await transcribe(w, with_turn(jfk_pieces[0], 1))
+    await transcribe(w, with_turn(jfk_pieces[1], 2))
+    good = w.local["s1"]
+    assert good.base > 0 and good.base_text  # the first two agreed: it moved
+    # as if the last decode had heard one word more before its end than this one will
+    w.local["s1"] = Thought(**{**good.__dict__, "text": good.text + " uh"})
+    await transcribe(w, with_turn(jfk_pieces[2], 3))
+    stuck = w.local["s1"]
+    assert (stuck.base, stuck.base_text) == (good.base, good.base_text)
+    assert stuck.samples * 2 == len(jfk_pieces[2].pcm)
+    out = await transcribe(w, with_turn(jfk_pieces[-1], 4))
+    assert wer(JFK_TEXT, out[0].text) <= 0.10, out[0].text
+
+
+@pytest.mark.slow
+async def test_a_record_that_does_not_match_the_audio_is_not_used(stt, settings, jfk_pieces):
+    """A miss costs only time: other audio under the same thought start (a VAD takeover
+    cut it differently), a malformed record, or none at all -> a whole decode."""
+    bus = Bus(settings)
+    try:
+        w = worker(stt, SessionState(bus))
+        first, last = jfk_pieces[0], jfk_pieces[-1]
+        await transcribe(w, with_turn(first, 1))
+        changed = bytearray(last.pcm)
+        changed[100:104] = b"\x10\x00\x10\x00"  # two samples differ inside the known prefix
+        before = counts()
+        out = await transcribe(w, with_turn(last, 2, bytes(changed)))
+        assert decodes("miss") == before["miss"] + 1 and decodes("whole") == before["whole"] + 1
+        assert wer(JFK_TEXT, out[0].text) <= 0.10, out[0].text
+        for junk in (b"{not json", b'{"start_s": 0.35}', b'{"start_s": 0.35, "sr": 16000, '
+                     b'"samples": -5, "crc": 1, "text": "x", "base": 0}'):
+            await bus.redis.set(keys.stage_state("s1", "stt"), junk)
+            before = counts()
+            out = await transcribe(w, with_turn(last, 3))
+            assert decodes("whole") == before["whole"] + 1, junk
+            assert wer(JFK_TEXT, out[0].text) <= 0.10, out[0].text
+    finally:
+        await bus.close()
+
+
+@pytest.mark.slow
+async def test_a_redelivered_utterance_is_not_decoded_again(stt, jfk_pieces):
+    w = worker(stt, None)
+    first = await transcribe(w, with_turn(jfk_pieces[1], 2))
+    before = counts()
+    again = await transcribe(w, with_turn(jfk_pieces[1], 2))
+    assert decodes("same") == before["same"] + 1 and decodes("whole") == before["whole"]
+    assert again[0].text == first[0].text
+
+
+def test_prefix_needs_the_same_audio():
+    pcm = np.arange(1000, dtype=np.int16).tobytes()
+    t = Thought.loads(Thought(start_s=1.0, sr=SR, samples=400, crc=__import__("zlib").crc32(
+        pcm[:800]), text="hi").dumps())
+    assert prefix_of(t, pcm, SR, 1.0) is t
+    assert prefix_of(t, pcm, SR, 2.0) is None                         # another thought
+    assert prefix_of(t, pcm, 8000, 1.0) is None                       # another rate
+    assert prefix_of(t, pcm[:600], SR, 1.0) is None                   # less audio than known
+    assert prefix_of(t, b"\x01" + pcm[1:], SR, 1.0) is None           # other audio
+    assert Thought.loads(b"") is None and Thought.loads(b"[1]") is None
+    assert Thought.loads(b'{"start_s": 1, "sr": 16000, "samples": 4, "crc": 0, "text": "a", '
+                         b'"base": 9}') is None                        # base past the end
+
+
+# --- stale work and batching ------------------------------------------------------------
+
+@pytest.mark.slow
+def test_superseded_job_skips_the_decoder(stt, jfk_pieces):
+    audio = pcm16_to_float(jfk_pieces[0].pcm)
+    live, stale = Job(audio), Job(audio)
+    stale.stop.set()
+    assert stt.whisper.decode_jobs([stale]) == [None]
+    heard = stt.whisper.decode_jobs([live])[0]
+    assert heard is not None and wer("and so my fellow americans", heard.text) <= 0.25
+
+
+@pytest.mark.slow
+async def test_a_cancelled_stage_call_marks_its_job_stopped(stt, jfk_pieces):
+    """What the runtime does to a superseded turn's work: cancel it.  The job's stop is
+    set, so a batch not yet at its decoder skips it."""
+    jobs = []
+    w = worker(stt, None)
+    original = w.whisper.decode_jobs
+
+    class Spy:  # the real decode, noting which jobs it was given
+        def __call__(self, js):
+            jobs.extend(js)
+            return original(js)
+    w.batcher = MicroBatcher(Spy(), 1, w.run_blocking)
+    task = asyncio.create_task(w.heard(pcm16_to_float(jfk_pieces[0].pcm)))
+    while not jobs:
+        await asyncio.sleep(0.001)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert jobs[0].stop.is_set()
+
+
+def test_group_similar_keeps_short_utterances_apart_from_long_ones():
+    def job(seconds, prompt=""):
+        return Job(np.zeros(int(seconds * SR), np.float32), prompt)
+    jobs = [job(10), job(4), job(4.5), job(1), job(1.5), job(5, "before"), job(4.2, "x")]
+    groups = group_similar(jobs, 4)
+    assert groups[0] == [3, 4]                 # the shortest first: all under 2 s
+    assert [1, 2] in groups and [6, 5] in groups  # similar lengths; prompted ones apart
+    assert groups[-1] == [0]                   # 10 s alone, last
+    assert sorted(i for g in groups for i in g) == list(range(len(jobs)))
+    assert all(len(g) <= 2 for g in group_similar([job(3)] * 5, 2))
+
+
+@pytest.mark.slow
+async def test_waiting_utterances_are_batched_and_heard_the_same(stt):
+    """Three sessions' utterances of similar length wait together: one batch, and each
+    transcript is what a decode on its own gives."""
+    jfk = load_pcm16(DATA / "jfk.wav")
+    lecture = load_pcm16(DATA / "lecture.wav")
+    pieces = [jfk[int(0.3 * SR):int(4.5 * SR)], lecture[int(9.3 * SR):int(13.5 * SR)],
+              jfk[int(5.3 * SR):int(9.5 * SR)]]
+    alone = [(await transcribe(worker(stt, None), Utterance(
+        sid=f"a{i}", pcm=p.tobytes(), sr=SR)))[0].text for i, p in enumerate(pieces)]
+    w = worker(stt, None)
+    w.batcher = MicroBatcher(w.whisper.decode_jobs, 4, w.run_blocking, 0.01, group_similar)
+    before = BATCHED._value.get()
+    outs = await asyncio.gather(*[transcribe(w, Utterance(sid=f"b{i}", pcm=p.tobytes(), sr=SR))
+                                  for i, p in enumerate(pieces)])
+    assert BATCHED._value.get() == before + 3
+    for (out,), text in zip(outs, alone):
+        assert wer(text, out.text) <= 0.1, (text, out.text)
+
+
+@pytest.mark.slow
+async def test_a_short_utterance_is_not_held_behind_a_long_one(stt):
+    """Two sessions wait together, one with 15 s of speech and one with 2 s: they are not
+    batched, and the short one's transcript comes first."""
+    lecture = load_pcm16(DATA / "lecture.wav")
+    jfk = load_pcm16(DATA / "jfk.wav")
+    w = worker(stt, None)
+    w.batcher = MicroBatcher(w.whisper.decode_jobs, 4, w.run_blocking, 0.01, group_similar)
+    done: list[str] = []
+
+    async def one(sid, pcm):
+        out = await transcribe(w, Utterance(sid=sid, pcm=pcm.tobytes(), sr=SR))
+        done.append(sid)
+        return out[0].text
+    before = BATCHED._value.get()
+    long_text, short_text = await asyncio.gather(
+        one("long", lecture[int(9.3 * SR):int(24.3 * SR)]),
+        one("short", jfk[int(0.2 * SR):int(2.4 * SR)]))
+    assert done == ["short", "long"] and BATCHED._value.get() == before
+    assert wer("and so my fellow americans", short_text) <= 0.25, short_text
+    assert "political philosophy" in long_text.lower(), long_text
+
+
+@pytest.mark.slow
+def test_words_before_a_pause_are_found_alone_and_in_a_batch(stt, jfk_pieces):
+    """The word alignment that prepares the next piece: the words before the first pause
+    of jfk.wav's second piece, for one utterance and for each member of a batch."""
+    audio = pcm16_to_float(jfk_pieces[1].pcm)
+    split_s = len(jfk_pieces[0].pcm) / 2 / SR
+    alone = stt.whisper.decode_jobs([Job(audio, split_s=split_s)])[0].aligner()
+    batch = stt.whisper.decode_jobs([Job(audio, split_s=split_s), Job(audio[:], split_s=split_s),
+                                     Job(audio)])
+    assert wer("and so my fellow americans", alone) <= 0.2, alone
+    assert [h.aligner() for h in batch[:2]] == [alone, alone] and batch[2].aligner is None
+
+
+@pytest.mark.slow
+def test_prompted_utterances_batch_together(stt, jfk_pieces):
+    """Continued thoughts of two sessions (previous text of different lengths) share one
+    batch; previous text cannot be mixed with none in one."""
+    audio = pcm16_to_float(jfk_pieces[-1].pcm)[int(4.6 * SR):]
+    heard = stt.whisper.decode_jobs([Job(audio, "And so my fellow Americans, ask not"),
+                                     Job(audio, "ask not")])
+    for h in heard:
+        assert wer("what your country can do for you ask what you can do for your country",
+                   h.text) <= 0.2, h.text
+    with pytest.raises(ValueError):
+        stt.whisper.decode_jobs([Job(audio, "ask not"), Job(audio)])

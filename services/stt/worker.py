@@ -9,18 +9,31 @@ and a transcript that still looks like a loop is decoded again over 30 s.
 Decoding is otherwise what ``transcribe(beam_size, language, without_timestamps=
 True, vad_filter=False, condition_on_previous_text=False)`` does for one window.
 
-On CUDA several waiting utterances are stacked into one encoder/decoder batch
-(``MicroBatcher``); on CPU each utterance runs alone (concurrency 1).
+Several waiting utterances are stacked into one encoder/decoder batch
+(``batching``).  On CUDA any that wait together.  On one CPU thread a batch of
+similar utterances costs less than one after the other (the decoder's matrix-vector
+steps become matrix-matrix ones: 2 of ~4 s ~30% less CPU, 4 ~30-45% less; `python -m
+s2s.bench.bench_vad_stt --only stt`), but a batch lasts as long as its longest member:
+so on CPU waiting utterances are grouped by length (``group_similar``) and the group of
+the shortest runs first, so a short transcript is never held back behind another
+session's long utterance.  The worker takes ``stt_cpu_batch_size`` entries at once.
+
+A thought continued after a pause is decoded from its previous pause on, with the
+text before that as the prompt (``incremental``).
+A superseded turn is skipped before decoding, and its decode stops before the
+decoder runs when the turn goes stale during the encoder.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 import math
 import re
-import time
+import zlib
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import Callable
 
 import ctranslate2
 import numpy as np
@@ -33,12 +46,18 @@ from s2s.audio import pcm16_to_float, resample, rms_dbfs
 from s2s.frames import Transcript, Utterance
 from s2s.stage import Stage
 
+from .batching import Job, MicroBatcher, group_by_prompt, group_similar
+from .incremental import Thought, advance, join, prefix_of, same_thought, words
+
+log = logging.getLogger("s2s.stt")
+
 SR = 16000
 FRAMES_PER_S = 100          # log-mel frames per second of audio
 MIN_WINDOW = 1000           # 10 s: shorter windows make whisper loop
 PAD_FRAMES = 100            # 1 s of (padded) silence after the speech helps it stop
 FULL_WINDOW = 3000          # whisper's native 30 s
 LOOP_COMPRESSION = 2.4      # gzip ratio above which text is a repetition loop (whisper's own)
+PROMPT_TOKENS = 64          # previous-text tokens a continued thought's decode is prompted with
 TOKENS_PER_S = 12           # generous speech rate; caps a runaway decode
 NO_SPEECH_PROB = 0.6        # whisper's no-speech rule: this high and ...
 LOW_LOGPROB = -1.0          # ... this unsure -> silence or noise
@@ -65,6 +84,12 @@ NUMBER_WORDS = {
     "ninety", "hundred", "thousand", "double", "triple", "and", "point", "dash"}
 ANNOTATION = re.compile(r"\[[^\]]*\]|\([^)]*\)|\*[^*]*\*|♪+")  # [BLANK_AUDIO], (music), *cough*
 
+DECODES = Counter("s2s_stt_decodes", "Utterances by how they were decoded: whole, incremental (a "
+                  "continued thought: from its previous pause on, the text before as the "
+                  "prompt), redone (such a decode heard fewer words than the last: decoded "
+                  "whole), same "
+                  "(the same utterance again: nothing decoded), miss (a stored thought did not "
+                  "match this audio: decoded whole).", ["how"])
 DROPPED = Counter("s2s_stt_dropped", "Utterances whose transcript was dropped, by reason "
                   "(empty, no_speech, hallucination).", ["reason"])
 
@@ -75,6 +100,10 @@ class Heard:
     avg_logprob: float
     no_speech_prob: float
     language: str = ""
+    tokens: int = 0
+    # when the job has a ``split_s``: blocking, the words that start before it (word
+    # alignment; run after the transcript is sent, it only prepares the next piece)
+    aligner: Callable[[], str | None] | None = None
 
 
 def looks_complete(text: str) -> bool:
@@ -152,83 +181,97 @@ class Whisper:
         self.suppress = get_suppressed_tokens(self.tokenizer, [-1])
         self.beam_size = beam_size
 
-    def transcribe(self, audios: list[np.ndarray]) -> list[Heard]:
-        """Blocking: 16 kHz float32 utterances (≤ 30 s) -> what was heard in each."""
-        feats = [self.model.feature_extractor(a[:30 * SR]) for a in audios]
+    def transcribe(self, audios: list[np.ndarray], prompts: list[str] | None = None
+                   ) -> list[Heard]:
+        """Blocking: 16 kHz float32 utterances (≤ 30 s) -> what was heard in each.
+        ``prompts[i]``: the text said before utterance i."""
+        return self.decode_jobs([Job(a, prompts[i] if prompts else "")
+                                 for i, a in enumerate(audios)])  # type: ignore[return-value]
+
+    def decode_jobs(self, jobs: list[Job]) -> list[Heard | None]:
+        """Blocking: decode ``jobs`` as one batch.  If every job's ``stop`` is set by the
+        time the encoder is done (their turns were superseded), the decoder does not run:
+        None each."""
+        feats = [self.model.feature_extractor(j.audio[:30 * SR]) for j in jobs]
         longest = max(f.shape[1] for f in feats)
         window = min(FULL_WINDOW, max(MIN_WINDOW, longest + PAD_FRAMES))
         max_new = int(TOKENS_PER_S * longest / FRAMES_PER_S) + 16
-        heard = self._decode(feats, window, max_new)
+        prompts = self._prompts([j.prompt for j in jobs])
+        heard = self._decode(feats, window, max_new, prompts, jobs)
         for i, h in enumerate(heard):  # a repetition loop: redo it the way whisper was trained
-            if window < FULL_WINDOW and is_loop(h.text):
-                heard[i] = self._decode([feats[i]], FULL_WINDOW, max_new)[0]
+            if h is not None and window < FULL_WINDOW and is_loop(h.text):
+                heard[i] = self._decode([feats[i]], FULL_WINDOW, max_new, [prompts[i]],
+                                        [jobs[i]])[0]
         return heard
 
-    def _decode(self, feats: list[np.ndarray], window: int, max_new: int) -> list[Heard]:
+    def _prompts(self, texts: list[str]) -> list[list[int]]:
+        """Decoder prompts: the previous text's last PROMPT_TOKENS tokens before
+        <|startoftranscript|>.  CTranslate2 wants that token at one position in a batch,
+        so previous texts are cut to the shortest one's length (the batcher keeps
+        prompted and plain utterances apart)."""
+        prev = [self.tokenizer.encode(" " + t.strip())[-PROMPT_TOKENS:] if t.strip() else []
+                for t in texts]
+        n = min(len(p) for p in prev)
+        if n == 0 and any(prev):
+            raise ValueError("a batch mixes utterances with and without previous text")
+        return [self.model.get_prompt(self.tokenizer, p[len(p) - n:], without_timestamps=True)
+                if n else list(self.prompt) for p in prev]
+
+    def _decode(self, feats: list[np.ndarray], window: int, max_new: int,
+                prompts: list[list[int]], jobs: list[Job]) -> list[Heard | None]:
         batch = np.zeros((len(feats), feats[0].shape[0], window), np.float32)  # 0 = whisper's pad
         for i, f in enumerate(feats):
             batch[i, :, :min(window, f.shape[1])] = f[:, :window]
         encoded = self.model.encode(batch)
-        prompts = [list(self.prompt) for _ in feats]
+        if all(j.stop.is_set() for j in jobs):  # superseded meanwhile: skip the decoder
+            return [None] * len(jobs)
+        prompts = [list(p) for p in prompts]
         languages = [self.language] * len(feats)
         if not self.language:  # multilingual model, no language set: detect each one's
-            at = self.prompt.index(self.tokenizer.language)
             for i, langs in enumerate(self.model.model.detect_language(encoded)):
+                at = prompts[i].index(self.tokenizer.language)
                 prompts[i][at] = self.tokenizer.tokenizer.token_to_id(langs[0][0])
                 languages[i] = langs[0][0].strip("<|>")
         results = self.model.model.generate(
             encoded, prompts, beam_size=self.beam_size, max_length=min(
-                self.model.max_length, len(self.prompt) + max_new),
+                self.model.max_length, len(prompts[0]) + max_new),
             suppress_blank=True, suppress_tokens=self.suppress, return_scores=True,
             return_no_speech_prob=True)
-        heard = []
-        for r, language in zip(results, languages):
+        heard: list[Heard | None] = []
+        for i, (r, language) in enumerate(zip(results, languages)):
             tokens = r.sequences_ids[0]
             text = self.tokenizer.decode(tokens)
             # avg_logprob as faster-whisper reports it (length_penalty 1)
-            heard.append(Heard(ANNOTATION.sub("", text).strip(),
-                               r.scores[0] * len(tokens) / (len(tokens) + 1), r.no_speech_prob,
-                               language))
+            h = Heard(ANNOTATION.sub("", text).strip(),
+                      r.scores[0] * len(tokens) / (len(tokens) + 1), r.no_speech_prob,
+                      language, len(tokens))
+            if jobs[i].split_s is not None:
+                h.aligner = functools.partial(self._head, encoded, i, len(jobs), tokens,
+                                              feats[i].shape[1], jobs[i].split_s)
+            heard.append(h)
         return heard
 
-
-class MicroBatcher:
-    """GPU only: utterances that arrive within ``wait_s`` of each other share one call."""
-
-    def __init__(self, fn: Callable[[list], list], max_batch: int,
-                 run: Callable[..., Awaitable], wait_s: float = 0.005):
-        self.fn, self.max_batch, self.run, self.wait_s = fn, max_batch, run, wait_s
-        self.queue: asyncio.Queue | None = None
-
-    async def submit(self, item):
-        if self.queue is None:  # created on first use, inside the worker's event loop
-            self.queue = asyncio.Queue()
-            asyncio.get_running_loop().create_task(self._serve())
-        future = asyncio.get_running_loop().create_future()
-        await self.queue.put((item, future))
-        return await future
-
-    async def _serve(self) -> None:
-        while True:
-            batch = [await self.queue.get()]
-            deadline = time.monotonic() + self.wait_s
-            while len(batch) < self.max_batch and (left := deadline - time.monotonic()) > 0:
-                try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), left))
-                except asyncio.TimeoutError:
-                    break
-            batch = [(item, fut) for item, fut in batch if not fut.done()]  # cancelled: stale
-            if not batch:
-                continue
-            try:
-                results = await self.run(self.fn, [item for item, _ in batch])
-                for (_, fut), result in zip(batch, results):
-                    if not fut.done():
-                        fut.set_result(result)
-            except Exception as e:
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(e)
+    def _head(self, encoded, i: int, n: int, tokens: list[int], frames: int,
+              split_s: float) -> str | None:
+        """Blocking: the words of ``tokens`` that start before ``split_s`` (word alignment
+        from the decoder's cross-attention, as faster-whisper's word timestamps) for item
+        ``i`` of a batch of ``n``; None if it cannot be found (the next piece then starts
+        where this one did: slower, never wrong)."""
+        if not tokens:
+            return ""
+        try:
+            if n > 1:  # this item's encoder output (on the CPU; align moves it back)
+                if encoded.device != "cpu":
+                    encoded = encoded.to_device(ctranslate2.Device.cpu)
+                encoded = ctranslate2.StorageView.from_array(
+                    np.ascontiguousarray(np.asarray(encoded)[i:i + 1]))
+            words = self.model.find_alignment(self.tokenizer, [tokens], encoded, frames)[0]
+        except Exception as e:  # an engine that cannot align: no word positions
+            log.warning("word alignment failed (%s): the next piece decodes from further "
+                        "back", e)
+            return None
+        return ANNOTATION.sub("", "".join(w["word"] for w in words
+                                          if w["start"] < split_s)).strip()
 
 
 class SttStage(Stage):
@@ -238,36 +281,122 @@ class SttStage(Stage):
         super().__init__(settings)
         # decided before setup(): the runtime reads concurrency when it starts
         self.device = resolve_device(settings.device)
+        self.concurrency = max(1, settings.stt_batch_size if self.device == "cuda"
+                               else settings.stt_cpu_batch_size)
         self.batcher: MicroBatcher | None = None
-        if self.device == "cuda":
-            self.concurrency = max(1, settings.stt_batch_size)
+        self.local: dict[str, Thought] = {}  # the thoughts, when there is no Redis (tests, bench)
 
     def setup(self) -> None:
         s = self.settings
         self.whisper = Whisper(s.stt_model, self.device, s.stt_compute_type, s.stt_beam_size,
                                s.stt_language)
-        if self.device == "cuda" and self.concurrency > 1:
-            self.batcher = MicroBatcher(self.whisper.transcribe, self.concurrency,
-                                        self.run_blocking)
+        cuda = self.device == "cuda"  # a GPU batch costs little more than one: batch all
+        self.batcher = MicroBatcher(self.whisper.decode_jobs, self.concurrency,
+                                    self.run_blocking, 0.005 if cuda else 0.002,
+                                    group_by_prompt if cuda else group_similar)
 
     def describe(self) -> str:
-        batching = f", batches of {self.concurrency}" if self.batcher else ""
-        return f"faster-whisper {self.whisper.name}, beam {self.settings.stt_beam_size}{batching}"
+        batching = f", batches of ≤ {self.concurrency}" if self.concurrency > 1 else ""
+        how = "incremental" if self.settings.stt_incremental else "whole utterances"
+        return f"faster-whisper {self.whisper.name}, beam {self.settings.stt_beam_size}" \
+               f"{batching}, {how}"
+
+    async def heard(self, audio: np.ndarray, prompt: str = "",
+                    split_s: float | None = None) -> Heard | None:
+        """Decode one utterance (batched with others waiting); None if superseded first."""
+        job = Job(audio, prompt, split_s)
+        try:
+            return (await self.batcher.submit(job)) if self.batcher else \
+                (await self.run_blocking(self.whisper.decode_jobs, [job]))[0]
+        except asyncio.CancelledError:
+            job.stop.set()  # the turn was superseded: the decoder must not run for it
+            raise
 
     async def process(self, frame: Utterance):
         audio = resample(pcm16_to_float(frame.pcm), frame.sr, SR)
-        if self.batcher:
-            heard = await self.batcher.submit(audio)
-        else:
-            heard = (await self.run_blocking(self.whisper.transcribe, [audio]))[0]
+        stored = await self._recall(frame.sid) if self.settings.stt_incremental else None
+        known = prefix_of(stored, frame.pcm, frame.sr, frame.start_s)
+        heard: Heard | None = None
+        if known is not None and known.samples * 2 == len(frame.pcm):
+            DECODES.labels("same").inc()  # redelivered: what it said is known
+            heard = Heard(known.text, known.logprob, 0.0, known.language)
+            thought = known
+        elif known is not None:
+            got = await self._continue(frame, audio, known)
+            if got is False:
+                return  # superseded
+            if got:
+                heard, thought = got
+        elif same_thought(stored, frame.start_s):
+            DECODES.labels("miss").inc()  # same thought, other audio: decode it whole
+        if heard is None:
+            known = None
+            heard = await self.heard(audio)
+            if heard is None:
+                return
+            DECODES.labels("whole").inc()
+            thought = Thought(frame.start_s, frame.sr, len(frame.pcm) // 2,
+                              zlib.crc32(frame.pcm), heard.text, 0, "", heard.avg_logprob,
+                              heard.language)
         reason = drop_reason(heard, rms_dbfs(audio))
         if reason:
             DROPPED.labels(reason).inc()
             return
         out = Transcript(sid=frame.sid, turn=frame.turn, marks=dict(frame.marks), text=heard.text,
-                         language=heard.language, confidence=math.exp(
-                             heard.avg_logprob), start_s=frame.start_s, end_s=frame.end_s,
+                         language=heard.language, confidence=math.exp(heard.avg_logprob),
+                         start_s=frame.start_s, end_s=frame.end_s,
                          complete=turn_complete(frame.complete, heard.text),
                          out_sr=frame.out_sr)
         out.stamp("stt_done")
         yield out
+        if self.settings.stt_incremental:  # for the next piece; the transcript is out
+            if heard.aligner is not None and known is not None:
+                head = await self.run_blocking(heard.aligner)
+                if head is not None:
+                    thought = advance(thought, known, head)
+            await self._remember(frame.sid, thought)
+
+    async def _continue(self, frame: Utterance, audio: np.ndarray,
+                        known: Thought) -> tuple[Heard, Thought] | None | bool:
+        """A continued thought: decode from ``known.base`` (a pause) on, prompted with the
+        text before it.  None when that cannot be trusted (then it is decoded whole):
+        fewer words than the last decode heard there although speech went on (whisper
+        skips what it takes for a repetition of the prompt), or a repetition loop.  False:
+        superseded."""
+        base = known.base * SR // frame.sr
+        part = await self.heard(audio[base:], known.base_text,
+                                (known.samples - known.base) / frame.sr)
+        if part is None:
+            return False
+        before = len(words(known.text)) - len(words(known.base_text))
+        if base and (len(words(part.text)) <= before or is_loop(part.text)):
+            DECODES.labels("redone").inc()
+            return None
+        DECODES.labels("incremental" if base else "whole").inc()
+        heard = Heard(join(known.base_text, part.text), part.avg_logprob, part.no_speech_prob,
+                      part.language or known.language, part.tokens, part.aligner)
+        return heard, Thought(frame.start_s, frame.sr, len(frame.pcm) // 2,
+                              zlib.crc32(frame.pcm), heard.text, known.base, known.base_text,
+                              part.avg_logprob, heard.language)
+
+    async def _recall(self, sid: str) -> Thought | None:
+        state = getattr(self, "state", None)
+        if state is None:
+            return self.local.get(sid)
+        try:
+            return Thought.loads(await state.load_own(sid, self.name))
+        except Exception as e:  # the record only saves time: without it, decode whole
+            log.warning("could not read the thought so far (%s): decoding whole", e)
+            return None
+
+    async def _remember(self, sid: str, thought: Thought) -> None:
+        state = getattr(self, "state", None)
+        if state is None:
+            self.local[sid] = thought
+            while len(self.local) > 1024:  # bounded: the oldest session goes first
+                self.local.pop(next(iter(self.local)))
+            return
+        try:
+            await state.save_own(sid, self.name, thought.dumps())
+        except Exception as e:
+            log.warning("could not store the thought so far (%s)", e)
