@@ -124,6 +124,10 @@ class Settings:
                                      "llm")
     llm_cpu_int8: bool = opt(True, "transformers on CPU: bf16 weights with int8 one-token steps "
                                    "(about 2x faster replies; off: plain fp32).", "llm")
+    llm_max_batch: int = opt(8, "transformers: replies generated at once by one worker, their "
+                                "token steps batched in one forward pass.", "llm")
+    llm_prefix_cache_mb: int = opt(64, "transformers: memory for the keys/values of recent "
+                                       "conversations reused by their next turn (MB).", "llm")
     llm_cache_dir: str = opt("", "Where converted models are cached (empty: ~/.cache/s2s).", "llm")
     llm_openai_base_url: str = opt("http://127.0.0.1:8001/v1", "Base URL of an OpenAI-compatible "
                                    "server (backend openai).", "llm")

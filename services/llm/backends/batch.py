@@ -1,0 +1,275 @@
+"""One generation loop for every session a transformers worker serves: decode steps
+of all active replies run as ONE forward pass (a batch of left-padded KV caches),
+and a new turn's prompt is prefilled before the next step of older replies.
+
+Why: on a CPU, one token step of a 135M model reads every weight once, so it is
+bound by memory bandwidth; 8 sequences in one step cost little more than one,
+where 8 threads each stepping their own sequence fight for the same 2 cores.
+Why prefill first: a new turn waits for its first words, an older reply is already
+being spoken and only has to stay ahead of the voice (turn-aware scheduling).
+
+The loop runs in one thread (one torch thread).  A consumer that goes away sets
+``seq.stop``: its row leaves the batch after the current step (tens of ms), and a
+prefill or a step with only stopped rows is abandoned inside the forward pass.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from typing import Callable
+
+import torch
+
+log = logging.getLogger("s2s.llm")
+
+
+class Stopped(Exception):
+    """Raised inside the model's forward pass to abandon work nobody waits for."""
+
+
+class Sequence:
+    """One reply being generated: prompt ids in, text pieces out through callbacks."""
+
+    def __init__(self, ids: list[int], max_tokens: int, temperature: float,
+                 on_text: Callable[[str], None], on_end: Callable[[BaseException | None], None]):
+        self.ids = list(ids)          # prompt + generated tokens
+        self.prompt_len = len(ids)
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        self.on_text, self.on_end = on_text, on_end
+        self.stop = threading.Event()
+        self.cached = 0               # tokens whose keys/values are in the cache
+        self.sent = 0                 # characters of the decoded reply already sent
+        self.done = False
+
+    @property
+    def reply(self) -> list[int]:
+        return self.ids[self.prompt_len:]
+
+
+class BatchEngine:
+    def __init__(self, model, tokenizer, prefix, device: str, max_batch: int,
+                 eos_ids: set[int], no_repeat_ngram: int, repetition_penalty: float):
+        self.model, self.tokenizer, self.prefix = model, tokenizer, prefix
+        self.device, self.max_batch = device, max_batch
+        self.eos_ids, self.ngram, self.penalty = eos_ids, no_repeat_ngram, repetition_penalty
+        self.pending: collections.deque[Sequence] = collections.deque()
+        self.active: list[Sequence] = []
+        self.cache = None             # DynamicCache, rows = self.active, left-padded
+        self.mask: torch.Tensor | None = None  # [rows, cache length]: 1 real, 0 padding
+        self.forwarding: list[Sequence] = []   # whose forward pass runs now
+        self.cond = threading.Condition()
+        self.closed = False
+        self.steps = 0                # decode forwards run (tests, bench)
+        self.rows_stepped = 0         # sequences advanced by them
+        layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+        for layer in layers or [model]:
+            layer.register_forward_pre_hook(self._check_stop)
+        self.thread = threading.Thread(target=self._run, name="llm-batch", daemon=True)
+        self.thread.start()
+
+    # --- called from other threads ---------------------------------------------------------
+    def submit(self, seq: Sequence) -> None:
+        with self.cond:
+            self.pending.append(seq)
+            self.cond.notify()
+
+    def wake(self) -> None:
+        """A sequence was stopped: let the loop drop it even if it sleeps."""
+        with self.cond:
+            self.cond.notify()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify()
+
+    # --- the loop ----------------------------------------------------------------------------
+    def _check_stop(self, module, args) -> None:
+        # before every decoder layer: a few ms between checks
+        if self.forwarding and all(s.stop.is_set() for s in self.forwarding):
+            raise Stopped
+
+    def _run(self) -> None:
+        torch.set_num_threads(1)  # per thread in OpenMP: this loop is the engine's one core
+        while True:
+            with self.cond:
+                while not self.closed and not self.pending and not self.active:
+                    self.cond.wait()
+                if self.closed:
+                    break
+                # turn-aware: a waiting new turn is prefilled before older replies step on
+                new = self.pending.popleft() if self.pending and \
+                    len(self.active) < self.max_batch else None
+            try:
+                self._drop_stopped()
+                if new is not None:
+                    self._prefill(new)
+                elif self.active:
+                    self._step()
+            except Exception as e:  # a bug or a torch error: fail the replies, keep serving
+                log.exception("LLM batch step failed")
+                for seq in ([new] if new is not None and not new.done else []) + self.active:
+                    self._finish(seq, e, store=False)
+                self.active, self.cache, self.mask = [], None, None
+        for seq in list(self.pending) + self.active:
+            self._finish(seq, None, store=False)
+
+    def _forward(self, seqs: list[Sequence], **kwargs):
+        self.forwarding = seqs
+        try:
+            with torch.inference_mode():
+                return self.model(use_cache=True, **kwargs)
+        finally:
+            self.forwarding = []
+
+    def _prefill(self, seq: Sequence) -> None:
+        from transformers import DynamicCache
+
+        if seq.stop.is_set():
+            return self._finish(seq, None, store=False)
+        layers, n = self.prefix.lookup(seq.ids)  # only the tokens past a known prefix
+        cache = DynamicCache(ddp_cache_data=layers) if layers else DynamicCache()
+        todo = torch.tensor([seq.ids[n:]], device=self.device)
+        pos = torch.arange(n, len(seq.ids), device=self.device)
+        try:
+            out = self._forward([seq], input_ids=todo, past_key_values=cache,
+                                position_ids=pos[None], cache_position=pos)
+        except Stopped:
+            return self._finish(seq, None, store=False)
+        seq.cached = len(seq.ids)
+        self._join(seq, out.past_key_values)
+        self._advance([seq], out.logits[:, -1, :])
+
+    def _join(self, seq: Sequence, cache) -> None:
+        """Add a prefilled sequence as a new row, left-padding the shorter side."""
+        if self.cache is None:
+            self.cache, self.active = cache, [seq]
+            self.mask = torch.ones(1, seq.cached, dtype=torch.long, device=self.device)
+            return
+        length, own = self.mask.shape[1], seq.cached
+        width = max(length, own)
+        for mine, new in zip(self.cache.layers, cache.layers):
+            mine.keys = torch.cat([_pad(mine.keys, width), _pad(new.keys, width)])
+            mine.values = torch.cat([_pad(mine.values, width), _pad(new.values, width)])
+        row = torch.ones(1, own, dtype=torch.long, device=self.device)
+        self.mask = torch.cat([_pad(self.mask, width, dim=1), _pad(row, width, dim=1)])
+        self.active.append(seq)
+
+    def _step(self) -> None:
+        """One token for every active sequence, in one forward pass."""
+        rows = len(self.active)
+        length = self.mask.shape[1]
+        mask = torch.cat([self.mask, torch.ones(rows, 1, dtype=torch.long,
+                                                device=self.device)], dim=1)
+        last = torch.tensor([[s.ids[-1]] for s in self.active], device=self.device)
+        pos = torch.tensor([[s.cached] for s in self.active], device=self.device)
+        try:
+            out = self._forward(list(self.active), input_ids=last, past_key_values=self.cache,
+                                attention_mask=mask, position_ids=pos,
+                                cache_position=torch.tensor([length], device=self.device))
+        except Stopped:  # every row was stopped mid-step: the cache may be half updated
+            for seq in self.active:
+                self._finish(seq, None, store=False)
+            self.active, self.cache, self.mask = [], None, None
+            return
+        self.cache, self.mask = out.past_key_values, mask
+        self.steps += 1
+        self.rows_stepped += rows
+        for seq in self.active:
+            seq.cached += 1
+        self._advance(list(self.active), out.logits[:, -1, :])
+
+    def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Choose each row's next token, send its text, retire finished rows."""
+        logits = logits.float()
+        for row, seq in enumerate(seqs):
+            if seq.stop.is_set():
+                continue  # dropped below
+            token = self._choose(seq, logits[row])
+            seq.ids.append(token)
+            ended = token in self.eos_ids or len(seq.reply) >= seq.max_tokens
+            self._send(seq, final=ended)
+            if ended:
+                seq.done = True
+        self._drop_stopped()
+
+    def _choose(self, seq: Sequence, scores: torch.Tensor) -> int:
+        reply = seq.reply
+        if self.penalty != 1.0:  # as transformers' repetition_penalty: the whole conversation
+            seen = torch.tensor(sorted(set(seq.ids)), device=scores.device)
+            picked = scores[seen]
+            scores[seen] = torch.where(picked < 0, picked * self.penalty, picked / self.penalty)
+        n = self.ngram
+        if n > 0 and len(reply) >= n:  # only the reply's own n-grams (NoRepeatReplyNgrams)
+            tail = reply[len(reply) - n + 1:]
+            banned = {reply[i + n - 1] for i in range(len(reply) - n + 1)
+                      if reply[i:i + n - 1] == tail}
+            if banned:
+                scores[list(banned)] = -float("inf")
+        if seq.temperature > 0:
+            probs = torch.softmax(scores / seq.temperature, dim=-1)
+            return int(torch.multinomial(probs, 1))
+        return int(torch.argmax(scores))
+
+    def _send(self, seq: Sequence, final: bool) -> None:
+        # like transformers' TextStreamer: decoded text up to the last space (a word may
+        # still grow, a multi-byte character may be half decoded), the rest at the end
+        text = self.tokenizer.decode(seq.reply, skip_special_tokens=True)
+        if not final:
+            text = text if text.endswith("\n") else text[:text.rfind(" ") + 1]
+            if text.endswith("\ufffd"):
+                return
+        if len(text) > seq.sent:
+            seq.on_text(text[seq.sent:])
+            seq.sent = len(text)
+
+    def _drop_stopped(self) -> None:
+        gone = [i for i, s in enumerate(self.active) if s.done or s.stop.is_set()]
+        if not gone:
+            return
+        width = self.mask.shape[1]
+        for i in gone:
+            seq = self.active[i]
+            self._finish(seq, None, store=seq.done and not seq.stop.is_set(), row=i, width=width)
+        keep = [i for i in range(len(self.active)) if i not in gone]
+        self.active = [self.active[i] for i in keep]
+        if not keep:
+            self.cache, self.mask = None, None
+            return
+        index = torch.tensor(keep, device=self.device)
+        mask = self.mask[index]
+        # columns that only padded the rows that left are cut away
+        start = int((mask.sum(dim=0) > 0).nonzero()[0])
+        self.mask = mask[:, start:].contiguous()
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index, :, start:].contiguous()
+            layer.values = layer.values[index, :, start:].contiguous()
+
+    def _finish(self, seq: Sequence, error: BaseException | None, store: bool,
+                row: int = 0, width: int = 0) -> None:
+        if store and self.cache is not None:
+            # this reply's own keys/values (the right end of its row) for the next turn
+            n = seq.cached
+            layers = [(layer.keys[row:row + 1, :, width - n:].clone(),
+                       layer.values[row:row + 1, :, width - n:].clone())
+                      for layer in self.cache.layers]
+            self.prefix.store(seq.ids[:n], layers)
+        if not seq.done or error is not None or seq.stop.is_set():
+            seq.done = True
+        try:
+            seq.on_end(error)
+        except Exception:  # the consumer's loop is gone (shutdown)
+            pass
+
+
+def _pad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
+    """Left-pad ``t`` with zeros along ``dim`` to ``width``."""
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
