@@ -24,6 +24,39 @@ import torch
 
 log = logging.getLogger("s2s.llm")
 
+INT8_ROWS = 8  # decode steps of up to this many rows read int8 weights (cpu_speed.py)
+
+
+# Where each row's real keys start in the left-padded batch during a decode step, or None
+_row_starts: list[int] | None = None
+ROW_ATTENTION = "s2s_rows"
+
+
+def row_attention(module, query, key, value, attention_mask, **kwargs):
+    """Attention of a decode step row by row over each row's own keys (no padding):
+    the same arithmetic as the reply alone, so a greedy reply does not depend on which
+    other replies share the step (padding shifts the kernel's blocks, and a rounding
+    difference can flip a near tie).  The weights, the costly part, stay batched."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    starts = _row_starts
+    if starts is None or query.shape[2] != 1 or len(starts) != query.shape[0]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    kwargs.pop("is_causal", None)
+    outs = [sdpa_attention_forward(module, query[i:i + 1], key[i:i + 1, :, start:],
+                                   value[i:i + 1, :, start:], None, is_causal=False, **kwargs)[0]
+            for i, start in enumerate(starts)]
+    return torch.cat(outs), None
+
+
+def use_row_attention(model) -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(ROW_ATTENTION, row_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ROW_ATTENTION, sdpa_mask)
+    model.config._attn_implementation = ROW_ATTENTION
+
 
 class Stopped(Exception):
     """Raised inside the model's forward pass to abandon work nobody waits for."""
@@ -64,6 +97,7 @@ class BatchEngine:
         self.closed = False
         self.steps = 0                # decode forwards run (tests, bench)
         self.rows_stepped = 0         # sequences advanced by them
+        use_row_attention(model)
         layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
         for layer in layers or [model]:
             layer.register_forward_pre_hook(self._check_stop)
@@ -117,13 +151,17 @@ class BatchEngine:
         for seq in list(self.pending) + self.active:
             self._finish(seq, None, store=False)
 
-    def _forward(self, seqs: list[Sequence], **kwargs):
+    def _forward(self, seqs: list[Sequence], decoding: bool, **kwargs):
+        from .cpu_speed import Int8DecodeLinear
+
         self.forwarding = seqs
+        Int8DecodeLinear.decoding = decoding and len(seqs) <= INT8_ROWS
         try:
             with torch.inference_mode():
                 return self.model(use_cache=True, **kwargs)
         finally:
             self.forwarding = []
+            Int8DecodeLinear.decoding = None
 
     def _prefill(self, seq: Sequence) -> None:
         from transformers import DynamicCache
@@ -135,7 +173,7 @@ class BatchEngine:
         todo = torch.tensor([seq.ids[n:]], device=self.device)
         pos = torch.arange(n, len(seq.ids), device=self.device)
         try:
-            out = self._forward([seq], input_ids=todo, past_key_values=cache,
+            out = self._forward([seq], False, input_ids=todo, past_key_values=cache,
                                 position_ids=pos[None], cache_position=pos)
         except Stopped:
             return self._finish(seq, None, store=False)
@@ -166,8 +204,10 @@ class BatchEngine:
                                                 device=self.device)], dim=1)
         last = torch.tensor([[s.ids[-1]] for s in self.active], device=self.device)
         pos = torch.tensor([[s.cached] for s in self.active], device=self.device)
+        global _row_starts
+        _row_starts = [length - s.cached for s in self.active]
         try:
-            out = self._forward(list(self.active), input_ids=last, past_key_values=self.cache,
+            out = self._forward(list(self.active), True, input_ids=last, past_key_values=self.cache,
                                 attention_mask=mask, position_ids=pos,
                                 cache_position=torch.tensor([length], device=self.device))
         except Stopped:  # every row was stopped mid-step: the cache may be half updated
@@ -175,6 +215,8 @@ class BatchEngine:
                 self._finish(seq, None, store=False)
             self.active, self.cache, self.mask = [], None, None
             return
+        finally:
+            _row_starts = None
         self.cache, self.mask = out.past_key_values, mask
         self.steps += 1
         self.rows_stepped += rows

@@ -30,6 +30,11 @@ INT8_ROWS = 8
 class Int8DecodeLinear(torch.nn.Module):
     """A Linear with bf16 weights for prefill and int8 weights for one-token steps."""
 
+    # set by the generation loop around its forward passes (True: a decode step, False:
+    # a prefill), so that a prompt's keys/values do not depend on how many of its tokens
+    # a prefix cache already had: greedy replies stay the same; None: by row count
+    decoding: bool | None = None
+
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
         w = linear.weight.detach().float()
@@ -42,7 +47,8 @@ class Int8DecodeLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        if flat.shape[0] <= INT8_ROWS:
+        if flat.shape[0] <= INT8_ROWS if Int8DecodeLinear.decoding is None \
+                else Int8DecodeLinear.decoding:
             y = torch._weight_int8pack_mm(flat, self.w8, self.scale)
         else:
             y = torch.nn.functional.linear(flat, self.w16)
@@ -108,8 +114,11 @@ class PrefixCache:
         key = tuple(ids)
         size = sum(k.nbytes + v.nbytes for k, v in layers)
         with self.lock:
-            if key in self.entries:
-                self.bytes -= _nbytes(self.entries.pop(key))
+            # an entry this one extends is the same conversation one turn ago: its next
+            # turn starts with this one, so it is dropped (16 sessions fit in 16 entries)
+            for old in [k for k in self.entries if k != self.pinned and len(k) <= len(key)
+                        and key[:len(k)] == k]:
+                self.bytes -= _nbytes(self.entries.pop(old))
             if size > self.max_bytes and not pin:
                 return  # one context larger than the whole budget: not kept
             self.entries[key] = layers
