@@ -21,6 +21,7 @@ import threading
 from typing import Callable
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 log = logging.getLogger("s2s.llm")
 
@@ -32,21 +33,61 @@ _row_starts: list[int] | None = None
 ROW_ATTENTION = "s2s_rows"
 
 
-def row_attention(module, query, key, value, attention_mask, **kwargs):
+def row_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     """Attention of a decode step row by row over each row's own keys (no padding):
     the same arithmetic as the reply alone, so a greedy reply does not depend on which
-    other replies share the step (padding shifts the kernel's blocks, and a rounding
-    difference can flip a near tie).  The weights, the costly part, stay batched."""
+    other replies share the step (padding would change the sums' order, and a rounding
+    difference can flip a near tie).  Plain matmuls: for one query token torch's CPU
+    flash kernel costs ~10x more.  The weights, the costly part, stay batched."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     starts = _row_starts
     if starts is None or query.shape[2] != 1 or len(starts) != query.shape[0]:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    kwargs.pop("is_causal", None)
-    outs = [sdpa_attention_forward(module, query[i:i + 1], key[i:i + 1, :, start:],
-                                   value[i:i + 1, :, start:], None, is_causal=False, **kwargs)[0]
-            for i, start in enumerate(starts)]
-    return torch.cat(outs), None
+        return sdpa_attention_forward(module, query, key, value, attention_mask,
+                                      scaling=scaling, **kwargs)
+    _, heads, _, dim = query.shape
+    groups = heads // key.shape[1]  # query heads per key/value head (GQA)
+    scale = scaling if scaling is not None else dim ** -0.5
+    outs = []
+    for i, start in enumerate(starts):
+        q = query[i].reshape(key.shape[1], groups, dim)
+        k, v = key[i, :, start:], value[i, :, start:]
+        weights = torch.softmax(torch.matmul(q, k.transpose(1, 2)).float() * scale, dim=-1)
+        outs.append(torch.matmul(weights.to(v.dtype), v).reshape(heads, dim))
+    return torch.stack(outs)[:, None], None  # [rows, 1 token, heads, dim]
+
+
+class GrowingLayer(DynamicLayer):
+    """One layer's keys/values of the batch in buffers with room to grow: a decode step
+    writes its column in place (transformers' DynamicLayer copies the whole cache with
+    torch.cat at every token: for 8 replies of 300 tokens that was a third of a step)."""
+
+    ROOM = 64  # spare columns per (re)allocation
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.replace(keys, values)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        n, extra = self.n, key_states.shape[2]
+        if n + extra > self.kbuf.shape[2]:
+            self.replace(self.keys, self.values, room=extra + self.ROOM + n // 2)
+        self.kbuf[:, :, n:n + extra] = key_states
+        self.vbuf[:, :, n:n + extra] = value_states
+        self._view(n + extra)
+        return self.keys, self.values
+
+    def replace(self, keys: torch.Tensor, values: torch.Tensor, room: int = ROOM) -> None:
+        """New contents (rows joined or gone): copied into fresh buffers."""
+        b, h, n, d = keys.shape
+        self.kbuf, self.vbuf = keys.new_empty(b, h, n + room, d), values.new_empty(b, h, n + room, d)
+        self.kbuf[:, :, :n] = keys
+        self.vbuf[:, :, :n] = values
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self._view(n)
+
+    def _view(self, n: int) -> None:
+        self.n, self.keys, self.values = n, self.kbuf[:, :, :n], self.vbuf[:, :, :n]
 
 
 def use_row_attention(model) -> None:
@@ -145,11 +186,13 @@ class BatchEngine:
                     self._step()
             except Exception as e:  # a bug or a torch error: fail the replies, keep serving
                 log.exception("LLM batch step failed")
-                for seq in ([new] if new is not None and not new.done else []) + self.active:
-                    self._finish(seq, e, store=False)
+                failed = self.active + ([new] if new is not None and new not in self.active
+                                        and not new.done else [])
                 self.active, self.cache, self.mask = [], None, None
+                for seq in failed:
+                    self._finish(seq, e)
         for seq in list(self.pending) + self.active:
-            self._finish(seq, None, store=False)
+            self._finish(seq, None)
 
     def _forward(self, seqs: list[Sequence], decoding: bool, **kwargs):
         from .cpu_speed import Int8DecodeLinear
@@ -167,7 +210,7 @@ class BatchEngine:
         from transformers import DynamicCache
 
         if seq.stop.is_set():
-            return self._finish(seq, None, store=False)
+            return self._finish(seq, None)
         layers, n = self.prefix.lookup(seq.ids)  # only the tokens past a known prefix
         cache = DynamicCache(ddp_cache_data=layers) if layers else DynamicCache()
         todo = torch.tensor([seq.ids[n:]], device=self.device)
@@ -176,22 +219,25 @@ class BatchEngine:
             out = self._forward([seq], False, input_ids=todo, past_key_values=cache,
                                 position_ids=pos[None], cache_position=pos)
         except Stopped:
-            return self._finish(seq, None, store=False)
+            return self._finish(seq, None)
         seq.cached = len(seq.ids)
         self._join(seq, out.past_key_values)
         self._advance([seq], out.logits[:, -1, :])
 
     def _join(self, seq: Sequence, cache) -> None:
         """Add a prefilled sequence as a new row, left-padding the shorter side."""
+        from transformers import DynamicCache
+
         if self.cache is None:
-            self.cache, self.active = cache, [seq]
+            self.cache, self.active = DynamicCache(), [seq]
+            self.cache.layers = [GrowingLayer(layer.keys, layer.values) for layer in cache.layers]
             self.mask = torch.ones(1, seq.cached, dtype=torch.long, device=self.device)
             return
         length, own = self.mask.shape[1], seq.cached
         width = max(length, own)
         for mine, new in zip(self.cache.layers, cache.layers):
-            mine.keys = torch.cat([_pad(mine.keys, width), _pad(new.keys, width)])
-            mine.values = torch.cat([_pad(mine.values, width), _pad(new.values, width)])
+            mine.replace(torch.cat([_pad(mine.keys, width), _pad(new.keys, width)]),
+                         torch.cat([_pad(mine.values, width), _pad(new.values, width)]))
         row = torch.ones(1, own, dtype=torch.long, device=self.device)
         self.mask = torch.cat([_pad(self.mask, width, dim=1), _pad(row, width, dim=1)])
         self.active.append(seq)
@@ -211,9 +257,9 @@ class BatchEngine:
                                 attention_mask=mask, position_ids=pos,
                                 cache_position=torch.tensor([length], device=self.device))
         except Stopped:  # every row was stopped mid-step: the cache may be half updated
-            for seq in self.active:
-                self._finish(seq, None, store=False)
-            self.active, self.cache, self.mask = [], None, None
+            stopped, self.active, self.cache, self.mask = self.active, [], None, None
+            for seq in stopped:
+                self._finish(seq, None)
             return
         finally:
             _row_starts = None
@@ -272,35 +318,35 @@ class BatchEngine:
         gone = [i for i, s in enumerate(self.active) if s.done or s.stop.is_set()]
         if not gone:
             return
-        width = self.mask.shape[1]
-        for i in gone:
-            seq = self.active[i]
-            self._finish(seq, None, store=seq.done and not seq.stop.is_set(), row=i, width=width)
+        width, leaving = self.mask.shape[1], [self.active[i] for i in gone]
+        for i, seq in zip(gone, leaving):
+            if seq.done and not seq.stop.is_set():
+                self._remember(seq, i, width)
         keep = [i for i in range(len(self.active)) if i not in gone]
         self.active = [self.active[i] for i in keep]
         if not keep:
             self.cache, self.mask = None, None
-            return
-        index = torch.tensor(keep, device=self.device)
-        mask = self.mask[index]
-        # columns that only padded the rows that left are cut away
-        start = int((mask.sum(dim=0) > 0).nonzero()[0])
-        self.mask = mask[:, start:].contiguous()
-        for layer in self.cache.layers:
-            layer.keys = layer.keys[index, :, start:].contiguous()
-            layer.values = layer.values[index, :, start:].contiguous()
+        else:
+            index = torch.tensor(keep, device=self.device)
+            mask = self.mask[index]
+            # columns that only padded the rows that left are cut away
+            start = int((mask.sum(dim=0) > 0).nonzero()[0])
+            self.mask = mask[:, start:].contiguous()
+            for layer in self.cache.layers:
+                layer.replace(layer.keys[index, :, start:], layer.values[index, :, start:])
+        for seq in leaving:  # told once the batch no longer holds them
+            self._finish(seq, None)
 
-    def _finish(self, seq: Sequence, error: BaseException | None, store: bool,
-                row: int = 0, width: int = 0) -> None:
-        if store and self.cache is not None:
-            # this reply's own keys/values (the right end of its row) for the next turn
-            n = seq.cached
-            layers = [(layer.keys[row:row + 1, :, width - n:].clone(),
-                       layer.values[row:row + 1, :, width - n:].clone())
-                      for layer in self.cache.layers]
-            self.prefix.store(seq.ids[:n], layers)
-        if not seq.done or error is not None or seq.stop.is_set():
-            seq.done = True
+    def _remember(self, seq: Sequence, row: int, width: int) -> None:
+        """This reply's own keys/values (the right end of its row) for the next turn."""
+        n = seq.cached
+        layers = [(layer.keys[row:row + 1, :, width - n:].clone(),
+                   layer.values[row:row + 1, :, width - n:].clone())
+                  for layer in self.cache.layers]
+        self.prefix.store(seq.ids[:n], layers)
+
+    def _finish(self, seq: Sequence, error: BaseException | None) -> None:
+        seq.done = True
         try:
             seq.on_end(error)
         except Exception:  # the consumer's loop is gone (shutdown)
