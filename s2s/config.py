@@ -108,7 +108,10 @@ class Settings:
     llm_no_repeat_ngram: int = opt(4, "transformers: a reply never repeats a run of this many "
                                       "of its own tokens (0: off). Every backend also stops a "
                                       "reply at a repeated sentence.", "llm")
-    llm_history_turns: int = opt(6, "User/assistant exchanges kept as context.", "llm")
+    llm_history_turns: int = opt(6, "User/assistant exchanges kept as context, at most: once "
+                                    "over, the oldest are cut down to the last half at once "
+                                    "(the prompt's start, whose keys/values are cached, then "
+                                    "stays the same for several turns).", "llm")
     llm_turn_hold_ms: int = opt(1500, "Max silence for an unfinished turn: one the end-of-turn "
                                       "model (or, without it, the transcript's ending) calls "
                                       "incomplete is answered only after this much silence since "

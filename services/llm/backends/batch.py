@@ -18,13 +18,24 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from typing import Callable
 
 import torch
+from prometheus_client import Gauge, Histogram
 from transformers.cache_utils import DynamicLayer
 
 log = logging.getLogger("s2s.llm")
 
+BATCH_ROWS = Histogram("s2s_llm_batch_rows", "Replies advanced by one decode step of the "
+                       "transformers backend (batched in one forward pass).",
+                       buckets=(1, 2, 3, 4, 6, 8, 12, 16))
+STEP_SECONDS = Histogram("s2s_llm_step_seconds", "Time of one forward pass of the transformers "
+                         "backend, by kind (prefill: a new turn's prompt; decode: one token of "
+                         "every active reply).", ["kind"],
+                         buckets=(.01, .02, .04, .06, .08, .1, .15, .2, .3, .5, 1, 2))
+WAITING = Gauge("s2s_llm_waiting", "New turns waiting for their prefill in the transformers "
+                "backend's generation loop.")
 INT8_ROWS = 8  # decode steps of up to this many rows read int8 weights (cpu_speed.py)
 
 
@@ -199,12 +210,16 @@ class BatchEngine:
 
         self.forwarding = seqs
         Int8DecodeLinear.decoding = decoding and len(seqs) <= INT8_ROWS
+        WAITING.set(len(self.pending))
+        started = time.perf_counter()
         try:
             with torch.inference_mode():
                 return self.model(use_cache=True, **kwargs)
         finally:
             self.forwarding = []
             Int8DecodeLinear.decoding = None
+            STEP_SECONDS.labels("decode" if decoding else "prefill").observe(
+                time.perf_counter() - started)
 
     def _prefill(self, seq: Sequence) -> None:
         from transformers import DynamicCache
@@ -266,6 +281,7 @@ class BatchEngine:
         self.cache, self.mask = out.past_key_values, mask
         self.steps += 1
         self.rows_stepped += rows
+        BATCH_ROWS.observe(rows)
         for seq in self.active:
             seq.cached += 1
         self._advance(list(self.active), out.logits[:, -1, :])

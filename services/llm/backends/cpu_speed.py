@@ -20,6 +20,11 @@ import threading
 from collections import OrderedDict
 
 import torch
+from prometheus_client import Gauge
+
+PREFIX_BYTES = Gauge("s2s_llm_prefix_cache_bytes", "Bytes of keys/values the transformers "
+                     "backend keeps for the next turns of recent conversations "
+                     "(bounded by llm_prefix_cache_mb).")
 
 
 # Up to this many rows (a decode step of that many sequences) int8 weights win; beyond,
@@ -130,6 +135,7 @@ class PrefixCache:
                 if victim is None:
                     break
                 self.bytes -= _nbytes(self.entries.pop(victim))
+            PREFIX_BYTES.set(self.bytes)
 
 
 def _nbytes(layers: list) -> int:
