@@ -81,10 +81,12 @@ def rss_mb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
-async def soak(backend, settings, sessions: int, seconds: float, every: float) -> None:
+async def soak(backend, settings, sessions: int, seconds: float, every: float,
+               warmup: float = 0.3) -> None:
     """Many sessions talk turn after turn (contexts grow to llm_history_turns, then
     slide): prints the process RSS over time, then the growth after warm-up (the
-    first sample past 10% of the run)."""
+    first sample past ``warmup`` of the run: kernels, buffers and the prefix cache
+    fill up first)."""
     t0, turns, samples = time.perf_counter(), 0, []
 
     async def talk(i: int) -> None:
@@ -113,7 +115,7 @@ async def soak(backend, settings, sessions: int, seconds: float, every: float) -
     await asyncio.gather(*(talk(i) for i in range(sessions)))
     sampler.cancel()
     samples.append((time.perf_counter() - t0, rss_mb()))
-    warm = next(s for s in samples if s[0] >= seconds * 0.1)
+    warm = next(s for s in samples if s[0] >= seconds * warmup)
     peak = max(r for t, r in samples if t >= warm[0])
     print(f"\n{sessions} sessions, {turns} turns in {samples[-1][0]:.0f} s; rss after warm-up "
           f"{warm[1]:.1f} MB, end {samples[-1][1]:.1f} MB ({(samples[-1][1] / warm[1] - 1) * 100:+.1f}%),"

@@ -228,16 +228,24 @@ class BatchEngine:
             return self._finish(seq, None)
         layers, n = self.prefix.lookup(seq.ids)  # only the tokens past a known prefix
         cache = DynamicCache(ddp_cache_data=layers) if layers else DynamicCache()
-        todo = torch.tensor([seq.ids[n:]], device=self.device)
-        pos = torch.arange(n, len(seq.ids), device=self.device)
+        new = seq.ids[n:]
+        # padded to a few lengths: every distinct matrix shape makes oneDNN build and keep
+        # a kernel (its cache of 1024 grew the worker's memory turn after turn); causal
+        # attention keeps the padding out of the real tokens, and its keys are cut below
+        padded = _bucket(len(new))
+        todo = torch.tensor([new + new[-1:] * (padded - len(new))], device=self.device)
+        pos = torch.arange(n, n + padded, device=self.device)
         try:
             out = self._forward([seq], False, input_ids=todo, past_key_values=cache,
-                                position_ids=pos[None], cache_position=pos)
+                                position_ids=pos[None], cache_position=pos,
+                                logits_to_keep=padded - len(new) + 1)  # not the whole prompt's
         except Stopped:
             return self._finish(seq, None)
         seq.cached = len(seq.ids)
+        for layer in out.past_key_values.layers:
+            layer.keys, layer.values = layer.keys[:, :, :seq.cached], layer.values[:, :, :seq.cached]
         self._join(seq, out.past_key_values)
-        self._advance([seq], out.logits[:, -1, :])
+        self._advance([seq], out.logits[:, 0, :])
 
     def _join(self, seq: Sequence, cache) -> None:
         """Add a prefilled sequence as a new row, left-padding the shorter side."""
@@ -367,6 +375,12 @@ class BatchEngine:
             seq.on_end(error)
         except Exception:  # the consumer's loop is gone (shutdown)
             pass
+
+
+def _bucket(tokens: int) -> int:
+    """Prefill lengths: multiples of 16 up to 128, then of 64."""
+    step = 16 if tokens <= 128 else 64
+    return -(-tokens // step) * step
 
 
 def _pad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
