@@ -16,6 +16,7 @@ prefill or a step with only stopped rows is abandoned inside the forward pass.
 from __future__ import annotations
 
 import collections
+import ctypes
 import logging
 import threading
 import time
@@ -148,6 +149,7 @@ class BatchEngine:
         self.cond = threading.Condition()
         self.closed = False
         self.steps = 0                # decode forwards run (tests, bench)
+        self.prefills = 0
         self.rows_stepped = 0         # sequences advanced by them
         use_row_attention(model)
         layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
@@ -193,6 +195,9 @@ class BatchEngine:
                 self._drop_stopped()
                 if new is not None:
                     self._prefill(new)
+                    self.prefills += 1
+                    if self.prefills % TRIM_EVERY == 0:
+                        _malloc_trim()
                 elif self.active:
                     self._step()
             except Exception as e:  # a bug or a torch error: fail the replies, keep serving
@@ -375,6 +380,18 @@ class BatchEngine:
             seq.on_end(error)
         except Exception:  # the consumer's loop is gone (shutdown)
             pass
+
+
+TRIM_EVERY = 32  # prefills between returns of freed heap memory to the system
+
+
+def _malloc_trim() -> None:
+    """Give freed heap pages back (glibc keeps them, in every thread's arena: tensors
+    of many sizes come and go each turn, and the RSS crept up for minutes)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _bucket(tokens: int) -> int:
