@@ -105,6 +105,10 @@ class BatchEngine:
         with self.cond:
             self.closed = True
             self.cond.notify()
+        # the loop ends after its current forward pass: joined, so that the interpreter
+        # does not exit under a running torch op ("terminate called...")
+        if self.thread is not threading.current_thread():
+            self.thread.join(timeout=10)
 
     # --- the loop ----------------------------------------------------------------------------
     def _check_stop(self, module, args) -> None:
