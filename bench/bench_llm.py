@@ -105,6 +105,7 @@ async def soak(backend, settings, sessions: int, seconds: float, every: float,
     async def sample() -> None:
         while True:
             prefix = getattr(backend, "prefix", None)
+            prefix = prefix if hasattr(prefix, "bytes") else None
             samples.append((time.perf_counter() - t0, rss_mb()))
             print(f"{samples[-1][0]:7.0f} s  rss {samples[-1][1]:7.1f} MB  turns {turns:5d}"
                   + (f"  prefix cache {prefix.bytes / 2**20:5.1f} MB in {len(prefix.entries)}"
