@@ -119,7 +119,10 @@ class Settings:
     llm_no_repeat_ngram: int = opt(4, "transformers: a reply never repeats a run of this many "
                                       "of its own tokens (0: off). Every backend also stops a "
                                       "reply at a repeated sentence.", "llm")
-    llm_history_turns: int = opt(6, "User/assistant exchanges kept as context.", "llm")
+    llm_history_turns: int = opt(6, "User/assistant exchanges kept as context, at most: once "
+                                    "over, the oldest are cut down to the last half at once "
+                                    "(the prompt's start, whose keys/values are cached, then "
+                                    "stays the same for several turns).", "llm")
     llm_turn_hold_ms: int = opt(1500, "Max silence for an unfinished turn: one the end-of-turn "
                                       "model (or, without it, the transcript's ending) calls "
                                       "incomplete is answered only after this much silence since "
@@ -135,6 +138,10 @@ class Settings:
                                      "llm")
     llm_cpu_int8: bool = opt(True, "transformers on CPU: bf16 weights with int8 one-token steps "
                                    "(about 2x faster replies; off: plain fp32).", "llm")
+    llm_max_batch: int = opt(8, "transformers: replies generated at once by one worker, their "
+                                "token steps batched in one forward pass.", "llm")
+    llm_prefix_cache_mb: int = opt(64, "transformers: memory for the keys/values of recent "
+                                       "conversations reused by their next turn (MB).", "llm")
     llm_cache_dir: str = opt("", "Where converted models are cached (empty: ~/.cache/s2s).", "llm")
     llm_openai_base_url: str = opt("http://127.0.0.1:8001/v1", "Base URL of an OpenAI-compatible "
                                    "server (backend openai).", "llm")

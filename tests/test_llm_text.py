@@ -151,11 +151,21 @@ def test_speech_after_the_previous_message_is_joined_not_replaced():
 
 
 def test_history_keeps_the_last_exchanges_and_survives_garbage():
-    ctx = None
-    for turn in range(10):
-        ctx = history.start_turn(ctx, turn, f"q{turn}", 3)
+    ctx, kept = None, []
+    for turn in range(12):
+        ctx = history.start_turn(ctx, turn, f"q{turn}", 4)
+        kept.append([m["content"] for m in history.messages(ctx, "") if m["role"] == "user"])
         ctx = history.set_reply(ctx, turn, f"a{turn}")
-    assert [m["content"] for m in history.messages(ctx, "")] == ["q7", "a7", "q8", "a8", "q9", "a9"]
+    # at most 4 exchanges; once over, cut to the last 2 in one block, so that the prompt
+    # starts alike for the next turns (their keys/values come from the prefix cache)
+    assert [len(k) for k in kept] == [1, 2, 3, 4, 2, 3, 4, 2, 3, 4, 2, 3]
+    assert kept[-1] == ["q9", "q10", "q11"] and kept[4] == ["q3", "q4"]
+    assert [m["content"] for m in history.messages(ctx, "")] == \
+        ["q9", "a9", "q10", "a10", "q11", "a11"]
+    ctx = None
+    for turn in range(3):  # one exchange kept: only the newest message
+        ctx = history.set_reply(history.start_turn(ctx, turn, f"q{turn}", 1), turn, f"a{turn}")
+    assert [m["content"] for m in history.messages(ctx, "")] == ["q2", "a2"]
     assert history.start_turn({"history": "oops"}, 1, "hi", 3) == \
         {"history": [{"role": "user", "content": "hi", "turn": 1}]}
 

@@ -98,10 +98,15 @@ def _history(ctx: Any) -> list[dict]:
 
 
 def _trim(history: list[dict], keep_turns: int) -> list[dict]:
-    """Keep the last ``keep_turns`` exchanges (an exchange starts at a user message
-    that follows an assistant reply, so a merged run of user messages is one)."""
+    """Keep at most ``keep_turns`` exchanges (an exchange starts at a user message that
+    follows an assistant reply, so a merged run of user messages is one).  Once over,
+    the oldest are cut in a block, down to the last half (at least 2), not one by one:
+    the prompt then starts the same for several turns, so the model's keys/values of
+    the previous turn are reused (prefix cache) instead of re-reading the whole
+    conversation every turn once the history is full."""
     starts = [i for i, m in enumerate(history)
               if m["role"] == "user" and (i == 0 or history[i - 1]["role"] == "assistant")]
     if len(starts) > keep_turns:
-        history = history[starts[-keep_turns]:] if keep_turns > 0 else history[starts[-1]:]
+        keep = max(1, min(keep_turns, 2), (keep_turns + 1) // 2)
+        history = history[starts[-keep]:]
     return history

@@ -84,6 +84,8 @@ class LlmStage(Stage):
                                  frame.end_s)
         await self.state.save(frame.sid, ctx)
         await self._hold(frame, text)  # outside the model slots: holding costs no slot
+        if frame.turn < await self.state.current_turn(frame.sid):
+            return  # superseded while held: it never takes a slot (the runtime drops it too)
         if self._model_slots is None:  # created inside the worker's event loop
             self._model_slots = asyncio.Semaphore(self.slots)
         async with self._model_slots:

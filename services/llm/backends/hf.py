@@ -1,10 +1,12 @@
-"""transformers on CPU (the default): generation runs in a thread and streams
-text pieces back to the event loop; a stop flag checked after every token ends
-it when the consumer goes away (barge-in)."""
+"""transformers on CPU (the default): one engine thread generates every reply of
+this worker, their token steps batched (batch.py), and streams text pieces back
+to the event loop; a consumer that goes away (barge-in) stops its reply between
+steps, or inside the forward pass when nobody else shares it."""
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import threading
 from typing import AsyncIterator
 
@@ -12,10 +14,6 @@ from . import Backend, BackendUnavailable
 from .model_files import resolve
 
 _END = object()
-
-
-class _Stopped(Exception):
-    """Raised inside the model's forward pass to abandon a superseded generation."""
 
 
 class NoRepeatReplyNgrams:
@@ -40,8 +38,12 @@ class NoRepeatReplyNgrams:
 
 class TransformersBackend(Backend):
     name = "transformers"
-    # each generation takes one core; two let a second session start while one speaks
-    concurrency = 2
+    # replies one worker generates at once (settings.llm_max_batch sets the instance's)
+    concurrency = 8
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        self.concurrency = max(1, settings.llm_max_batch)
 
     def setup(self) -> None:
         try:
@@ -51,6 +53,7 @@ class TransformersBackend(Backend):
             raise BackendUnavailable(f"the transformers backend needs torch and transformers "
                                      f"({e}): install with scripts/install.sh") from None
         torch.set_num_threads(1)  # engines share 2 cores (CONTRIBUTING.md)
+        _steady_malloc()
         self.torch = torch
         self._lock = threading.Lock()
         self.path = resolve(self.settings)
@@ -59,110 +62,91 @@ class TransformersBackend(Backend):
                                                      torch.cuda.is_available()) else "cpu"
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.model = AutoModelForCausalLM.from_pretrained(self.path).to(self.device).eval()
+        from .batch import BatchEngine
         from .cpu_speed import PrefixCache, int8_decode_supported, speed_up_for_cpu
 
         self.fast = (self.device == "cpu" and self.settings.llm_cpu_int8
                      and int8_decode_supported())
         if self.fast:
             self.model = speed_up_for_cpu(self.model)
-        self.prefix = PrefixCache()
-        # one token step takes ~50-100 ms on a busy CPU core; checking the stop flag
-        # before every decoder layer instead of after every token ends a superseded
-        # generation within a few ms (each generation thread has its own flag)
-        self._local = threading.local()
-        layers = [m for m in self.model.modules() if type(m).__name__.endswith("DecoderLayer")]
-        for layer in layers or [self.model]:
-            layer.register_forward_pre_hook(self._check_stop)
-        # the first generate() pays one-off costs (~1 s): not on a user's first turn; it
-        # also leaves the system prompt's keys/values in the prefix cache for every session
-        system = self.settings.llm_system_prompt
-        warm = self.tokenizer.apply_chat_template(
+        s = self.settings
+        self.prefix = PrefixCache(max_bytes=s.llm_prefix_cache_mb << 20)
+        eos = {self.tokenizer.eos_token_id}
+        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        self.engine = BatchEngine(self.model, self.tokenizer, self.prefix, self.device,
+                                  self.concurrency, {e for e in eos if e is not None},
+                                  s.llm_no_repeat_ngram, s.llm_repetition_penalty)
+        # the first forward passes pay one-off costs (~1 s): not on a user's first turn;
+        # the system prompt's keys/values stay in the prefix cache for every session
+        system = s.llm_system_prompt
+        ids = self.tokenizer.apply_chat_template(
             ([{"role": "system", "content": system}] if system else []) +
-            [{"role": "user", "content": "Hi"}],
-            add_generation_prompt=True, return_tensors="pt", return_dict=True).to(self.device)
-        with torch.inference_mode():
-            out = self.model.generate(**warm, max_new_tokens=2, do_sample=False,
-                                      return_dict_in_generate=True,
-                                      pad_token_id=self.tokenizer.eos_token_id)
-        self.prefix.store(out.sequences[0].tolist(), out.past_key_values)
+            [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=True,
+            return_dict=True)["input_ids"]
+        done = threading.Event()
+        from .batch import Sequence
 
-    def _check_stop(self, module, args) -> None:
-        stop = getattr(self._local, "stop", None)
-        if stop is not None and stop.is_set():
-            raise _Stopped
+        self.engine.submit(Sequence(ids, 2, 0.0, lambda text: None, lambda e: done.set()))
+        done.wait()
+        system_ids = self.tokenizer.apply_chat_template(
+            [{"role": "system", "content": system}], tokenize=True,
+            return_dict=True)["input_ids"] if system else []
+        layers, n = self.prefix.lookup(list(system_ids) + [-1])
+        if n:
+            self.prefix.store(list(system_ids)[:n], layers, pin=True)
 
     def describe(self) -> str:
-        mode = "bf16 + int8 decode, prefix cache" if self.fast else "prefix cache"
-        return f"transformers {self.path} on {self.device} ({mode})"
+        mode = "bf16 + int8 decode" if self.fast else "fp32"
+        return (f"transformers {self.path} on {self.device} ({mode}, {self.concurrency} "
+                f"replies batched, prefix cache {self.settings.llm_prefix_cache_mb} MB)")
 
     async def stream(self, messages, max_tokens, temperature) -> AsyncIterator[str]:
-        from transformers import (LogitsProcessorList, StoppingCriteria, StoppingCriteriaList,
-                                  TextStreamer)
+        from .batch import Sequence
 
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        stop = threading.Event()
-        torch = self.torch
 
-        class Streamer(TextStreamer):  # decoded text -> the event loop's queue
-            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-                if text and not stop.is_set():
-                    loop.call_soon_threadsafe(queue.put_nowait, text)
-
-        class Stop(StoppingCriteria):  # checked after every generated token
-            def __call__(self, input_ids, scores, **kwargs):
-                return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool,
-                                  device=input_ids.device)
-
-        inputs = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        ).to(self.device)
-        ids = inputs["input_ids"][0].tolist()
-        cache, reused = self.prefix.lookup(ids)  # only the new tokens are prefilled
-        s = self.settings
-        processors = [NoRepeatReplyNgrams(s.llm_no_repeat_ngram, len(ids))] \
-            if s.llm_no_repeat_ngram > 0 else []
-        kwargs = dict(**inputs, max_new_tokens=max_tokens, past_key_values=cache,
-                      repetition_penalty=s.llm_repetition_penalty if s.llm_repetition_penalty != 1
-                      else None, logits_processor=LogitsProcessorList(processors),
-                      return_dict_in_generate=True,
-                      streamer=Streamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True),
-                      stopping_criteria=StoppingCriteriaList([Stop()]),
-                      pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
-        if temperature > 0:
-            kwargs.update(do_sample=True, temperature=temperature)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-
-        def generate() -> None:
-            torch.set_num_threads(1)  # the thread count is per thread in OpenMP
-            self._local.stop = stop
+        def put(item: object) -> None:
             try:
-                with torch.inference_mode():
-                    out = self.model.generate(**kwargs)
-                if out.past_key_values is not None:
-                    self.prefix.store(out.sequences[0].tolist(), out.past_key_values)
-                result: object = _END
-            except _Stopped:
-                result = _END
-            except BaseException as e:  # handed to the consumer, raised there
-                result = e
-            finally:
-                with self._lock:
-                    self.running -= 1
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, result)
+                loop.call_soon_threadsafe(queue.put_nowait, item)
             except RuntimeError:
                 pass  # the event loop is gone (shutdown): nobody waits for the end
 
+        def ended(error: BaseException | None) -> None:
+            with self._lock:
+                self.running -= 1
+            put(error if error is not None else _END)
+
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                 tokenize=True, return_dict=True)["input_ids"]
+        seq = Sequence(list(ids), max_tokens, temperature, put, ended)
         with self._lock:
             self.running += 1
-        thread = threading.Thread(target=generate, name="llm-generate", daemon=True)
-        thread.start()
+        self.engine.submit(seq)
         try:
             while (item := await queue.get()) is not _END:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
         finally:
-            stop.set()  # cancelled or closed early: the thread stops after this token
+            seq.stop.set()  # cancelled or closed early: it leaves the batch after this step
+            self.engine.wake()
+
+    def close(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
+
+
+def _steady_malloc() -> None:
+    """glibc raises its mmap threshold each time a large block is freed, after which
+    tensors of keys/values come from the heap, whose freed holes are rarely returned:
+    the RSS creeps up for hours.  A fixed threshold keeps big blocks on mmap (returned
+    on free).  Best effort: not glibc, nothing done."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 256 * 1024)   # M_MMAP_THRESHOLD (fixing it disables the dynamic rise)
+        libc.mallopt(-1, 1024 * 1024)  # M_TRIM_THRESHOLD: return freed heap tops
+    except (OSError, AttributeError):
+        pass
