@@ -159,6 +159,7 @@ class TtsStage(Stage):
         self.queue = RenderQueue()
         self.replies = Replies()
         self.aborted = 0  # renders stopped because their turn was superseded
+        self.abort_error: BaseException | None = None  # what the last one raised inside
         self.syn_config = SynthesisConfig()
         self.rate = int(piper_config.sample_rate)
         self.backend = session.get_providers()[0].replace("ExecutionProvider", "").lower()
@@ -230,8 +231,8 @@ class TtsStage(Stage):
                 run_options.terminate = True
                 self.aborted += 1
                 await asyncio.wait([job])
-                if not job.cancelled():
-                    job.exception()  # "exiting due to terminate flag": retrieved, expected
+                # "Exiting due to terminate flag" (None if it had just finished anyway)
+                self.abort_error = None if job.cancelled() else job.exception()
                 raise
         finally:
             self.queue.release()
