@@ -53,8 +53,10 @@ MIN_HEAD_PHONEMES = 10     # a head cut at a word boundary has at least this man
 MAX_PIECE_PHONEMES = 120   # longest piece rendered at once (~6 s of speech): bounds memory
 
 
-WARM_UP_TEXT = ("Three astronauts flew to the moon in the summer of nineteen sixty nine, and "
-                "two of them walked on its surface for a few hours while the third one waited")
+# no clause marks: its first piece is one of the longest (MAX_PIECE_PHONEMES)
+WARM_UP_TEXT = ("Three astronauts flew to the moon in the summer of nineteen sixty nine and "
+                "two of them walked on its surface for a few hours while the third one waited "
+                "in orbit for them to come back up")
 
 
 def default_voice() -> tuple[str, str]:
@@ -166,7 +168,11 @@ class TtsStage(Stage):
         self.voice_name = Path(model).name.removesuffix(".onnx")
         self._render(self.voice.phonemize("Hello.")[0])  # warm up (first run is slow)
         # and grow the arena to the longest piece now, so RSS is flat from the start
-        self._render(split_long(self.voice.phonemize(WARM_UP_TEXT)[0])[0])
+        # durations are random: slowed down a third, so it outlasts any real piece
+        longest = split_long(self.voice.phonemize(WARM_UP_TEXT)[0])[0]
+        self.syn_config = SynthesisConfig(length_scale=piper_config.length_scale * 1.35)
+        self._render(longest)
+        self.syn_config = SynthesisConfig()
 
     def describe(self) -> str:
         return f"piper {self.voice_name} {self.rate} Hz onnxruntime {self.backend} 1 thread"
