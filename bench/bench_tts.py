@@ -126,10 +126,14 @@ async def sessions_run(stage, settings, n: int, turns: int, llm_gap: float,
 
             feeder = asyncio.create_task(feed())
             done = False
+            quiet_since = time.monotonic()
             while not done:
-                res = await client.xread({keys.out(sid): cursor}, count=50, block=5000)
+                res = await client.xread({keys.out(sid): cursor}, count=50, block=1000)
                 if not res:
-                    raise TimeoutError(f"{sid}: no audio for 5 s")
+                    if time.monotonic() - quiet_since > 30:
+                        raise TimeoutError(f"{sid}: no audio for 30 s")
+                    continue
+                quiet_since = time.monotonic()
                 for _, entries in res:
                     for eid, fields in entries:
                         cursor = eid

@@ -23,7 +23,8 @@ import itertools
 import time
 from collections import OrderedDict
 
-SLACK_S = 0.6           # a later piece is due this long before the client's audio runs out
+SLACK_S = 1.5           # a later piece is due this long before the client's audio runs
+                        # out: margin for a few first pieces and a busy CPU
 UNKNOWN_SLACK_S = 0.8   # a later seq of a reply this worker has no record of
 MAX_REPLIES = 256       # per-reply records kept (LRU): bounded memory whatever happens
 

@@ -51,6 +51,7 @@ FIRST_MAX_PHONEMES = 24    # the head of a cut first sentence (~1.2 s of speech)
 MIN_CLAUSE_PHONEMES = 5    # a clause shorter than this is not cut off ("So,")
 MIN_HEAD_PHONEMES = 10     # a head cut at a word boundary has at least this many
 MAX_PIECE_PHONEMES = 120   # longest piece rendered at once (~6 s of speech): bounds memory
+SHARED_MAX_PHONEMES = 50   # ... while other sessions have replies in flight (~0.3 s to render)
 
 
 # no clause marks: its first piece is one of the longest (MAX_PIECE_PHONEMES)
@@ -160,6 +161,7 @@ class TtsStage(Stage):
         self._ort = ort
         self.queue = RenderQueue()
         self.replies = Replies()
+        self.active: dict[str, int] = {}  # sid -> its replies in process() now
         self.aborted = 0  # renders stopped because their turn was superseded
         self.abort_error: BaseException | None = None  # what the last one raised inside
         self.syn_config = SynthesisConfig()
@@ -257,20 +259,34 @@ class TtsStage(Stage):
                 self.replies.done(frame.sid, frame.turn)
             yield self._frame(frame, chunk, b"", sr, True, marks)
             return
-        for i, phonemes in enumerate(pieces):
-            deadline = self.replies.deadline(frame.sid, frame.turn, frame.seq)
-            audio = await self.render(phonemes, out_sr, deadline)
-            self.replies.sent(frame.sid, frame.turn, len(audio) / sr)
-            if frame.final and i == len(pieces) - 1:
-                self.replies.done(frame.sid, frame.turn)
-            step = int(MAX_CHUNK_S * sr)
-            starts = list(range(0, max(len(audio), 1), step))
-            marks.setdefault("tts_first", time.time())
-            for j, start in enumerate(starts):
-                last = i == len(pieces) - 1 and j == len(starts) - 1
-                yield self._frame(frame, chunk, audio[start:start + step].tobytes(), sr, last,
-                                  marks)
-                chunk += 1
+        self.active[frame.sid] = self.active.get(frame.sid, 0) + 1
+        try:
+            i = 0
+            while i < len(pieces):
+                if len(pieces[i]) > SHARED_MAX_PHONEMES and len(self.active) > 1:
+                    # other sessions wait for the one thread: shorter renders let their
+                    # first pieces in sooner (alone, whole sentences sound best)
+                    pieces[i:i + 1] = split_long(pieces[i], SHARED_MAX_PHONEMES)
+                deadline = self.replies.deadline(frame.sid, frame.turn, frame.seq)
+                audio = await self.render(pieces[i], out_sr, deadline)
+                self.replies.sent(frame.sid, frame.turn, len(audio) / sr)
+                final_piece = i == len(pieces) - 1
+                if frame.final and final_piece:
+                    self.replies.done(frame.sid, frame.turn)
+                step = int(MAX_CHUNK_S * sr)
+                starts = list(range(0, max(len(audio), 1), step))
+                marks.setdefault("tts_first", time.time())
+                for j, start in enumerate(starts):
+                    last = final_piece and j == len(starts) - 1
+                    yield self._frame(frame, chunk, audio[start:start + step].tobytes(), sr,
+                                      last, marks)
+                    chunk += 1
+                i += 1
+        finally:
+            if self.active.get(frame.sid, 0) <= 1:
+                self.active.pop(frame.sid, None)
+            else:
+                self.active[frame.sid] -= 1
 
     @staticmethod
     def _frame(frame: ReplyText, chunk: int, pcm: bytes, sr: int, last: bool,
