@@ -226,3 +226,31 @@ def test_reply_records_are_bounded():
     assert len(r) == 3 and r.deadline("a", 1, 1, now=5.0) == 5.0 + UNKNOWN_SLACK_S
     r.done("s9", 1)
     assert len(r) == 2
+
+
+def test_render_queue_order_and_cancelled_waiters():
+    from s2s.services.tts.schedule import RenderQueue
+
+    q = RenderQueue()
+    got = []
+
+    async def user(name, deadline, order=()):
+        await q.acquire(deadline, order)
+        got.append(name)
+        await asyncio.sleep(0)
+        q.release()
+
+    async def scenario():
+        await q.acquire(0.0)
+        tasks = [asyncio.create_task(user(*a)) for a in
+                 [("late", 9.0), ("seq2", 5.0, (2, 0)), ("seq1-b", 5.0, (1, 1)),
+                  ("seq1-a", 5.0, (1, 0)), ("gone", 1.0), ("first", 2.0)]]
+        await asyncio.sleep(0.01)
+        tasks[4].cancel()  # superseded while waiting: leaves the queue
+        await asyncio.sleep(0.01)
+        q.release()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(scenario())
+    assert got == ["first", "seq1-a", "seq1-b", "seq2", "late"]
+    assert not q.busy and q.waiting() == 0

@@ -62,23 +62,24 @@ class Replies:
 
 
 class RenderQueue:
-    """A lock that one render holds at a time; waiters get it by deadline (then
-    arrival).  A waiter that is cancelled (its turn superseded) leaves the queue."""
+    """A lock that one render holds at a time; waiters get it by deadline, then by
+    ``order`` (a reply's (seq, piece): its pieces share a deadline and must come out in
+    order), then arrival.  A waiter that is cancelled (turn superseded) leaves the queue."""
 
     def __init__(self) -> None:
         self.busy = False
-        self._heap: list[tuple[float, int, asyncio.Future]] = []
+        self._heap: list[tuple[float, tuple, int, asyncio.Future]] = []
         self._n = itertools.count()
 
     def waiting(self) -> int:
         return sum(1 for *_, f in self._heap if not f.done())
 
-    async def acquire(self, deadline: float) -> None:
+    async def acquire(self, deadline: float, order: tuple = ()) -> None:
         if not self.busy and not self.waiting():
             self.busy = True
             return
         fut = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._heap, (deadline, next(self._n), fut))
+        heapq.heappush(self._heap, (deadline, order, next(self._n), fut))
         try:
             await fut
         except asyncio.CancelledError:

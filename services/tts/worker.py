@@ -223,12 +223,13 @@ class TtsStage(Stage):
 
         return soxr.resample(audio, self.rate, out_sr)
 
-    async def render(self, phonemes: list[str], out_sr: int, deadline: float) -> np.ndarray:
+    async def render(self, phonemes: list[str], out_sr: int, deadline: float,
+                     order: tuple = ()) -> np.ndarray:
         """Render one piece when its turn in the queue comes (earliest deadline first).
         Cancelled (turn superseded) while waiting: it just leaves the queue; while
         rendering: onnxruntime is told to stop and the piece is abandoned within
         milliseconds (awaited, so two renders never share the one thread)."""
-        await self.queue.acquire(deadline)
+        await self.queue.acquire(deadline, order)
         try:
             run_options = self._ort.RunOptions()
             job = asyncio.get_running_loop().run_in_executor(None, self._render, phonemes,
@@ -268,7 +269,7 @@ class TtsStage(Stage):
                     # first pieces in sooner (alone, whole sentences sound best)
                     pieces[i:i + 1] = split_long(pieces[i], SHARED_MAX_PHONEMES)
                 deadline = self.replies.deadline(frame.sid, frame.turn, frame.seq)
-                audio = await self.render(pieces[i], out_sr, deadline)
+                audio = await self.render(pieces[i], out_sr, deadline, (frame.seq, i))
                 self.replies.sent(frame.sid, frame.turn, len(audio) / sr)
                 final_piece = i == len(pieces) - 1
                 if frame.final and final_piece:
