@@ -229,13 +229,19 @@ class TtsStage(Stage):
         Cancelled (turn superseded) while waiting: it just leaves the queue; while
         rendering: onnxruntime is told to stop and the piece is abandoned within
         milliseconds (awaited, so two renders never share the one thread)."""
+        t0 = time.perf_counter()
         await self.queue.acquire(deadline, order)
         try:
+            t1 = time.perf_counter()
             run_options = self._ort.RunOptions()
             job = asyncio.get_running_loop().run_in_executor(None, self._render, phonemes,
                                                              out_sr, run_options)
             try:
-                return await asyncio.shield(job)
+                audio = await asyncio.shield(job)
+                log.debug("piece %s of %d phonemes: queued %.0f ms, rendered in %.0f ms, "
+                          "due in %.0f ms", order, len(phonemes), (t1 - t0) * 1000,
+                          (time.perf_counter() - t1) * 1000, (deadline - time.time()) * 1000)
+                return audio
             except asyncio.CancelledError:
                 run_options.terminate = True
                 self.aborted += 1
