@@ -102,12 +102,13 @@ async def sessions_run(stage, settings, n: int, turns: int, llm_gap: float,
     worker = asyncio.create_task(runtime.run())
     client = aioredis.Redis.from_url(settings.redis_url)
     stream = keys.stage_stream("tts")
+    run_id = os.urandom(3).hex()
     first_lat: list[float] = []
     later_lat: list[float] = []
     gaps: list[float] = []
 
     async def session(k: int) -> None:
-        sid = f"b{n}-{k}"
+        sid = f"b{n}-{k}-{run_id}"  # fresh per run: no audio of an earlier run is read
         await asyncio.sleep(k * stagger)
         cursor = b"0-0"
         for turn in range(1, turns + 1):
