@@ -73,6 +73,12 @@ class Stage:
     name: str = "stage"
     #: items one worker processes at once unless S2S_CONCURRENCY says otherwise
     concurrency: int = 1
+    #: inputs a worker reads beyond its free slots, so that ``priority`` can choose among
+    #: them (0: strict stream order, the inputs are never decoded before their turn)
+    lookahead: int = 0
+    #: an input read ahead that waited this long (since it entered the stream) goes
+    #: first whatever its priority, in stream order: later pieces are never starved
+    max_priority_wait_s: float = 1.0
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -88,6 +94,12 @@ class Stage:
     async def process(self, frame: Frame) -> AsyncIterator[Frame]:
         raise NotImplementedError
         yield  # pragma: no cover  (makes this an async generator)
+
+    def priority(self, frame: Frame) -> float:
+        """Order key of an input read ahead (``lookahead`` > 0): lower goes first, ties
+        in stream order.  E.g. TTS: 0 for the first piece of a reply (seq 0), 1 for the
+        pieces after it.  Cheap and pure: it runs on the event loop for each input."""
+        return 0.0
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking model call in a thread, keeping the event loop free."""

@@ -18,6 +18,17 @@ worker that misses its lease (``lease_s``) is dead, and a live worker of the sam
 stage claims its pending entries at once (only those idle for the lease, so a
 stalled-but-alive worker is not robbed), then deletes the dead consumer.  The
 idle-time XAUTOCLAIM after ``claim_idle_s`` stays as the fallback.
+
+Priority (a stage with ``lookahead`` > 0, e.g. TTS): a worker with a free slot reads up
+to ``lookahead`` entries more than it can start, and starts the waiting ones by the
+stage's ``priority(frame)`` (lower first, ties in stream order), so the first piece of
+a new turn goes ahead of continuing pieces of older replies.  An entry that has waited
+``max_priority_wait_s`` since it entered the stream goes first whatever its priority
+(no starvation).  Entries read ahead are this consumer's exactly like in-flight ones:
+pending on it, kept fresh by the keep-alive, dropped if another worker took them over,
+acknowledged only once processed, left pending at shutdown.  Only a worker with a free
+slot reads (never one that is busy), so a single new entry still goes to an idle
+worker; read-ahead happens only when a backlog is already there.
 """
 
 from __future__ import annotations
@@ -57,6 +68,9 @@ class Runtime:
         self.bus = Bus(settings)
         stage.state = SessionState(self.bus, self.retrying)
         self.inflight: dict[bytes, asyncio.Task] = {}
+        # entries read ahead, not started yet (stage.lookahead > 0): id -> (priority, data)
+        self.waiting: dict[bytes, tuple[float, bytes]] = {}
+        self.lookahead = max(int(getattr(stage, "lookahead", 0) or 0), 0)
         self.stopping = asyncio.Event()
         self.loaded = False
         self.redis_ok = False
@@ -116,6 +130,10 @@ class Runtime:
         self.stopping.set()
 
     async def _drain(self) -> None:
+        if self.waiting:  # never started: another worker claims them (claim_idle_s)
+            log.info("leaving %d entr%s read ahead pending", len(self.waiting),
+                     "y" if len(self.waiting) == 1 else "ies")
+            self.waiting.clear()
         if self.inflight:
             log.info("waiting for %d in-flight item(s)", len(self.inflight))
             done, pending = await asyncio.wait(list(self.inflight.values()),
@@ -158,8 +176,13 @@ class Runtime:
                                     "y" if len(entries) == 1 else "ies")
                         entries = await self._drop_poison(entries)
                 if not entries:
-                    entries = await self.bus.read_group(self.stream, self.group, self.consumer,
-                                                        free, self.settings.block_ms)
+                    # with read-ahead: up to `lookahead` more than the free slots; and not
+                    # blocking while some already wait (they start now, newcomers included)
+                    room = free + self.lookahead - len(self.waiting)
+                    if room > 0:
+                        entries = await self.bus.read_group(
+                            self.stream, self.group, self.consumer, room,
+                            None if self.waiting else self.settings.block_ms)
                 self._redis_up()
                 backoff = 0.1
                 self._start(entries)
@@ -172,13 +195,53 @@ class Runtime:
                     backoff = await self._redis_down(e, backoff)
 
     def _start(self, entries: list[tuple[bytes, bytes]]) -> None:
+        if self.lookahead:
+            for entry_id, data in entries:
+                if entry_id not in self.inflight and entry_id not in self.waiting:
+                    self.waiting[entry_id] = (self._priority(data), data)
+            self._dispatch()
+            return
         for entry_id, data in entries:
-            if entry_id in self.inflight:
-                continue
-            self.inflight[entry_id] = asyncio.create_task(self._handle(entry_id, data))
-            self.inflight[entry_id].add_done_callback(
-                lambda _t, eid=entry_id: self.inflight.pop(eid, None))
+            self._launch(entry_id, data)
+
+    def _launch(self, entry_id: bytes, data: bytes) -> None:
+        if entry_id in self.inflight:
+            return
+        self.inflight[entry_id] = asyncio.create_task(self._handle(entry_id, data))
+        self.inflight[entry_id].add_done_callback(
+            lambda _t, eid=entry_id: self.inflight.pop(eid, None))
         metrics.IN_FLIGHT.labels(self.name).set(len(self.inflight))
+
+    def _priority(self, data: bytes) -> float:
+        """The stage's order key for an entry read ahead; an undecodable entry gets 0
+        (it is rejected, counted and acked as soon as it starts, see _handle)."""
+        try:
+            return float(self.stage.priority(decode(data, self.settings.max_frame_bytes,
+                                                    STAGE_INPUTS.get(self.name))))
+        except FrameError:
+            return 0.0
+        except Exception:
+            log.exception("%s.priority failed: the entry keeps stream order", self.name)
+            return 0.0
+
+    def _dispatch(self) -> None:
+        """Start waiting entries in free slots: entries waiting max_priority_wait_s
+        first (stream order), then by priority, ties in stream order."""
+        free = self.concurrency - len(self.inflight)
+        if free <= 0 or not self.waiting:
+            return
+        aged_ms = time.time() * 1000 - self.stage.max_priority_wait_s * 1000
+
+        def key(entry_id: bytes) -> tuple:
+            ms, _, seq = entry_id.partition(b"-")
+            at = (int(ms), int(seq or 0))
+            if at[0] <= aged_ms:
+                return (0, 0.0, at)
+            return (1, self.waiting[entry_id][0], at)
+
+        for entry_id in sorted(self.waiting, key=key)[:free]:
+            _, data = self.waiting.pop(entry_id)
+            self._launch(entry_id, data)
 
     async def _drop_poison(self, entries: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
         """Dead-letter claimed entries delivered more than ``max_deliveries`` times.
@@ -470,6 +533,10 @@ class Runtime:
                 log.debug("keep-alive: %s", e)
                 continue
             for entry_id in lost:
+                if self.waiting.pop(entry_id, None) is not None:
+                    log.warning("entry %s (read ahead) was taken over by another worker: "
+                                "dropping ours", entry_id.decode())
+                    continue
                 # Another worker claimed it while this one looked dead (event loop stalled
                 # past claim_idle_s).  It now does the work (or owns the session): stop ours
                 # instead of stealing it back, so no entry has two owners.
@@ -480,7 +547,7 @@ class Runtime:
                     task.cancel()
 
     def owned_ids(self) -> list[bytes]:
-        return list(self.inflight)
+        return list(self.inflight) + list(self.waiting)
 
     def _note_groups(self, count: int) -> None:
         alone = count <= 1
