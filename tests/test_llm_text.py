@@ -205,8 +205,11 @@ def test_questions_and_requests_are_answered_at_once_statements_may_go_on():
 
     for text in ("What is the capital of France?", "Tell me a fun fact about octopuses.",
                  "Give me a tip for sleeping better.", "Can you recommend a good book.",
-                 "how far away is the moon"):
+                 "how far away is the moon",
+                 "What is the capital of France? Answer in one sentence.",
+                 "I am cooking pasta. How long should I boil it?"):
         assert asks(text), text
     for text in ("I need to buy milk.", "My name is Anna.", "The numbers are fifteen.",
-                 "please send it to twenty two Baker Street", "", "  "):
+                 "please send it to twenty two Baker Street", "", "  ",
+                 "I need to buy milk. And eggs. And bread."):
         assert not asks(text), text

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from typing import AsyncIterator
 
@@ -42,10 +43,14 @@ REQUEST_OPENERS = frozenset("""tell give show explain describe list recommend su
 
 
 def asks(text: str) -> bool:
-    """Does a finished turn ask for an answer now (a question, or a request)?"""
-    stripped = text.strip().rstrip(" \"'”’)")
-    first = stripped.split(maxsplit=1)[0].strip(",.!?\"'“”").lower() if stripped else ""
-    return stripped.endswith("?") or first in REQUEST_OPENERS
+    """Does a finished turn ask for an answer now: a question or a request in any of its
+    sentences ("What is the capital of France? Answer in one sentence." asks)?"""
+    for sentence in re.split(r"(?<=[.!?])\s+", text.strip()):
+        stripped = sentence.strip().rstrip(" \"'”’)")
+        first = stripped.split(maxsplit=1)[0].strip(",.!?\"'“”").lower() if stripped else ""
+        if stripped.endswith("?") or first in REQUEST_OPENERS:
+            return True
+    return False
 
 
 class LlmStage(Stage):
