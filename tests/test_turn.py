@@ -113,6 +113,10 @@ def test_turn_complete_rules():
     assert not turn_complete(True, "The numbers are.")  # said by the eval set, model: 0.97
     # the model's "incomplete" stands even when the words look finished
     assert not turn_complete(False, "ask not what your country can do for you.")
+    # ... unless the words finish a question (the model misjudges flat synthetic ones)
+    assert turn_complete(False, "What is two plus two?")
+    assert turn_complete(False, "What is the capital of France? Answer in one sentence.")
+    assert not turn_complete(False, "What is the capital of,")
     # no model: the text heuristic alone (the fallback)
     assert turn_complete(None, "ask what you can do for your country.")
     assert not turn_complete(None, "I need to buy milk, eggs,")

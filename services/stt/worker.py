@@ -126,8 +126,21 @@ def turn_complete(verdict: bool | None, text: str) -> bool:
     """Is the turn over?  The VAD's end-of-turn model heard the prosody (``verdict``;
     None when it did not run): its "complete" stands unless the words plainly dangle
     ("And so my fellow Americans," sounds final but ends on a comma).  Without a
-    verdict the transcript's ending alone decides (the fallback)."""
-    return looks_complete(text) if verdict is None else verdict and looks_complete(text)
+    verdict the transcript's ending alone decides (the fallback).  A question the words
+    finish overrides the model's "incomplete": whisper writes '?' from the grammar and the
+    rise, and the model misjudges flat synthetic or accented questions (espeak-ng's "What
+    is two plus two?" scores 0.01; "What is the capital of France? Answer in one
+    sentence." 0.16), which then waited the whole turn hold."""
+    if verdict is None:
+        return looks_complete(text)
+    if not verdict and looks_complete(text) and asks_question(text):
+        return True
+    return verdict and looks_complete(text)
+
+
+def asks_question(text: str) -> bool:
+    """Does any sentence of the transcript end with a question mark?"""
+    return "?" in text.rstrip(" \"'”’)")
 
 
 def is_loop(text: str) -> bool:
