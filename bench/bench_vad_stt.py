@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import statistics
 import sys
 import time
@@ -28,6 +27,7 @@ from s2s.frames import Audio, SessionOpen, Utterance  # noqa: E402
 from s2s.services.stt.batching import Job, group_similar  # noqa: E402
 from s2s.services.stt.worker import FULL_WINDOW, SttStage  # noqa: E402
 from s2s.services.vad.worker import CHUNK, SR, SileroVad, VadStage  # noqa: E402
+from s2s.bench.wer import wer  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
 FRAME_MS = 20
@@ -124,18 +124,6 @@ def stt_latency(runs: int = 5) -> list[tuple[float, float, float]]:
 
 JFK_TEXT = ("And so my fellow Americans, ask not what your country can do for you, "
             "ask what you can do for your country.")
-
-
-def wer(reference: str, hypothesis: str) -> float:
-    """Word error rate (case and punctuation ignored)."""
-    ref = re.findall(r"[a-z0-9']+", reference.lower())
-    hyp = re.findall(r"[a-z0-9']+", hypothesis.lower())
-    d = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, d[0] = d[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r != h))
-    return d[-1] / max(len(ref), 1)
 
 
 def vad_utterances(name: str) -> list[Utterance]:

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from .eval_set import CONVERSATIONS, JFK_TEXT, SR, Conversation, Voices, groups
+from .wer import wer as _wer
 
 FRAME_MS = 20
 NUMBERS = {"zero": "0", "oh": "0", "one": "1", "two": "2", "three": "3", "four": "4",
@@ -56,13 +57,8 @@ def norm_words(text: str) -> list[str]:
 
 
 def wer(reference: str, hypothesis: str) -> float:
-    ref, hyp = norm_words(reference), norm_words(hypothesis)
-    d = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, d[0] = d[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r != h))
-    return d[-1] / max(len(ref), 1)
+    """WER over normalized words (digits and number words alike)."""
+    return _wer(reference, hypothesis, norm_words)
 
 
 def has_keywords(reply: str, keywords: list[tuple[str, ...]]) -> bool:

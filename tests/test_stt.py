@@ -4,7 +4,6 @@ decode of continued thoughts with the real VAD's cuts and a real Redis."""
 from __future__ import annotations
 
 import asyncio
-import re
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ import pytest
 from s2s import config, keys
 from s2s.audio import pcm16_to_float
 from s2s.bench.bench_vad_stt import vad_utterances
+from s2s.bench.wer import wer
 from s2s.bus import Bus
 from s2s.frames import Utterance
 from s2s.services.stt.batching import BATCHED, Job, MicroBatcher, group_similar
@@ -22,19 +22,6 @@ from s2s.stage import SessionState
 from tests.conftest import DATA, JFK_TEXT, load_pcm16
 
 SR = 16000
-
-
-def wer(reference: str, hypothesis: str) -> float:
-    """Word error rate: word-level edit distance / reference length (case and
-    punctuation ignored)."""
-    ref = re.findall(r"[a-z0-9']+", reference.lower())
-    hyp = re.findall(r"[a-z0-9']+", hypothesis.lower())
-    d = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, d[0] = d[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r != h))
-    return d[-1] / max(len(ref), 1)
 
 
 @pytest.fixture(scope="module")
