@@ -424,13 +424,19 @@ class Runtime:
         backoff.  While stopping the error is raised: the input then stays pending for
         another worker."""
         backoff = 0.1
+        failed = False
         while True:
             try:
-                return await fn(*args)
+                result = await fn(*args)
             except RedisError as e:
                 if redis_error_kind(e) not in RETRYABLE or self.stopping.is_set():
                     raise
+                failed = True
                 backoff = await self._redis_down(e, backoff)
+                continue
+            if failed:  # said here, when it went through, not at the next read
+                self._redis_up()
+            return result
 
     async def _watch_turn(self, frame: Frame) -> None:
         """Returns once the frame's turn is superseded (never, for turnless frames)."""

@@ -195,7 +195,7 @@ def test_output_refused_for_oom_is_not_acked_and_goes_out_once_memory_is_back(wo
     assert r.xlen("s2s:echo") == 0
     log = workers.log(proc)
     assert log.count("Redis oom (") == 1, log  # once per burst, not once per retry
-    assert "oom trouble over" in log
+    wait_for(lambda: "oom trouble over" in workers.log(proc), 5, "the end of the trouble logged")
 
 
 def xadd_despite_oom(r: redis.Redis, stream: str, frame) -> None:
