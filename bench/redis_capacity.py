@@ -406,27 +406,14 @@ def step_c(server: "PinnedRedis", n: int, args, load_cores: list[int]) -> dict:
         counts["late"] += got["late"]
         counts["errors"] += got["write_errors"] + got["redis_errors"]
     shutil.rmtree(d, ignore_errors=True)
-    calls = sum(v["calls"] for v in stats.values())
-    usec = sum(v["usec"] for v in stats.values())
     window = t1 - t0
     total = args.duration + 2.0  # the load's whole run (warm-up included)
-    return {
-        "sessions": n,
-        "redis_cpu": (cpu1 - cpu0) / window,
-        "cmds_per_s": calls / window,
-        "usec_per_call": usec / calls if calls else 0.0,
-        "frames_per_s": counts["ticks"] / total,
-        "frames_target": n / FRAME_S,
-        "late": counts["late"],
-        "errors": counts["errors"],
-        "p50_ms": pct(samples, 50),
-        "p99_ms": pct(samples, 99),
-        "server_xadd_p99_us": (lat.get("xadd") or (None, None))[1],
-        "used_memory_mb": mem / 1e6,
-        "latency_events": server.client.execute_command("LATENCY", "LATEST"),
-        # the command mix Redis saw (inner calls of the Lua scripts included)
-        "calls": {k.split("_", 1)[1]: v["calls"] for k, v in stats.items()},
-    }
+    row = _row(server, n, samples, stats, lat, mem, cpu1 - cpu0, window,
+               cmds_window=window, frames=counts["ticks"], frames_window=total,
+               late=counts["late"], errors=counts["errors"])
+    # the command mix Redis saw (inner calls of the Lua scripts included)
+    row["calls"] = {k.split("_", 1)[1]: v["calls"] for k, v in stats.items()}
+    return row
 
 
 def step(server: PinnedRedis, n: int, args, load_cores: list[int]) -> dict:
@@ -466,18 +453,27 @@ def step(server: PinnedRedis, n: int, args, load_cores: list[int]) -> dict:
     total = warm + args.duration
     mem = server.client.info("memory")["used_memory"]
     stats = server.client.info("commandstats")
+    lat = server_latency(server.client)
+    return _row(server, n, samples, stats, lat, mem, cpu1 - cpu0, t1 - t0,
+                cmds_window=total, frames=counts["frames"], frames_window=total,
+                late=counts["late"], errors=counts["errors"])
+
+
+def _row(server, n: int, samples: list[float], stats: dict, lat: dict, mem: int,
+         cpu_s: float, cpu_window: float, *, cmds_window: float, frames: int,
+         frames_window: float, late: int, errors: int) -> dict:
+    """One table row, whichever engine made the load (C or Python)."""
     calls = sum(v["calls"] for v in stats.values())
     usec = sum(v["usec"] for v in stats.values())
-    lat = server_latency(server.client)
     return {
         "sessions": n,
-        "redis_cpu": (cpu1 - cpu0) / (t1 - t0),
-        "cmds_per_s": calls / total,
+        "redis_cpu": cpu_s / cpu_window,
+        "cmds_per_s": calls / cmds_window,
         "usec_per_call": usec / calls if calls else 0.0,
-        "frames_per_s": counts["frames"] / total,
+        "frames_per_s": frames / frames_window,
         "frames_target": n / FRAME_S,
-        "late": counts["late"],
-        "errors": counts["errors"],
+        "late": late,
+        "errors": errors,
         "p50_ms": pct(samples, 50),
         "p99_ms": pct(samples, 99),
         "server_xadd_p99_us": (lat.get("xadd") or (None, None))[1],
