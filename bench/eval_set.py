@@ -139,7 +139,8 @@ class Voices:
         self._piper = None
 
     def say(self, voice: str, text: str) -> np.ndarray:
-        key = hashlib.sha1(f"{voice}|{text}".encode()).hexdigest()[:16]
+        # "|2": piper renders without noise since; older cached renders were random
+        key = hashlib.sha1(f"{voice}|{text}|2".encode()).hexdigest()[:16]
         path = self.cache / f"{key}.npy"
         if path.exists():
             return np.load(path)
@@ -160,8 +161,14 @@ class Voices:
             from s2s import config
             from s2s.services.tts.worker import TtsStage
 
+            from piper.config import SynthesisConfig
+
             self._piper = TtsStage(config.load(environ={}))
             self._piper.setup()
+            # Piper draws random noise (onnxruntime seeds it per process): the same text
+            # would sound different in every run, and whisper tiny hears some renderings
+            # wrong ("capital of friends").  Without the noise every run hears one audio.
+            self._piper.syn_config = SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0)
         audio = self._piper.synthesize(text)
         out = resample(audio.astype(np.float32) / 32768, self._piper.rate, SR)
         return (np.clip(out, -1, 1) * 32767).astype(np.int16)
