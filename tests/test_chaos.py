@@ -54,9 +54,6 @@ def test_reduced_chaos_run(tmp_path):
     for name, row in rows.items():
         assert row["heard_once"] == row["completed"], (name, row, report["logs"])
     assert rows["unhit"]["completed"] == rows["unhit"]["turns"], (rows, report["logs"])
-    if hit["completed"] < 0.99 * hit["turns"]:
-        # The issue's bar.  A hit turn with no reply is the workers' takeover (helper
-        # resil's part of issue 10: liveness-based claims, VAD takeover keeping the
-        # utterance); until that lands it is reported, not failed.  Make it an assert then.
-        pytest.xfail(f"{hit['turns'] - hit['completed']} of {hit['turns']} hit turns got no "
-                     f"reply: {rows} (logs in {report['logs']})")
+    # the issue's bar: with four faults, every hit turn is answered (liveness-based
+    # claims, the VAD's replay of the utterance in progress, fenced session writes)
+    assert hit["completed"] >= 0.99 * hit["turns"], (rows, report["logs"])

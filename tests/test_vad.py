@@ -26,6 +26,9 @@ class FakeState:
         self.turn += 1
         return self.turn
 
+    async def current_turn(self, sid: str) -> int:
+        return self.turn
+
 
 def make_stage(**overrides) -> VadStage:
     """Speculation off unless asked for: these tests check where utterances end (the
@@ -295,6 +298,33 @@ async def test_snapshot_restore_keeps_positions_on_the_session_timeline(stage):
                 {"in_sr": 16000, "in_samples": -1, "samples_16k": 0}):
         with pytest.raises(ValueError, match="bad VAD snapshot"):
             stage.open_session(SessionOpen(sid="x"), bad)
+
+
+async def test_a_takeover_goes_on_in_the_turn_the_dead_owner_reached():
+    """The dead owner advanced the turn after its last snapshot (killed between the two),
+    and the replay re-lives that speech start without sending it: the utterance must
+    carry the session's current turn, not the snapshot's (it would be dropped as stale:
+    a turn lost to a VAD kill in the chaos run)."""
+    stage = make_stage()
+    pcm = np.concatenate([load_pcm16(DATA / "jfk.wav"), np.zeros(SR, np.int16)])
+    opened = SessionOpen(sid="late", in_sr=SR, out_sr=24000)
+    dead = stage.open_session(opened)
+    before = stage.snapshot(dead)  # the resume point: before the speech
+    cut = int(1.5 * SR)            # inside "And so my fellow Americans"
+    for i in range(0, cut, SR // 50):
+        [o async for o in stage.process(Audio(sid="late", pcm=pcm[i:i + SR // 50].tobytes(),
+                                              sr=SR, marks={"recv": T0}), dead)]
+    latest = stage.snapshot(dead)
+    assert latest["turn"] == stage.state.turn == 1 and latest["replay_from"] == 0
+    stage.state.turn += 1          # ...its next advance, after that snapshot was written
+    second = stage.open_session(opened, {**before, "latest": latest})
+    outputs = []
+    for i in range(0, int(3.2 * SR), SR // 50):  # re-read from the start, as the runtime does
+        frame = Audio(sid="late", pcm=pcm[i:i + SR // 50].tobytes(), sr=SR, marks={"recv": T0})
+        outputs += [o async for o in stage.process(frame, second)]
+    assert not [o for o in outputs if isinstance(o, SpeechStarted)]  # re-lived, not sent
+    utts = [o for o in outputs if isinstance(o, Utterance)]
+    assert utts and utts[0].turn == 2 and utts[0].start_s < 0.5, utts
 
 
 def test_model_is_silero_v5_with_state_and_context():

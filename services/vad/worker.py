@@ -167,6 +167,7 @@ class VadSession:
         self.config: dict[str, float] = {}  # the client's own settings (SessionConfig)
         self.answered_at: int | None = None  # end of the last utterance called complete
         self.pending: tuple[int, asyncio.Future] | None = None  # (pause start, decision)
+        self.turn_checked = True  # False after a takeover: the turn is read from Redis once
 
     def snapshot(self) -> dict:
         """What a new owner needs for positions to go on: the input samples received.
@@ -209,6 +210,7 @@ class VadSession:
         self.in_samples = in_samples if in_sr == self.in_sr else at16 * self.in_sr // SR
         self.buf_start = self.n_vad = at16
         self.replay_until, self.turn = seen, turn
+        self.turn_checked = False
         spec = latest.get("spec")
         self.dead_spec = spec if isinstance(spec, int) and not isinstance(spec, bool) else None
         config = latest.get("config", snap.get("config"))
@@ -337,6 +339,12 @@ class VadStage(SessionStage):
         return session.snapshot()
 
     async def process(self, frame: Audio, session: VadSession = None):  # type: ignore[override]
+        if not session.turn_checked:
+            # The dead owner may have advanced the turn after its last snapshot, and the
+            # replay need not re-live that advance (another chunk grid, a fresh model):
+            # an utterance sent in the snapshot's older turn would be dropped as stale.
+            session.turn = max(session.turn, await self.state.current_turn(session.sid))
+            session.turn_checked = True
         if isinstance(frame, SessionConfig):
             session.configure(frame.vad)
             return
