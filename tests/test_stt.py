@@ -17,7 +17,7 @@ from s2s.frames import Utterance
 from s2s.services.stt.batching import BATCHED, Job, MicroBatcher, group_similar
 from s2s.services.stt.incremental import Thought, prefix_of
 from s2s.services.stt.worker import DECODES, DROPPED, Heard, SttStage, drop_reason, is_loop, \
-    looks_complete
+    looks_complete, stopped_early
 from s2s.stage import SessionState
 from tests.conftest import DATA, JFK_TEXT, load_pcm16
 
@@ -124,6 +124,20 @@ def test_loop_detection():
     assert is_loop("no " * 60)
     assert not is_loop("And so my fellow Americans ask not what your country can do for you.")
     assert not is_loop("no no no")
+
+
+@pytest.mark.slow
+async def test_a_decode_that_stops_after_the_first_phrase_is_redone(stt):
+    """A lecture's last words, a 1.3 s pause, then jfk.wav (one continued thought, as a
+    chaos run spoke it): on its short window whisper wrote only "much of political" for
+    14 s of speech.  Too few words for the audio: decoded again on the 30 s window."""
+    lecture = load_pcm16(DATA / "lecture.wav")[:12 * SR]
+    pcm = np.concatenate([lecture[-2 * SR:], np.zeros(int(1.3 * SR), np.int16),
+                          load_pcm16(DATA / "jfk.wav")])
+    out = await transcribe(stt, utterance(pcm, start_s=0.0, end_s=len(pcm) / SR))
+    assert len(out) == 1 and wer(JFK_TEXT, out[0].text.split("...")[-1]) <= 0.1, out[0].text
+    assert stopped_early("much of political", 14.3)
+    assert not stopped_early("Paris.", 3.0) and not stopped_early("one two three", 4.0)
 
 
 async def test_micro_batcher_gathers_waiting_items():

@@ -57,6 +57,7 @@ MIN_WINDOW = 1000           # 10 s: shorter windows make whisper loop
 PAD_FRAMES = 100            # 1 s of (padded) silence after the speech helps it stop
 FULL_WINDOW = 3000          # whisper's native 30 s
 LOOP_COMPRESSION = 2.4      # gzip ratio above which text is a repetition loop (whisper's own)
+SPARSE_S_PER_WORD = 3.0     # fewer words than one per 3 s of audio: the decode stopped early
 PROMPT_TOKENS = 64          # previous-text tokens a continued thought's decode is prompted with
 TOKENS_PER_S = 12           # generous speech rate; caps a runaway decode
 NO_SPEECH_PROB = 0.6        # whisper's no-speech rule: this high and ...
@@ -152,6 +153,13 @@ def is_loop(text: str) -> bool:
                for n in range(2, 11))
 
 
+def stopped_early(text: str, seconds: float) -> bool:
+    """Whisper's other failure on a short window: it ends the text after the first
+    phrase of a long utterance ("much of political" for 14 s, a lecture's last words
+    continued by jfk.wav); speech carries 2-3 words a second, pauses included ~1."""
+    return len(re.findall(r"[a-z0-9']+", text.lower())) < seconds / SPARSE_S_PER_WORD
+
+
 def drop_reason(heard: Heard, loudness_dbfs: float) -> str | None:
     """Why a transcript is not worth sending (None: send it)."""
     words = re.sub(r"[^a-z0-9' ]", "", ANNOTATION.sub("", heard.text).lower()).strip()
@@ -211,10 +219,15 @@ class Whisper:
         max_new = int(TOKENS_PER_S * longest / FRAMES_PER_S) + 16
         prompts = self._prompts([j.prompt for j in jobs])
         heard = self._decode(feats, window, max_new, prompts, jobs)
-        for i, h in enumerate(heard):  # a repetition loop: redo it the way whisper was trained
-            if h is not None and window < FULL_WINDOW and is_loop(h.text):
-                heard[i] = self._decode([feats[i]], FULL_WINDOW, max_new, [prompts[i]],
-                                        [jobs[i]])[0]
+        for i, h in enumerate(heard):  # a loop or an early stop: redo it the way whisper
+            if h is None or window >= FULL_WINDOW:  # was trained (a 30 s window)
+                continue
+            looped = is_loop(h.text)
+            if looped or stopped_early(h.text, len(jobs[i].audio) / SR):
+                again = self._decode([feats[i]], FULL_WINDOW, max_new, [prompts[i]],
+                                     [jobs[i]])[0]
+                if again is not None and (looped or len(again.text) > len(h.text)):
+                    heard[i] = again
         return heard
 
     def _prompts(self, texts: list[str]) -> list[list[int]]:
