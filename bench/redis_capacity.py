@@ -52,7 +52,7 @@ import uuid
 import redis
 import redis.asyncio as aioredis
 
-from s2s import bus as bus_module
+from s2s import redis_scripts
 from s2s import config, keys
 from s2s.bus import Bus, routes
 from s2s.frames import (Audio, ReplyAudio, ReplyText, SpeechStarted, Transcript, Utterance,
@@ -337,8 +337,8 @@ def prepare_c(server: "PinnedRedis", n: int, procs: int, args, start: float, dur
     for name, data in files.items():
         with open(os.path.join(d, name), "wb") as f:
             f.write(data)
-    shas = [r.script_load(src) for src in (bus_module.SAVE_IF_OWNER, bus_module.EMIT_IF_OWNER,
-                                           bus_module.ACK_DEL, bus_module._TOUCH)]
+    shas = [r.script_load(src) for src in (redis_scripts.SAVE_IF_OWNER, redis_scripts.EMIT_IF_OWNER,
+                                           redis_scripts.ACK_DEL, redis_scripts.GATEWAY_TOUCH)]
     for stream, group in ((keys.STAGE_STREAMS["stt"], "stt"), (keys.STAGE_STREAMS["llm"], "llm"),
                           (keys.STAGE_STREAMS["tts"], "tts"), (keys.SESSIONS, "vad")):
         r.xgroup_create(stream, group, id="$", mkstream=True)

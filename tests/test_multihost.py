@@ -80,13 +80,9 @@ def _check_not_stolen_back(c: Cluster, survivor: str, sessions: list[bytes]) -> 
     stolen = [e.decode() for e in sessions if f"entry {e.decode()} was taken over" in log]
     if not stolen:
         return
-    import s2s.bus
-
-    reason = (f"host {survivor} lost the session(s) {stolen} it took over back to the "
-              "cut-off host: a keep-alive XCLAIM delayed by the cut claimed them back")
-    if not hasattr(s2s.bus, "KEEP_ALIVE"):  # the atomic keep-alive script (helper resil)
-        pytest.xfail(reason + " (known: Bus.keep_alive checks and claims in two round trips)")
-    raise AssertionError(reason + "\n" + c.logs())
+    raise AssertionError(f"host {survivor} lost the session(s) {stolen} it took over back to "
+                         "the cut-off host: a keep-alive XCLAIM delayed by the cut claimed "
+                         "them back\n" + c.logs())
 
 
 # --- the test ---------------------------------------------------------------------------------
