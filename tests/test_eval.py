@@ -93,7 +93,7 @@ def test_reduced_eval_against_a_real_stack(redis_server, tmp_path):
             p = argparse.ArgumentParser()
             ev.add_arguments(p)
             args = p.parse_args(["--url", http.replace("http", "ws", 1) + "/ws",
-                                 "--ids", "capital-france,digits-phone,colour",
+                                 "--ids", "capital-japan,digits-phone,colour",
                                  "--out", str(tmp_path / "eval.json"),
                                  "--cache-dir", str(tmp_path / "audio")])
             assert ev.main(args) == 0
@@ -101,13 +101,15 @@ def test_reduced_eval_against_a_real_stack(redis_server, tmp_path):
         workers.stop_all()
     report = json.loads((tmp_path / "eval.json").read_text())
     convs = {c["id"]: c for c in report["conversations"]}
-    assert set(convs) == {"capital-france", "digits-phone", "colour"}
+    assert set(convs) == {"capital-japan", "digits-phone", "colour"}
     assert all(not c["errors"] for c in convs.values()), convs
-    france = convs["capital-france"]["turns"][0]
-    assert france["answered"] and france["keyword_ok"] and france["wer"] == 0, france
+    # (a question whisper tiny hears right with any padding and noise: the Piper voice's
+    # "capital of France" is heard as "friends" with some, 9 of 40)
+    question = convs["capital-japan"]["turns"][0]
+    assert question["answered"] and question["keyword_ok"] and question["wer"] == 0, question
     digits = convs["digits-phone"]["turns"][0]
     assert digits["answered"] and not digits["early"], digits
     assert all(t["answered"] for t in convs["colour"]["turns"]), convs["colour"]
     assert report["summary"]["all"]["degenerate"] == 0
     # the reply audio says the reply text
-    assert france["round_trip_wer"] is not None and france["round_trip_wer"] <= 0.5, france
+    assert question["round_trip_wer"] is not None and question["round_trip_wer"] <= 0.5, question

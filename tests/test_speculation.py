@@ -42,7 +42,10 @@ def france():
     silence = lambda s: np.zeros(int(s * SR), np.int16)  # noqa: E731
     first, second = piper_pcm("What is the capital"), piper_pcm("of the country France?")
     return {"paused": np.concatenate([silence(0.5), first, silence(GAP_S), second, silence(1)]),
-            "plain": np.concatenate([silence(0.5), piper_pcm("What is the capital of France?"),
+            # the same words without the pause (tiny.en hears Piper's "capital of France?"
+            # as "of friends" under some paddings: 8 of 40; this, 40 of 40)
+            "plain": np.concatenate([silence(0.5),
+                                     piper_pcm("What is the capital of the country France?"),
                                      silence(1)])}
 
 
