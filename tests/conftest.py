@@ -134,13 +134,13 @@ def workers(redis_url, tmp_path):
 
 
 @contextlib.contextmanager
-def gateway_process(redis_url: str, tmp: Path):
+def gateway_process(redis_url: str, tmp: Path, env: dict | None = None):
     """`python -m s2s gateway` on a free port; yields (http URL, process) once it listens."""
     from s2s.launcher.redis_server import free_port
 
     port = free_port()
     env = {**os.environ, "S2S_REDIS_URL": redis_url, "S2S_METRICS_PORT": "0",
-           "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+           "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     log = open(tmp / "gateway.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "s2s", "gateway", "--host", "127.0.0.1",
                              "--port", str(port)], env=env, cwd=ROOT, stdout=log,
