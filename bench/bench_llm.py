@@ -77,8 +77,10 @@ SOAK_TURNS = ["Hi, my name is Sam and I like sailing.", "What is the capital of 
 
 
 def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+    """This process's resident set size (MB)."""
+    from .soak import rss_bytes
+
+    return rss_bytes(os.getpid()) / 2**20
 
 
 async def soak(backend, settings, sessions: int, seconds: float, every: float,

@@ -70,8 +70,10 @@ WORDS = ("the quick brown fox jumps over a lazy dog while seven people talk abou
 
 
 def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    """This process's resident set size (MB)."""
+    from .soak import rss_bytes
+
+    return rss_bytes(os.getpid()) / 2**20
 
 
 def bench_rss(stage, renders: int, seed: int = 1) -> None:

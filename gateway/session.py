@@ -22,7 +22,7 @@ from redis.exceptions import ResponseError
 from starlette.websockets import WebSocket
 
 from s2s import metrics
-from s2s.bus import REDIS_DOWN, Bus
+from s2s.bus import REDIS_DOWN, Bus, entry_order
 from s2s.config import Settings
 from s2s.frames import (SAMPLE_RATES, SID_PATTERN, Audio, FrameError, SessionConfig, SessionEnd,
                         SessionOpen, Transcript, decode, encode)
@@ -194,7 +194,7 @@ class ClientSession:
         if time.monotonic() - written < self.settings.gateway_vad_stale_s:
             return
         pos = await self.bus.vad_position(self.sid)
-        if pos is not None and _id(pos) >= _id(audio_id):
+        if pos is not None and entry_order(pos) >= entry_order(audio_id):
             self.probe = None
             return
         state = await self.bus.session_entry_state(self.open_id) if self.open_id else "gone"
@@ -441,7 +441,7 @@ class ClientSession:
         deadline = time.monotonic() + RESUME_WAIT_S
         while time.monotonic() < deadline:
             pos = await self.bus.vad_position(self.sid)
-            if pos is not None and _id(pos) >= _id(end_id):
+            if pos is not None and entry_order(pos) >= entry_order(end_id):
                 break
             await asyncio.sleep(0.05)
         else:
@@ -633,13 +633,6 @@ def _rate(hello: dict, field: str, default: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value not in SAMPLE_RATES:
         raise Reject("bad_hello", f"{field} must be one of {list(SAMPLE_RATES)}", POLICY)
     return value
-
-
-def _id(entry_id: bytes | str) -> tuple[int, int]:
-    if isinstance(entry_id, bytes):
-        entry_id = entry_id.decode()
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 async def _quietly(coro) -> None:

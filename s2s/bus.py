@@ -119,6 +119,14 @@ def entry_ms(entry_id: bytes | str) -> int:
     return int(entry_id.split("-", 1)[0])
 
 
+def entry_order(entry_id: bytes | str) -> tuple[int, int]:
+    """A stream entry id as a comparable (ms, seq) (ValueError if it is not one)."""
+    if isinstance(entry_id, bytes):
+        entry_id = entry_id.decode()
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 def _keepalive_options() -> dict[int, int]:
     """TCP_USER_TIMEOUT (Linux): the kernel drops data it could not deliver within 3 s.
     Without it, a command a client already gave up on (a timeout during a network cut)
@@ -478,7 +486,7 @@ class Bus:
         last = next((g.get("last-delivered-id") for g in groups or []
                      if isinstance(groups, list) and g.get("name") in (group, group.encode())),
                     None)
-        if last is None or _entry_id(last) < _entry_id(open_id):
+        if last is None or entry_order(last) < entry_order(open_id):
             return "queued"
         return "released"
 
@@ -659,10 +667,3 @@ class Bus:
         if await self._delconsumer_script(keys=[stream], args=[group, consumer]) == -1:
             return False
         return bool(await self._forget_script(keys=[keys.WORKERS], args=[member, seen_before]))
-
-
-def _entry_id(entry_id: bytes | str) -> tuple[int, int]:
-    if isinstance(entry_id, bytes):
-        entry_id = entry_id.decode()
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)

@@ -13,7 +13,8 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from . import metrics
-from .bus import RETRYABLE, SESSION_OWNER, Owner, OwnershipLost, entry_ms, redis_error_kind
+from .bus import (RETRYABLE, SESSION_OWNER, Owner, OwnershipLost, entry_ms, entry_order,
+                  redis_error_kind)
 from .frames import Audio, FrameError, SessionConfig, SessionEnd, SessionOpen, decode
 from .config import Settings
 from .stage import SessionStage, Stage
@@ -247,13 +248,10 @@ class SessionRuntime(Runtime):
 
 
 def _id(entry_id: bytes | str) -> tuple[int, int]:
-    """A stream entry id as a comparable (ms, seq)."""
-    if isinstance(entry_id, bytes):
-        entry_id = entry_id.decode()
-    ms, _, seq = entry_id.partition("-")
+    """``entry_order``, with an empty or corrupt id (from a snapshot) as nothing seen."""
     try:
-        return int(ms or 0), int(seq or 0)
-    except ValueError:  # a corrupt snapshot: as if nothing was seen
+        return entry_order(entry_id) if entry_id else (0, 0)
+    except ValueError:
         return 0, 0
 
 

@@ -45,7 +45,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 from redis.exceptions import RedisError
 
 from . import keys, metrics
-from .bus import REDIS_DOWN, RETRYABLE, Bus, entry_ms, redis_error_kind
+from .bus import RETRYABLE, Bus, entry_ms, entry_order, redis_error_kind
 from .config import Settings
 from .frames import STAGE_INPUTS, Frame, FrameError, Notice, decode
 from .stage import SessionState, Stage
@@ -233,8 +233,7 @@ class Runtime:
         aged_ms = time.time() * 1000 - self.stage.max_priority_wait_s * 1000
 
         def key(entry_id: bytes) -> tuple:
-            ms, _, seq = entry_id.partition(b"-")
-            at = (int(ms), int(seq or 0))
+            at = entry_order(entry_id)
             if at[0] <= aged_ms:
                 return (0, 0.0, at)
             return (1, self.waiting[entry_id][0], at)

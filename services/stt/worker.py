@@ -107,6 +107,10 @@ class Heard:
     aligner: Callable[[], str | None] | None = None
 
 
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
 def looks_complete(text: str) -> bool:
     """Does the transcript end like a finished sentence?  On real pauses mid-sentence
     whisper ends with a comma, '...' or a dangling conjunction/article ("and the"),
@@ -117,7 +121,7 @@ def looks_complete(text: str) -> bool:
         return False
     if text.endswith("?"):  # "where are you from?" ends with a preposition, and is done
         return True
-    if all(w.isdigit() or w in NUMBER_WORDS for w in re.findall(r"[a-z0-9']+", text.lower())):
+    if all(w.isdigit() or w in NUMBER_WORDS for w in _words(text)):
         return False  # only numbers: a dictation that may go on
     words = re.findall(r"[a-z']+", text.lower())
     return not words or words[-1] not in TRAILING_WORDS
@@ -148,7 +152,7 @@ def is_loop(text: str) -> bool:
     """Whisper's failure mode on a short window: the same phrase over and over."""
     if get_compression_ratio(text) > LOOP_COMPRESSION:
         return True
-    words = re.findall(r"[a-z0-9']+", text.lower())
+    words = _words(text)
     return any(len(words) >= 3 * n and words[-n:] == words[-2 * n:-n] == words[-3 * n:-2 * n]
                for n in range(2, 11))
 
@@ -157,7 +161,7 @@ def stopped_early(text: str, seconds: float) -> bool:
     """Whisper's other failure on a short window: it ends the text after the first
     phrase of a long utterance ("much of political" for 14 s, a lecture's last words
     continued by jfk.wav); speech carries 2-3 words a second, pauses included ~1."""
-    return len(re.findall(r"[a-z0-9']+", text.lower())) < seconds / SPARSE_S_PER_WORD
+    return len(_words(text)) < seconds / SPARSE_S_PER_WORD
 
 
 def drop_reason(heard: Heard, loudness_dbfs: float) -> str | None:

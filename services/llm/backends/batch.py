@@ -40,7 +40,6 @@ STEP_SECONDS = Histogram("s2s_llm_step_seconds", "Time of one forward pass of th
                          buckets=(.01, .02, .04, .06, .08, .1, .15, .2, .3, .5, 1, 2))
 WAITING = Gauge("s2s_llm_waiting", "New turns waiting for their prefill in the transformers "
                 "backend's generation loop.")
-INT8_ROWS = 8  # decode steps of up to this many rows read int8 weights (cpu_speed.py)
 
 
 class Stopped(Exception):
@@ -147,7 +146,7 @@ class BatchEngine:
             self._finish(seq, None)
 
     def _forward(self, seqs: list[Sequence], decoding: bool, **kwargs):
-        from .cpu_speed import Int8DecodeLinear
+        from .cpu_speed import INT8_ROWS, Int8DecodeLinear
 
         self.forwarding = seqs
         Int8DecodeLinear.decoding = decoding and len(seqs) <= INT8_ROWS
@@ -254,13 +253,9 @@ class BatchEngine:
             seen = torch.tensor(sorted(set(seq.ids)), device=scores.device)
             picked = scores[seen]
             scores[seen] = torch.where(picked < 0, picked * self.penalty, picked / self.penalty)
-        n = self.ngram
-        if n > 0 and len(reply) >= n:  # only the reply's own n-grams (NoRepeatReplyNgrams)
-            tail = reply[len(reply) - n + 1:]
-            banned = {reply[i + n - 1] for i in range(len(reply) - n + 1)
-                      if reply[i:i + n - 1] == tail}
-            if banned:
-                scores[list(banned)] = -float("inf")
+        banned = repeated_ngram_ends(reply, self.ngram)
+        if banned:
+            scores[list(banned)] = -float("inf")
         if seq.temperature > 0:
             probs = torch.softmax(scores / seq.temperature, dim=-1)
             return int(torch.multinomial(probs, 1))
@@ -327,6 +322,16 @@ def _malloc_trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def repeated_ngram_ends(reply: list[int], n: int) -> set[int]:
+    """Tokens that would repeat an ``n``-gram the reply already said (0: none banned).
+    Only the reply's own: transformers' no_repeat_ngram_size also bans n-grams of the
+    prompt, so a reply could not say "the capital of France" after the user did."""
+    if n <= 0 or len(reply) < n:
+        return set()
+    tail = reply[len(reply) - n + 1:]
+    return {reply[i + n - 1] for i in range(len(reply) - n + 1) if reply[i:i + n - 1] == tail}
 
 
 def _bucket(tokens: int) -> int:

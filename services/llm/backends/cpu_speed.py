@@ -117,7 +117,7 @@ class PrefixCache:
 
     def store(self, ids: list[int], layers: list, pin: bool = False) -> None:
         key = tuple(ids)
-        size = sum(k.nbytes + v.nbytes for k, v in layers)
+        size = _nbytes(layers)
         with self.lock:
             # an entry this one extends is the same conversation one turn ago: its next
             # turn starts with this one, so it is dropped (16 sessions fit in 16 entries)

@@ -16,26 +16,6 @@ from .model_files import resolve
 _END = object()
 
 
-class NoRepeatReplyNgrams:
-    """transformers' no_repeat_ngram_size also bans n-grams of the prompt, so a reply
-    could not say "the capital of France" after the user did: this bans only repeats
-    within the reply itself (the tokens after ``prompt_len``)."""
-
-    def __init__(self, n: int, prompt_len: int):
-        self.n, self.prompt_len = n, prompt_len
-
-    def __call__(self, input_ids, scores):
-        n = self.n
-        for row, ids in enumerate(input_ids[:, self.prompt_len:].tolist()):
-            if len(ids) < n:
-                continue
-            tail = ids[len(ids) - n + 1:]
-            banned = {ids[i + n - 1] for i in range(len(ids) - n + 1) if ids[i:i + n - 1] == tail}
-            if banned:
-                scores[row, list(banned)] = -float("inf")
-        return scores
-
-
 class TransformersBackend(Backend):
     name = "transformers"
     # replies one worker generates at once (settings.llm_max_batch sets the instance's)
