@@ -488,6 +488,7 @@ async def test_delivery_counts_and_their_reset(settings):
         await bus.close()
 
 
-def test_readme_configuration_table_is_current():
-    readme = (ROOT / "README.md").read_text()
-    assert config.markdown_table() in readme, "run `s2s config --markdown` and update README.md"
+def test_docs_configuration_table_is_current():
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    assert config.markdown_table() in page, \
+        "run `s2s config --markdown` and update docs/configuration.md"
