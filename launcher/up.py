@@ -18,9 +18,12 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from s2s import config
 from s2s.bus import Bus
+from s2s.redis_version import server_problem
 from s2s.cli import STAGES, load_stage
 from .proc import die_with_parent
 from .redis_server import RedisServer
@@ -149,7 +152,7 @@ class Stack:
         try:
             if not self.settings.redis_url:
                 try:
-                    self.redis = RedisServer().start()
+                    self.redis = RedisServer(binary=self.settings.redis_server).start()
                 except RuntimeError as e:  # no binary, or it would not start: say so plainly
                     self.say(f"cannot start a private Redis: {e}")
                     return 1
@@ -157,6 +160,10 @@ class Stack:
                 self.say(f"started a private Redis at {self.redis.url}")
             else:
                 self.say(f"using Redis at {redacted(self.settings.redis_url)}")
+            problem = await self.redis_problem()
+            if problem:
+                self.say(f"cannot use this Redis: {problem}")
+                return 1
             self.children = self.plan()
             if not self.children:
                 self.say("nothing to run")
@@ -171,6 +178,17 @@ class Stack:
             return await self.supervise()
         finally:
             await self.shutdown()
+
+    async def redis_problem(self) -> str | None:
+        """Why the stack cannot run on its Redis (unreachable, or older than 7), checked
+        once here so that a user reads one line instead of every worker's retry loop."""
+        client = aioredis.from_url(self.settings.redis(), socket_connect_timeout=5)
+        try:
+            return server_problem(await client.info("server"))
+        except RedisError as e:
+            return f"{type(e).__name__}: {e}"
+        finally:
+            await client.aclose()
 
     def _on_signal(self, sig: int) -> None:
         if self.stopping.is_set():  # a second Ctrl-C: do not wait for the grace period
@@ -242,8 +260,7 @@ class Stack:
         if self.key:  # like Jupyter: this URL logs the browser in (the page drops the key)
             print(f"ready: {url}/#key={self.key}", flush=True)
             self.say(f"open {url}/#key={self.key} in a browser and press Start, or run "
-                     f"`S2S_API_KEY={self.key} s2s talk FILE --url {ws}`; "
-                     "Ctrl-C stops everything")
+                     f"`s2s talk FILE --url '{url}/#key={self.key}'`; Ctrl-C stops everything")
             return
         print(f"ready: {url}", flush=True)
         how = ("" if not self.settings.auth else

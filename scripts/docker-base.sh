@@ -12,7 +12,8 @@ set -euo pipefail
 SUITE=${S2S_BASE_SUITE:-${VERSION_CODENAME:?no VERSION_CODENAME in /etc/os-release}}
 MIRROR=${S2S_BASE_MIRROR:-http://deb.debian.org/debian}
 TAG=${1:-s2s-base:$SUITE}
-if docker image inspect "$TAG" >/dev/null 2>&1 && [ "${S2S_BASE_REBUILD:-0}" != "1" ]; then
+DOCKER=${DOCKER:-docker}
+if "$DOCKER" image inspect "$TAG" >/dev/null 2>&1 && [ "${S2S_BASE_REBUILD:-0}" != "1" ]; then
   echo "==> $TAG exists (S2S_BASE_REBUILD=1 to make it again)"; exit 0
 fi
 command -v debootstrap >/dev/null || { echo "debootstrap missing: apt-get install debootstrap" >&2; exit 1; }
@@ -29,8 +30,8 @@ rm -rf "$ROOTFS"/var/cache/apt/archives/*.deb "$ROOTFS"/var/lib/apt/lists/* \
   "$ROOTFS"/usr/share/doc/* "$ROOTFS"/usr/share/man/* "$ROOTFS"/usr/share/info/*
 find "$ROOTFS"/usr/share/locale -mindepth 1 -maxdepth 1 ! -name 'C*' -exec rm -rf {} +
 echo "==> docker import -> $TAG"
-tar -C "$ROOTFS" --numeric-owner -c . | docker import \
+tar -C "$ROOTFS" --numeric-owner -c . | "$DOCKER" import \
   --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
   --change 'ENV LANG=C.UTF-8' \
   --change 'CMD ["/bin/bash"]' - "$TAG" >/dev/null
-docker image ls "$TAG"
+"$DOCKER" image ls "$TAG"

