@@ -17,8 +17,22 @@ for arg in "$@"; do
 done
 PY=${PYTHON:-python3}
 VENV=.venv
+command -v "$PY" >/dev/null || { echo "no $PY: install Python >= 3.10 (Debian: apt-get install python3)" >&2; exit 1; }
+"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
+  || { echo "s2s needs Python >= 3.10; $PY is $("$PY" -V 2>&1) (PYTHON=python3.X picks another)" >&2; exit 1; }
 if [ ! -x "$VENV/bin/python" ]; then
   echo "==> creating virtualenv $VENV"
+  # Debian and Ubuntu ship venv's pip bootstrap (ensurepip) in a package of its own
+  if ! "$PY" -c 'import ensurepip' 2>/dev/null; then
+    pkg="python$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')-venv"
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+      echo "==> installing $pkg (Debian's venv support)"
+      { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$pkg"; } >/dev/null
+    else
+      echo "$PY has no venv support: install it (Debian/Ubuntu: sudo apt-get install $pkg)" >&2; exit 1
+    fi
+  fi
+  rm -rf "$VENV"
   "$PY" -m venv "$VENV"
 fi
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
