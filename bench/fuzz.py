@@ -39,7 +39,8 @@ import numpy as np
 import redis.asyncio as aioredis
 
 from s2s import keys
-from s2s.client.protocol import auth_headers
+from s2s.client.protocol import Connection, ProtocolError, auth_headers
+from s2s.client.url import GatewayURLError, gateway_url
 from s2s.frames import (STAGE_INPUTS, Audio, Frame, FrameError, Notice, ReplyAudio, ReplyText,
                         SessionEnd, SessionOpen, SpeechStarted, Transcript, Utterance, decode,
                         encode)
@@ -294,7 +295,9 @@ class Fuzzer:
                  max_frame_bytes: int = 4 << 20, max_message_bytes: int = 256 * 1024,
                  canary_timeout: float = 90.0, alive=lambda: [], log=print):
         self.redis = aioredis.from_url(redis_url)
-        self.ws_url = ws_url
+        target = gateway_url(ws_url) if ws_url else None
+        self.ws_url = target.url if target else ""
+        self.api_key = target.key if target else None  # None: $S2S_API_KEY
         self.rng = random.Random(seed)
         self.valid = valid
         self.max_frame_bytes = max_frame_bytes
@@ -315,7 +318,7 @@ class Fuzzer:
         t0 = time.monotonic()
         stage = "vad" if target == "audio" else target
         urls = await self.worker_urls(stage) if target != "gateway" else [
-            self.ws_url.replace("ws", "http", 1).rsplit("/ws", 1)[0]]
+            gateway_url(self.ws_url).http]
         metric, where = (("s2s_rejected_inputs_total", {}) if target == "gateway" else
                          ("s2s_bad_frames_total", {"component": stage}))
         before = scrape(urls, metric, "reason", where)
@@ -449,7 +452,8 @@ class Fuzzer:
             try:
                 async with websockets.connect(self.ws_url, compression=None, max_size=None,
                                               open_timeout=30,
-                                              additional_headers=auth_headers()) as ws:
+                                              additional_headers=auth_headers(self.api_key)) \
+                        as ws:
                     for kind, m in msgs:
                         await ws.send(m, text=True if kind == "rawtext" else None)
                         res.sent += 1
@@ -529,32 +533,41 @@ class Fuzzer:
                 await self.redis.xadd(keys.audio(sid), {FIELD: encode(SessionEnd(sid=sid))})
 
     async def _canary_gateway(self, speech: bytes) -> tuple[bool, str]:
+        """A client session: hello, the speech at 2.5x real time, then its events until
+        the first reply audio.  Every way it can fail (refused, connection lost, no
+        answer in time) is a failed canary with its reason, never an exception: the
+        fuzz's other results still get reported."""
         import websockets
 
         t0 = time.monotonic()
+        heard = ""  # the transcript, once one came
         try:
-            async with websockets.connect(self.ws_url, compression=None, open_timeout=30,
-                                          additional_headers=auth_headers()) as ws:
-                await ws.send(json.dumps({"type": "hello", "sample_rate": 16000}))
+            conn = await Connection.open(self.ws_url, 16000, timeout=30, api_key=self.api_key)
+        except ProtocolError as e:  # the gateway's error event, or no ready at all
+            return False, (f"refused: {e.code}: {e.error.get('message')}" if e.code else str(e))
+        except (TimeoutError, OSError, websockets.WebSocketException) as e:
+            return False, f"cannot connect: {type(e).__name__}: {e}"
+        try:
+            async with asyncio.timeout(self.canary_timeout):
                 step = 3200
                 for i in range(0, len(speech), step):
-                    await ws.send(speech[i:i + step])
+                    await conn.send_audio(speech[i:i + step])
                     await asyncio.sleep(0.04)  # 2.5x real time: under the rate limit
-                heard = ""
-                async with asyncio.timeout(self.canary_timeout):
-                    async for msg in ws:
-                        if isinstance(msg, bytes):  # the first reply audio: answered
-                            return bool(heard), (f"{heard}, reply audio in "
-                                                 f"{time.monotonic() - t0:.1f} s")
-                        event = json.loads(msg)
-                        if event.get("type") == "transcript" and not heard:
-                            heard = (f"transcript in {time.monotonic() - t0:.1f} s "
-                                     f"({event.get('text', '')[:24]!r})")
-                        if event.get("type") == "error":
-                            return False, f"error {event.get('code')}: {event.get('message')}"
-        except (TimeoutError, OSError, websockets.ConnectionClosed) as e:
+                while (msg := await conn.recv()) is not None:
+                    if isinstance(msg, bytes):  # the first reply audio: answered
+                        return bool(heard), (f"{heard}, reply audio in "
+                                             f"{time.monotonic() - t0:.1f} s")
+                    if msg.get("type") == "transcript" and not heard:
+                        heard = (f"transcript in {time.monotonic() - t0:.1f} s "
+                                 f"({msg.get('text', '')[:24]!r})")
+                    if msg.get("type") == "error":
+                        return False, f"error {msg.get('code')}: {msg.get('message')}"
+            return False, (f"{heard or 'no transcript'}; then closed without an answer "
+                           f"(code {conn.close_code})")
+        except (TimeoutError, OSError, websockets.WebSocketException) as e:
             return False, f"{heard or 'no transcript'}; then {type(e).__name__}: {e}"
-        return False, "closed without an answer"
+        finally:
+            await conn.close()
 
 
 def table(results: list[Result]) -> str:
@@ -595,7 +608,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", default=",".join(TARGETS),
                     help=f"comma-separated, of {', '.join(TARGETS)}")
     ap.add_argument("--redis-url", default="", help="fuzz a running stack (default: start one)")
-    ap.add_argument("--url", default="", help="its gateway WebSocket, ws://host:port/ws")
+    ap.add_argument("--url", default="",
+                    help="its gateway: the URL `s2s up` printed (http://host:port/#key=…) "
+                         "or its WebSocket, ws://host:port/ws")
     ap.add_argument("--stage", action="append", default=[], metavar="NAME=MODULE:CLASS",
                     help="run a custom stage for NAME in the stack this starts")
     ap.add_argument("--valid", type=int, default=20,
@@ -612,6 +627,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--url needs --redis-url (the stage targets write to its streams)")
     if "gateway" in targets and args.redis_url and not args.url:
         ap.error("the gateway target needs --url")
+    if args.url:
+        try:
+            gateway_url(args.url)
+        except GatewayURLError as e:
+            ap.error(f"--url: {e}")
     if args.redis_url:
         results = asyncio.run(fuzz(targets, args.count, args.redis_url, args.url, args.seed,
                                    args.valid, args.canary_timeout))

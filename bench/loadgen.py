@@ -28,13 +28,15 @@ import math
 import random
 import sys
 import time
-import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+
+from s2s.client.url import GatewayURLError, gateway_url
+from s2s.config import redacted_url
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WAV = ROOT / "tests" / "data" / "jfk.wav"
@@ -234,11 +236,10 @@ def _stage_key(stage: str) -> tuple[int, str]:
 
 
 def metrics_urls(ws_url: str, extra: Sequence[str], redis_url: str | None) -> list[str]:
-    """The gateway's /metrics (same host and port as the WebSocket), any --metrics-url,
-    and, with --redis-url, every live worker's /metrics from the worker registry."""
-    parts = urllib.parse.urlsplit(ws_url)
-    scheme = "https" if parts.scheme == "wss" else "http"
-    urls = [f"{scheme}://{parts.netloc}/metrics"]
+    """The gateway's /metrics (same host and port as ``ws_url``, any form ``--url``
+    takes), any --metrics-url, and, with --redis-url, every live worker's /metrics from
+    the worker registry."""
+    urls = [gateway_url(ws_url).http + "/metrics"]
     urls += [u if u.rstrip("/").endswith("/metrics") else u.rstrip("/") + "/metrics"
              for u in extra]
     if redis_url:
@@ -256,7 +257,8 @@ def metrics_urls(ws_url: str, extra: Sequence[str], redis_url: str | None) -> li
             finally:
                 client.close()
         except Exception as e:
-            print(f"bench: cannot list workers from {redis_url}: {e}", file=sys.stderr)
+            print(f"bench: cannot list workers from {redacted_url(redis_url)}: "
+                  f"{redacted_url(str(e))}", file=sys.stderr)
     return list(dict.fromkeys(urls))
 
 
@@ -330,12 +332,15 @@ async def run_session(url: str, pcm: np.ndarray, turns: int, *, delay_s: float, 
     session is bounded by :func:`session_timeout`."""
     from s2s import client
 
+    target = gateway_url(url, protocol)
+    if api_key is None:
+        api_key = target.key
     await asyncio.sleep(delay_s)
     t0 = time.monotonic()
     timeout_s = session_timeout(len(pcm) / SEND_RATE, realtime, reply_timeout_s)
     try:
         result = await asyncio.wait_for(
-            client.talk(endpoint(url, protocol), pcm.tobytes(), SEND_RATE, out_rate=out_rate,
+            client.talk(target.url, pcm.tobytes(), SEND_RATE, out_rate=out_rate,
                         realtime=realtime, reply_timeout_s=reply_timeout_s, api_key=api_key,
                         protocol=protocol),
             timeout_s)
@@ -352,12 +357,10 @@ async def run_session(url: str, pcm: np.ndarray, turns: int, *, delay_s: float, 
 
 
 def endpoint(url: str, protocol: str) -> str:
-    """The gateway's WebSocket for ``protocol``: ``--url`` names the native ``/ws``; the
-    Realtime endpoint is ``/v1/realtime`` on the same host."""
-    if protocol == "realtime" and not url.rstrip("/").endswith("/v1/realtime"):
-        parts = urllib.parse.urlsplit(url)
-        return urllib.parse.urlunsplit(parts._replace(path="/v1/realtime", query=""))
-    return url
+    """The gateway's WebSocket for ``protocol`` (native: ``/ws``; realtime:
+    ``/v1/realtime`` on the same host) from any form ``--url`` takes; never the key of a
+    ``#key=`` fragment (:func:`s2s.client.url.gateway_url` returns that apart)."""
+    return gateway_url(url, protocol).url
 
 
 async def run_level(args: argparse.Namespace, sessions: int, utterances: Sequence[np.ndarray],
@@ -493,7 +496,8 @@ def parse_levels(text: str) -> list[int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default="ws://127.0.0.1:8000/ws",
-                        help="WebSocket URL of the gateway")
+                        help="the gateway: the URL `s2s up` printed (http://host:port/#key=…, "
+                             "whose key is then used) or its WebSocket, ws://host:port/ws")
     parser.add_argument("--sessions", type=parse_levels, default=[1, 2, 4, 8],
                         help="concurrency levels to sweep, e.g. 1,2,4,8")
     parser.add_argument("--turns", type=int, default=3, help="turns (utterances) per session")
@@ -531,7 +535,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print one JSON object on stdout (the table goes to stderr)")
     parser.add_argument("--seed", type=int, default=0, help="seed of start times and sentences")
     parser.add_argument("--api-key", default=None,
-                        help="API key or signed token for the gateway [env S2S_API_KEY]")
+                        help="API key or signed token for the gateway [default: the #key= of "
+                             "--url, else env S2S_API_KEY]")
     parser.add_argument("--burst", type=int, default=0, metavar="N",
                         help="burst mode: measure one session unloaded, then start N new "
                              "sessions within --burst-window seconds; report the admitted "
@@ -614,6 +619,16 @@ def main(args: argparse.Namespace) -> int:
     if args.turns < 1:
         print("bench: --turns must be at least 1", file=sys.stderr)
         return 2
+    try:
+        target = gateway_url(args.url)
+    except GatewayURLError as e:
+        print(f"bench: --url: {e}", file=sys.stderr)
+        return 2
+    # the sweep and burst modes and every report see the plain /ws URL and the key apart,
+    # so no report or log line carries the key
+    args.url = target.url
+    if args.api_key is None:
+        args.api_key = target.key
     if args.burst:
         from .burst import main as burst_main
 

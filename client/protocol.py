@@ -6,6 +6,7 @@ Talk to a running stack from recorded speech in one call::
     from s2s.client import talk
 
     result = asyncio.run(talk("ws://127.0.0.1:8000/ws", pcm_int16_16k, 16000))  # key: $S2S_API_KEY
+    # or the URL `s2s up` printed, key included: talk("http://127.0.0.1:8000/#key=…", …)
     print(result.transcript, result.reply, result.voice_to_voice_ms)
     # result.audio: reply PCM int16 at result.sample_rate; result.turns: per-turn details
 
@@ -29,6 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from .url import gateway_url
 
 FRAME_MS = 20
 
@@ -119,12 +122,16 @@ class Connection:
     async def open(cls, url: str, sample_rate: int = 16000, out_rate: int | None = None,
                    session_id: str | None = None, timeout: float = 10.0,
                    api_key: str | None = None, extra: dict | None = None) -> "Connection":
-        """``api_key``: an API key or signed token (default: env S2S_API_KEY), sent as
-        ``Authorization: Bearer``, never in the URL.  ``extra``: more hello fields
-        (``audio_marks``, a resume's ``heard``)."""
+        """``url``: any form :func:`s2s.client.url.gateway_url` takes, the page URL of
+        ``s2s up`` included.  ``api_key``: an API key or signed token (default: the
+        ``#key=`` of ``url``, else env S2S_API_KEY), sent as ``Authorization: Bearer``,
+        never in the URL.  ``extra``: more hello fields (``audio_marks``, a resume's
+        ``heard``)."""
         import websockets
 
-        ws = await websockets.connect(url, max_size=1 << 24, open_timeout=timeout,
+        target = gateway_url(url, "native")
+        api_key = api_key if api_key is not None else target.key
+        ws = await websockets.connect(target.url, max_size=1 << 24, open_timeout=timeout,
                                       ping_interval=20, ping_timeout=20, compression=None,
                                       additional_headers=auth_headers(api_key))
         hello: dict[str, Any] = {"type": "hello", "sample_rate": sample_rate}
@@ -341,10 +348,12 @@ async def talk(url: str | list[str], pcm: np.ndarray | bytes, sample_rate: int =
     turn is answered, or ``reply_timeout_s`` passed (``timed_out`` is then set).
     ``speed``: seconds of audio sent per wall second (default 1 when ``realtime``,
     else 3).  ``on_event`` sees every message as it arrives.  ``protocol="realtime"``
-    talks to the OpenAI Realtime endpoint (``url`` ending in ``/v1/realtime``) instead,
-    with the same measures (no resume there: the Realtime API has none).
+    talks to the OpenAI Realtime endpoint (``/v1/realtime`` of the same gateway)
+    instead, with the same measures (no resume there: the Realtime API has none).
 
-    ``url`` may be a list of gateway URLs.  A connection lost mid-session (gateway
+    ``url``: the page URL ``s2s up`` prints (its ``#key=`` is the credential unless
+    ``api_key`` is given) or a WebSocket URL (:func:`s2s.client.url.gateway_url`); or a
+    list of them.  A connection lost mid-session (gateway
     killed, restarted, network) is resumed with the same session id on the next URL
     (round robin, for up to ``resume_timeout_s``; 0: never), telling the gateway what
     of the current turn was already heard so nothing is heard twice; the audio not

@@ -40,14 +40,19 @@ class RealtimeConnection:
     async def open(cls, url: str, sample_rate: int = 16000, out_rate: int | None = None,
                    session_id: str | None = None, timeout: float = 10.0,
                    api_key: str | None = None) -> "RealtimeConnection":
-        """``api_key``: as for ``Connection.open`` (default: env S2S_API_KEY)."""
+        """``url``: the gateway's page, ``/ws`` or ``/v1/realtime`` URL (any form
+        :func:`s2s.client.url.gateway_url` takes).  ``api_key``: as for
+        ``Connection.open`` (default: the ``#key=`` of ``url``, else env S2S_API_KEY)."""
         import websockets
 
         from .protocol import ProtocolError, auth_headers
+        from .url import gateway_url
 
         if session_id:
             raise ProtocolError("the Realtime API has no session resume")
-        ws = await websockets.connect(url, max_size=1 << 24, open_timeout=timeout,
+        target = gateway_url(url, "realtime")
+        api_key = api_key if api_key is not None else target.key
+        ws = await websockets.connect(target.url, max_size=1 << 24, open_timeout=timeout,
                                       additional_headers=auth_headers(api_key),
                                       compression=None)
         try:

@@ -23,9 +23,12 @@ SEND_RATE = 16000
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", nargs="?", help="speech to send: WAV, FLAC, MP3, OGG…")
-    parser.add_argument("--url", default="ws://127.0.0.1:8000/ws", help="the gateway's WebSocket")
+    parser.add_argument("--url", default="ws://127.0.0.1:8000/ws",
+                        help="the gateway: the URL `s2s up` printed (http://host:port/#key=…, "
+                             "whose key is then used) or its WebSocket, ws://host:port/ws")
     parser.add_argument("--api-key", default=None,
-                        help="API key or signed token for the gateway [env S2S_API_KEY]")
+                        help="API key or signed token for the gateway [default: the #key= of "
+                             "--url, else env S2S_API_KEY]")
     parser.add_argument("--out", metavar="WAV", help="write the reply audio to this WAV file")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--mic", action="store_true", help="talk live from the microphone")
@@ -46,6 +49,17 @@ def write_wav(path: str, pcm: bytes, sr: int) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from .url import GatewayURLError, gateway_url
+
+    try:
+        target = gateway_url(args.url)
+    except GatewayURLError as e:
+        print(f"s2s talk: --url: {e}", file=sys.stderr)
+        return 2
+    # from here on args.url holds no secret, whatever is printed
+    args.url = target.url
+    if args.api_key is None:
+        args.api_key = target.key
     if args.mic:
         return asyncio.run(_mic(args))
     if not args.file:

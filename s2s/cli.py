@@ -32,7 +32,8 @@ COMMANDS = {
     "chaos": ("s2s.bench.chaos", "Kill workers, gateways or Redis mid-turn on a stack it starts; "
                                  "report what users notice."),
     "eval": ("s2s.bench.eval", "Score conversation quality (turn-taking, answers, voice) against a running stack."),
-    "config": ("s2s.cli", "Print every setting with its environment variable and value."),
+    "config": ("s2s.cli", "Print every setting with its environment variable and value "
+                          "(secrets as ***)."),
 }
 
 
@@ -75,7 +76,7 @@ def config_main(args: argparse.Namespace) -> int:
         print(config.markdown_table())
         return 0
     for name in config.FIELDS:
-        print(f"{config.env_name(name)}={getattr(settings, name)!r}")
+        print(f"{config.env_name(name)}={config.redact(name, getattr(settings, name))!r}")
     return 0
 
 

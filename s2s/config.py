@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -224,8 +225,45 @@ class Settings:
                 "Redis), or point this process at a Redis server with --redis-url / S2S_REDIS_URL.")
         return self.redis_url
 
+    def __repr__(self) -> str:  # a Settings in a log line or a traceback shows no secret
+        shown = ", ".join(f"{name}={redact(name, getattr(self, name))!r}" for name in FIELDS)
+        return f"Settings({shown})"
+
 
 FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+# --- secrets: never printed, never logged -------------------------------------------------
+SECRET_FIELDS = {"api_keys", "token_secret", "llm_openai_api_key"}
+URL_FIELDS = {"redis_url", "redis_cells", "llm_openai_base_url"}  # may hold a password
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)([^\s/?#@,]*?):([^\s/?#,]*)@")
+_SECRET_PARAM = re.compile(r"(?i)([?#&;])((?:api_?)?key|(?:access_)?token|ticket|password|"
+                           r"secret)=([^&#\s,\"']+)")
+
+
+def redacted_url(text: str) -> str:
+    """``text`` with every URL in it fit for a terminal or a log: the password of a
+    ``user:password@`` becomes ``***``, and so does the value of a ``key=``, ``token=``,
+    ``ticket=``, ``password=`` or ``secret=`` in a query or a fragment (``s2s up``'s
+    ``#key=…``).  Works on lists of URLs (S2S_REDIS_CELLS) and on malformed ones, which
+    an error message is most likely to show."""
+    text = _USERINFO.sub(lambda m: f"{m[1]}{m[2]}:***@", text)
+    return _SECRET_PARAM.sub(lambda m: f"{m[1]}{m[2]}=***", text)
+
+
+def redact(name: str, value: Any) -> Any:
+    """The value of setting ``name`` fit for a terminal or a log.  API keys keep their
+    principal names (``alice:***``), which say which keys are configured."""
+    if name in SECRET_FIELDS:
+        if not value:
+            return value
+        if name == "api_keys":
+            return ",".join(e.strip().rpartition(":")[0] + ":***" if ":" in e else "***"
+                            for e in str(value).split(",") if e.strip())
+        return "***"
+    if name in URL_FIELDS and isinstance(value, str):
+        return redacted_url(value)
+    return value
 
 
 def _parse(kind: Any, raw: str) -> Any:

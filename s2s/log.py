@@ -1,4 +1,8 @@
-"""Structured logs: ``key=value`` lines for people, JSON lines with S2S_LOG_JSON=1."""
+"""Structured logs: ``key=value`` lines for people, JSON lines with S2S_LOG_JSON=1.
+
+Every line goes through :func:`s2s.config.redacted_url`: a Redis URL with a password or a
+gateway URL with ``#key=…`` in a message (an error naming where it could not connect)
+reaches no terminal or log collector in clear."""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import json
 import logging
 import sys
 import time
+
+from .config import redacted_url
 
 _RESERVED = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime", "color_message"}
 
@@ -18,7 +24,7 @@ class _Plain(logging.Formatter):
                f"{record.getMessage()}" + (f"  {extra}" if extra else "")
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
-        return line
+        return redacted_url(line)
 
 
 class _Json(logging.Formatter):
@@ -28,7 +34,8 @@ class _Json(logging.Formatter):
         payload.update({k: v for k, v in vars(record).items() if k not in _RESERVED})
         if record.exc_info:
             payload["exc"] = self.formatException(record.exc_info)
-        return json.dumps(payload, default=str)
+        return json.dumps({k: redacted_url(v) if isinstance(v, str) else v
+                           for k, v in payload.items()}, default=str)
 
 
 def setup(level: str = "INFO", as_json: bool = False) -> None:

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from s2s.bench.fuzz import TARGETS, Fuzzer, expected, hostile, table
+from s2s.bench.fuzz import TARGETS, Fuzzer, Result, expected, hostile, table
 from s2s.bench.stack import Stack
 from s2s.frames import (REASONS, Audio, FrameError, Notice, ReplyAudio, ReplyText, SessionEnd,
                         SessionOpen, SpeechStarted, Transcript, Utterance, decode, encode)
@@ -144,3 +144,27 @@ def test_hostile_inputs_are_counted_and_hurt_no_one(stack, target):
         # each rejection counted by the reason this test expected, no more, no less
         assert res.counted == dict(res.expected), res.row()
         assert res.stage_errors == 0, res.row()
+
+
+async def test_a_failed_gateway_canary_is_a_result_not_an_exception(settings, tmp_path):
+    """The canary's failure paths (refused at the hello, nothing listening) each give
+    canary_ok False and the reason; they used to raise UnboundLocalError (``heard``)."""
+    from s2s.launcher.redis_server import free_port
+    from tests.test_gateway import running_gateway
+
+    async def canary(ws_url: str) -> tuple[bool, str]:
+        fz = Fuzzer(settings.redis_url, ws_url, canary_timeout=20)
+        try:
+            return await fz._canary("gateway")
+        finally:
+            await fz.close()
+
+    async with running_gateway(settings) as gw:
+        # the page URL of `s2s up` with a key this gateway does not know
+        ok, why = await canary(f"{gw.http}/#key=not-a-key")
+    assert not ok and why.startswith("refused: unauthorized"), why
+    assert "not-a-key" not in why
+    ok, why = await canary(f"ws://127.0.0.1:{free_port()}/ws")
+    assert not ok and why.startswith("cannot connect: "), why
+    res = Result("gateway", canary_ok=ok, canary=why)
+    assert "FAILED: cannot connect" in table([res])
