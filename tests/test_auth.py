@@ -410,7 +410,7 @@ def test_up_makes_a_key_and_a_login_url(capsys, monkeypatch):
     stack._print_ready("http://127.0.0.1:8123")
     out = capsys.readouterr().out
     assert f"ready: http://127.0.0.1:8123/#key={stack.key}" in out
-    assert f"S2S_API_KEY={stack.key} s2s talk" in out
+    assert f"s2s talk FILE --url 'http://127.0.0.1:8123/#key={stack.key}'" in out
     # a configured key is used as is, and never printed
     monkeypatch.setenv("S2S_API_KEYS", "mine:secret-key")
     stack = up.Stack(parser.parse_args([]))
