@@ -30,12 +30,20 @@ from prometheus_client import Counter, Gauge
 from s2s.bus import REDIS_DOWN, Bus
 from s2s.cells import Cell, Cells
 from s2s.config import Settings
+from s2s.stage import SessionStage
 
 from .auth import Principal
 
 log = logging.getLogger("s2s.gateway.admission")
 
-VAD_SESSIONS_PER_WORKER = 64   # what one VAD worker holds (its session concurrency)
+# Admission's hard cap per live VAD worker: the sessions one worker can own (its slots,
+# SessionStage.concurrency; the k8s manifests leave S2S_CONCURRENCY unset so the two agree).
+# Past it a session would sit unowned, its audio unheard, so it is refused ("busy").  The
+# autoscaler must act before this: KEDA's VAD target (deploy/k8s/keda.yaml) is 48, 3/4 of
+# the cap, so a new pod is asked for at 53 sessions a pod (past the HPA's 10 % tolerance),
+# while 11 slots a pod are free for the sessions that arrive while it starts (docs/scaling.md,
+# "Autoscaling").  Admission does not stop at the target: it still admits up to the cap.
+VAD_SESSIONS_PER_WORKER = SessionStage.concurrency
 TICK_S = 1.0
 BYTES_EVERY_S = 5.0            # MEMORY USAGE is not free: sample each session this often
 LIVE_MAX_AGE_S = 30.0

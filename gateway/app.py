@@ -1,7 +1,8 @@
-"""The gateway's ASGI app: ``/`` (web page), ``/static/*``, ``/healthz``, ``/metrics``,
-``POST /auth/ticket`` and the ``/ws`` client sessions (protocol in docs/protocol.md;
-authentication in docs/security.md).  With ``admin_port`` set, ``/healthz`` and
-``/metrics`` move to a second app (``app.state.admin_app``) served on that port."""
+"""The gateway's ASGI app: ``/`` (web page), ``/static/*``, ``/healthz`` (readiness, alias
+``/readyz``), ``/livez`` (liveness), ``/metrics``, ``POST /auth/ticket`` and the ``/ws``
+client sessions (protocol in docs/protocol.md; authentication in docs/security.md).  With
+``admin_port`` set, the probes and ``/metrics`` move to a second app
+(``app.state.admin_app``) served on that port."""
 
 from __future__ import annotations
 
@@ -92,6 +93,19 @@ def create_app(settings: Settings) -> Starlette:
                                          if s not in workers],
                              "sessions": len(state["sessions"])})
 
+    async def livez(request: Request) -> Response:
+        """Liveness: this process only, no Redis call.  Answering shows the event loop runs
+        (it carries every session's WebSocket too); the app must have started and its
+        admission loop (idle sessions, session counts) must still run.  A Redis outage
+        fails /healthz, which takes the gateway out of the Service's endpoints; failing
+        here would have the kubelet restart every gateway and cut every open session's
+        WebSocket, for an outage a restart cannot fix."""
+        admission = state.get("admission")
+        running = admission is not None and admission.task is not None \
+            and not admission.task.done()
+        return JSONResponse({"ok": running, "sessions": len(state["sessions"])},
+                            status_code=200 if running else 503)
+
     async def cells_healthz() -> Response:
         """Per cell: its Redis, workers and missing stages. 200 while any cell can take
         sessions (new ones go there), 503 when none can."""
@@ -166,7 +180,8 @@ def create_app(settings: Settings) -> Starlette:
         await session(ws, RealtimeSocket(ws, settings))
 
     # open (no key): probes and Prometheus; they move to admin_port when one is set
-    admin_routes = [Route("/healthz", healthz), Route("/metrics", metrics_endpoint),
+    admin_routes = [Route("/healthz", healthz), Route("/readyz", healthz),
+                    Route("/livez", livez), Route("/metrics", metrics_endpoint),
                     sd_route(lambda: cells)]  # workers of every cell
     separate = settings.admin_port > 0
     app = Starlette(routes=[

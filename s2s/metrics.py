@@ -1,5 +1,6 @@
 """Prometheus metrics shared by every process (prefix ``s2s_``), and the small
-HTTP server that exposes ``/metrics`` and ``/healthz`` from a worker."""
+HTTP server that exposes ``/metrics``, ``/healthz`` (``/readyz``) and ``/livez`` from a
+worker."""
 
 from __future__ import annotations
 
@@ -70,8 +71,21 @@ INTERRUPTS = Counter("s2s_interrupts", "Barge-ins: the user spoke over a reply."
 Handler = Callable[[], Awaitable[tuple[int, dict]]]
 
 
-async def serve_http(host: str, port: int, health: Handler) -> asyncio.AbstractServer:
-    """Serve GET /metrics (Prometheus text) and GET /healthz (JSON) on host:port."""
+async def serve_http(host: str, port: int, health: Handler,
+                     live: Handler | None = None) -> asyncio.AbstractServer:
+    """Serve GET /metrics (Prometheus text), GET /healthz and its alias /readyz (readiness:
+    ``health``) and GET /livez (liveness: ``live``) on host:port.
+
+    Two probes, because they answer different questions: readiness may depend on Redis,
+    liveness must not.  A liveness probe that fails while Redis is away would have the
+    kubelet restart every worker of the stack during a Redis outage: each reloads its
+    model and comes back to the same outage, and the restarts outlast it.  Without
+    ``live``, /livez is 200 whenever this server answers (the event loop runs)."""
+
+    async def always_live() -> tuple[int, dict]:
+        return 200, {"ok": True}
+
+    live = live or always_live
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -82,11 +96,12 @@ async def serve_http(host: str, port: int, health: Handler) -> asyncio.AbstractS
             path = parts[1] if len(parts) > 1 else "/"
             if path.startswith("/metrics"):
                 status, body, ctype = 200, generate_latest(), CONTENT_TYPE_LATEST
-            elif path.startswith("/healthz"):
-                status, payload = await health()
+            elif path.startswith(("/healthz", "/readyz", "/livez")):
+                status, payload = await (live if path.startswith("/livez") else health)()
                 body, ctype = json.dumps(payload).encode(), "application/json"
             else:
-                status, body, ctype = 404, b"not found: try /metrics or /healthz\n", "text/plain"
+                status, ctype = 404, "text/plain"
+                body = b"not found: try /metrics, /healthz or /livez\n"
             reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}.get(status, "OK")
             writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
                          f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()

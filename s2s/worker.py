@@ -88,7 +88,7 @@ class Runtime:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         server = await metrics.serve_http(self.settings.metrics_host, self.settings.metrics_port,
-                                          self._health)
+                                          self._health, self._live)
         port = server.sockets[0].getsockname()[1]
         from .netaddr import advertise_url  # reachable from other hosts, not 127.0.0.1
         self.metrics_url = advertise_url(self.settings.metrics_advertise,
@@ -141,6 +141,16 @@ class Runtime:
             for task in pending:  # left pending in Redis: another worker claims them
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _live(self) -> tuple[int, dict[str, Any]]:
+        """Liveness (/livez): this process only, never Redis.  Answering at all shows the
+        event loop runs; the model must be loaded (a startup probe covers the load).  A
+        Redis outage is readiness's business (/healthz): restarting workers for it would
+        reload every model and fix nothing.  A draining worker stays live: it is finishing
+        its in-flight work."""
+        return (200 if self.loaded else 503), {
+            "stage": self.name, "consumer": self.consumer, "model_loaded": self.loaded,
+            "stopping": self.stopping.is_set()}
 
     async def _health(self) -> tuple[int, dict[str, Any]]:
         ok = self.loaded and self.redis_ok and not self.stopping.is_set()

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from s2s import cli, keys
+from s2s import config as config_module
 
 from .conftest import ROOT
 
@@ -357,7 +358,8 @@ def test_k8s_deployments_run_package_commands(k8s):
 
 def test_keda_scales_each_stage_on_pending_plus_lag(k8s):
     """The numbers each scaler reads from a loaded Redis: tests/test_keda.py."""
-    scaled = {name: obj for (kind, name), obj in k8s.items() if kind == "ScaledObject"}
+    scaled = {name: obj for (kind, name), obj in k8s.items()
+              if kind == "ScaledObject" and name != "gateway"}  # the gateway: below
     assert set(scaled) == set(keys.STAGE_STREAMS) == set(STAGES)
     config = k8s[("ConfigMap", "s2s-config")]["data"]
     for stage, obj in scaled.items():
@@ -378,6 +380,100 @@ def test_keda_scales_each_stage_on_pending_plus_lag(k8s):
         assert "pendingEntriesCount" in triggers["pending"]["metadata"]
         assert "lagCount" not in triggers["pending"]["metadata"]  # KEDA: lagCount wins
         assert obj["spec"]["minReplicaCount"] >= 1
+
+
+def test_stages_keep_their_own_batching_and_keda_targets_their_slots(k8s):
+    """k8s once set S2S_CONCURRENCY=1 on stt, llm and tts: batching off, and KEDA's target 1
+    asked for a TTS pod per queued sentence. Now no manifest overrides a stage's
+    concurrency, and each target is the stage's own slots as the code defines them (for the
+    CPU image the kustomization names); the VAD's is 3/4 of admission's cap (test_keda.py
+    shows it scales before admission refuses)."""
+    from s2s.gateway.admission import VAD_SESSIONS_PER_WORKER
+    from s2s.services.llm.worker import LlmStage
+    from s2s.services.stt.worker import SttStage
+    from s2s.services.tts.worker import TtsStage
+    from s2s.services.vad.worker import VadStage
+
+    kustomization = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())
+    assert kustomization["images"][0]["newTag"] == "cpu"  # the targets below are CPU slots
+    config = k8s[("ConfigMap", "s2s-config")]["data"]
+    assert "S2S_CONCURRENCY" not in config
+    for name in (*STAGES, "gateway"):
+        container = k8s[("Deployment", name)]["spec"]["template"]["spec"]["containers"][0]
+        assert "S2S_CONCURRENCY" not in {e["name"] for e in container.get("env", [])}, name
+
+    cpu = config_module.load({"device": "cpu"}, environ={})  # the defaults, nothing from env
+    slots = {"stt": SttStage(cpu).concurrency,   # its micro-batch (stt_cpu_batch_size)
+             "llm": LlmStage(cpu).slots,         # the backend's model slots (llm_max_batch)
+             "tts": TtsStage(cpu).concurrency}   # replies held, rendered by deadline
+    assert slots["stt"] > 1 and slots["llm"] > 1 and slots["tts"] > 1, slots
+    for stage in STAGES:
+        spec = k8s[("ScaledObject", stage)]["spec"]
+        target = float(spec["advanced"]["scalingModifiers"]["target"])
+        for trigger in spec["triggers"]:  # only the formula's target counts; kept equal
+            meta = trigger["metadata"]
+            assert float(meta.get("lagCount", meta.get("pendingEntriesCount"))) == target
+        if stage != "vad":
+            assert target == slots[stage], (stage, target, slots[stage])
+            continue
+        cap = VAD_SESSIONS_PER_WORKER
+        assert cap == VadStage.concurrency  # admission's cap is what one worker owns
+        assert target == 0.75 * cap, target
+        # the HPA acts only past its 10 % tolerance over target: the session that asks for
+        # a second pod (53) must leave room (an eighth of the cap) for those that arrive
+        # while the pod starts, or they are refused "busy" meanwhile
+        scale_at = int(target * 1.1) + 1
+        assert cap - scale_at >= cap / 8, (scale_at, cap)
+
+
+def test_gateway_scales_on_its_open_sessions_before_it_refuses(k8s):
+    obj = k8s[("ScaledObject", "gateway")]
+    spec = obj["spec"]
+    assert spec["scaleTargetRef"]["name"] == "gateway" and ("Deployment", "gateway") in k8s
+    [trigger] = spec["triggers"]
+    assert trigger["type"] == "prometheus" and trigger["metricType"] == "AverageValue"
+    meta = trigger["metadata"]
+    assert all(isinstance(v, str) for v in meta.values())
+    assert meta["serverAddress"].startswith("http")
+    # the query reads a series the code exports, for this namespace's gateways
+    assert re.fullmatch(r'sum\(s2s_active_sessions\{namespace="s2s"\}\)', meta["query"])
+    assert "s2s_active_sessions" in exported_metric_names()
+    # a pod is added while the gateways still admit (S2S_MAX_SESSIONS each)
+    max_sessions = config_module.load({}, environ={}).max_sessions
+    assert float(meta["threshold"]) == 0.75 * max_sessions
+    # scaling down closes the sessions of the pod that goes: slowly, one pod at a time
+    down = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+    assert down["stabilizationWindowSeconds"] >= 600
+    assert down["policies"] == [{"type": "Pods", "value": 1, "periodSeconds": 600}]
+
+
+def test_cell_overlay_scales_its_own_gateways():
+    import shutil
+    import subprocess
+
+    kubectl = shutil.which("kubectl")
+    if not kubectl:
+        pytest.skip("kubectl not installed")
+    out = subprocess.run([kubectl, "kustomize", str(DEPLOY / "k8s-cells" / "b")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    [gateway] = [d for d in yaml.safe_load_all(out.stdout) if d and d["kind"] == "ScaledObject"
+                 and d["metadata"]["name"] == "gateway"]
+    assert gateway["spec"]["triggers"][0]["metadata"]["query"] == \
+        'sum(s2s_active_sessions{namespace="s2s-b"})'
+
+
+def test_liveness_checks_the_process_and_readiness_redis(k8s):
+    """A liveness probe on /healthz (503 while Redis is away) restarted every pod in a
+    Redis outage; liveness is /livez now, readiness stays /healthz (tests/test_probes.py
+    runs the outage against real processes with these probes' numbers)."""
+    for name in (*STAGES, "gateway"):
+        container = k8s[("Deployment", name)]["spec"]["template"]["spec"]["containers"][0]
+        port = container["ports"][0]["name"]
+        assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": port}, name
+        assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": port}
+        if "startupProbe" in container:  # the model load, not Redis, gates the start
+            assert container["startupProbe"]["httpGet"]["path"] == "/livez", name
 
 
 def test_kustomization_builds_when_kubectl_is_installed(k8s):

@@ -5,24 +5,31 @@ entries in flight, more entries waiting) and reads exactly what KEDA's redis-str
 reads (XPENDING summary count for a `pendingEntriesCount` trigger, XINFO GROUPS lag for a
 `lagCount` one), combines them with the ScaledObject's own scalingModifiers formula and target,
 and applies the HPA's rule for an AverageValue target. Under overload every stage asks for
-more replicas; busy with nothing waiting it keeps its replicas; idle, none asks for any.
+more replicas; busy with nothing waiting it keeps its replicas (but a full VAD, past its
+target, asks for more); idle, none asks for any. The VAD test goes through admission instead (real sessions through a real gateway, a real
+VAD worker): KEDA's metric passes the VAD's target strictly before admission refuses anyone.
 Validation: kubernetes-validate (the Kubernetes JSON schemas, strict) and KEDA's CRD models
 (cloudcoil-models-keda), offline."""
 
 from __future__ import annotations
 
 import ast
+import asyncio
+import json
 import math
 import time
 
+import httpx
 import pytest
 import redis
+import websockets
 import yaml
 
 from s2s import keys
 from s2s.bus import FIELD
 from s2s.config import Settings
 from s2s.frames import ReplyText, SessionOpen, Transcript, Utterance, encode
+from s2s.gateway.admission import VAD_SESSIONS_PER_WORKER
 
 from .conftest import ROOT, Workers
 from .stages import CrashSessionStage, EchoStage
@@ -118,18 +125,22 @@ def wait_for(predicate, what: str, timeout: float = 30.0):
     raise TimeoutError(what)
 
 
+def target(obj: dict) -> float:
+    return float(obj["spec"]["advanced"]["scalingModifiers"]["target"])
+
+
 def test_every_stage_asks_for_more_replicas_under_overload_and_none_when_idle(redis_url,
                                                                                tmp_path):
     scaled = by_kind("ScaledObject")
     deployments = by_kind("Deployment")
-    assert set(scaled) == set(STAGES)
-    # each worker runs with its Deployment's slots, which must be KEDA's target
-    slots = {}
-    for stage in STAGES:
-        env = container_env(deployments[stage])
-        slots[stage] = int(env["S2S_CONCURRENCY"])
-        assert float(scaled[stage]["spec"]["advanced"]["scalingModifiers"]["target"]) == \
-            slots[stage], stage
+    assert set(scaled) == {*STAGES, "gateway"}
+    # the test workers take what a real one takes at once: for stt, llm and tts KEDA's
+    # target (their slots, tests/test_deploy.py checks it against the code), for the VAD the
+    # 64 sessions a worker owns (admission's cap; its target is 3/4 of that)
+    slots = {stage: int(target(scaled[stage])) for stage in STAGES}
+    slots["vad"] = VAD_SESSIONS_PER_WORKER
+    for stage in STAGES:  # the stages' own concurrency, not an override
+        assert "S2S_CONCURRENCY" not in container_env(deployments[stage]), stage
     r = redis.Redis.from_url(redis_url)
     workers = Workers(redis_url, tmp_path)
     env = {"S2S_TEST_DELAY_S": "3600", "S2S_SHUTDOWN_GRACE_S": "0.5", "S2S_BLOCK_MS": "200"}
@@ -164,7 +175,9 @@ def test_every_stage_asks_for_more_replicas_under_overload_and_none_when_idle(re
         for stage in STAGES:
             loaded = scaling(r, scaled[stage], current=1)
             assert loaded["readings"] == {"pending": slots[stage], "lag": slots[stage]}, stage
-            assert loaded["active"] and loaded["desired"] == 2, (stage, loaded)
+            # (the VAD: 128 sessions at 48 a pod ask for 3)
+            assert loaded["active"] and loaded["desired"] == \
+                math.ceil(2 * slots[stage] / target(scaled[stage])) >= 2, (stage, loaded)
 
         # KEDA starts a second worker: it takes what was waiting (VAD: the sessions beyond the
         # first worker's slots are owned now). All busy, nothing waiting: lag 0 is not idle,
@@ -180,12 +193,99 @@ def test_every_stage_asks_for_more_replicas_under_overload_and_none_when_idle(re
         for stage in STAGES:
             busy = scaling(r, scaled[stage], current=2)
             assert busy["readings"] == {"pending": 2 * slots[stage], "lag": 0}, stage
-            assert busy["active"] and busy["desired"] == 2, (stage, busy)
+            # a VAD with every slot taken is past its target: admission is about to refuse,
+            # so it still asks for a third pod; the others hold their two
+            assert busy["active"] and busy["desired"] == (3 if stage == "vad" else 2), \
+                (stage, busy)
             # (the old lag-only trigger read lag 0 here and asked for one worker: the flap,
             # and for vad the sessions beyond one worker's slots left unowned)
             owners = r.xpending(keys.stage_stream(stage), stage)["consumers"]
             assert sorted(int(c["pending"]) for c in owners) == [slots[stage]] * 2, owners
     finally:
+        workers.stop_all()
+        r.close()
+
+
+# --- the VAD scales out before admission refuses --------------------------------------------
+async def capacity_seen(gw, capacity: int, timeout: float = 30.0) -> None:
+    """Until the gateway's admission counts `capacity` sessions (its picture of the live
+    VAD workers is refreshed every second)."""
+    async with httpx.AsyncClient() as client:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            headroom = (await client.get(gw.http + "/healthz")).json()["headroom"]
+            if headroom["capacity"] == capacity:
+                return
+            await asyncio.sleep(0.2)
+    raise TimeoutError(f"admission never counted {capacity} sessions: {headroom}")
+
+
+async def open_session(gw) -> tuple[websockets.ClientConnection, dict]:
+    ws = await websockets.connect(gw.ws, compression=None)
+    await ws.send(json.dumps({"type": "hello"}))
+    return ws, json.loads(await ws.recv())
+
+
+async def test_vad_scales_out_before_admission_refuses_anyone(redis_url, tmp_path):
+    """With KEDA's VAD target equal to admission's cap (both 64 a worker), load could never
+    push the metric past what the running pods hold: admission said "busy" first and the VAD
+    never scaled. Real sessions through a real gateway's admission, a real VAD worker owning
+    them: KEDA's reading (pending + lag of s2s:vad:sessions, the HPA's rule) asks for a
+    second pod strictly before admission refuses the first session, with room in between
+    for the sessions that arrive while the pod starts; the second pod then lifts
+    admission's cap and owns the sessions admitted after it."""
+    from tests.test_admission import Gateway
+
+    vad = by_kind("ScaledObject")["vad"]
+    cap = VAD_SESSIONS_PER_WORKER
+    r = redis.Redis.from_url(redis_url)
+    workers = Workers(redis_url, tmp_path)
+    sockets = []
+    env = {"S2S_SHUTDOWN_GRACE_S": "0.5"}  # and no S2S_CONCURRENCY: the VAD's own slots
+    try:
+        workers.start("vad", env=env)
+        await asyncio.to_thread(workers.wait_ready, "vad", 1, 120)
+        async with Gateway(redis_url, principal_max_sessions=0) as gw:
+            await capacity_seen(gw, cap)
+            asked_at = refused_at = None
+            for n in range(1, 2 * cap):
+                ws, reply = await open_session(gw)
+                if reply["type"] != "ready":
+                    assert reply["type"] == "error" and reply["code"] == "busy", reply
+                    await ws.close()
+                    refused_at = n
+                    break
+                sockets.append(ws)
+                keda = scaling(r, vad, current=1)
+                assert keda["value"] == n, (n, keda)  # one entry per open session
+                if asked_at is None and keda["desired"] > 1:
+                    asked_at = n
+            # KEDA asks for a second pod at 53 (48 a pod, past the HPA's 10 % tolerance);
+            # admission still admits up to its cap of 64 a live worker and refuses the 65th:
+            # 11 sessions arrive while the pod starts, none is refused meanwhile
+            assert asked_at == int(target(vad) * (1 + HPA_TOLERANCE)) + 1 == 53, asked_at
+            assert refused_at == cap + 1, refused_at
+            assert refused_at - asked_at >= cap // 8
+
+            # KEDA's answer: a second VAD pod. Admission counts it, the refused session is
+            # admitted now, and the new pod owns it (nothing left unowned, lag 0)
+            workers.start("vad", env=env)
+            await asyncio.to_thread(workers.wait_ready, "vad", 2, 120)
+            await capacity_seen(gw, 2 * cap)
+            ws, reply = await open_session(gw)
+            assert reply["type"] == "ready", reply
+            sockets.append(ws)
+            lag = next(t["metadata"] for t in vad["spec"]["triggers"] if t["name"] == "lag")
+            await asyncio.to_thread(wait_for, lambda: scaler_reading(r, lag) == 0,
+                                    "the second VAD worker owns the new session")
+            owners = r.xpending(keys.stage_stream("vad"), "vad")["consumers"]
+            assert sorted(int(c["pending"]) for c in owners) == [1, cap], owners
+            keda = scaling(r, vad, current=2)
+            assert keda["readings"] == {"pending": cap + 1, "lag": 0}, keda
+            assert keda["desired"] == 2, keda  # 65 sessions on two pods: no third asked for
+    finally:
+        for ws in sockets:
+            await ws.close()
         workers.stop_all()
         r.close()
 
