@@ -42,12 +42,13 @@ import time
 import uuid
 from typing import Any, Awaitable, Callable, TypeVar
 
-from redis.exceptions import RedisError
+from redis.exceptions import NoPermissionError, RedisError
 
 from . import keys, metrics
 from .bus import RETRYABLE, Bus, entry_ms, entry_order, redis_error_kind
 from .config import Settings
 from .frames import STAGE_INPUTS, Frame, FrameError, Notice, decode
+from .redis_version import server_problem
 from .stage import SessionState, Stage
 
 log = logging.getLogger("s2s.worker")
@@ -293,12 +294,25 @@ class Runtime:
         backoff = 0.1
         while not self.stopping.is_set():
             try:
+                if not self.redis_ok:
+                    await self._refuse_old_redis()
                 await self.bus.ensure_group(self.stream, self.group)
                 self._note_groups(len(await self.bus.redis.xinfo_groups(self.stream)))
                 self._redis_up()
                 return
             except RedisError as e:
                 backoff = await self._redis_down(e, backoff)
+
+    async def _refuse_old_redis(self) -> None:
+        """Exit with the reason on a server too old for the bus's scripts: retrying would
+        only log script errors forever.  A user without INFO rights (ACL) is not checked."""
+        try:
+            problem = server_problem(await self.bus.redis.info("server"))
+        except NoPermissionError:
+            return
+        if problem:
+            log.error("%s worker cannot run: %s", self.name, problem)
+            raise SystemExit(2)
 
     def _redis_up(self) -> None:
         if not self.redis_ok:
