@@ -35,7 +35,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from s2s.client.url import GatewayURLError, gateway_url
+from s2s.client.url import gateway_url, resolve_url_arg
 from s2s.config import redacted_url
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -619,16 +619,9 @@ def main(args: argparse.Namespace) -> int:
     if args.turns < 1:
         print("bench: --turns must be at least 1", file=sys.stderr)
         return 2
-    try:
-        target = gateway_url(args.url)
-    except GatewayURLError as e:
-        print(f"bench: --url: {e}", file=sys.stderr)
+    # the sweep and burst modes and every report see the plain /ws URL and the key apart
+    if not resolve_url_arg(args, "bench"):
         return 2
-    # the sweep and burst modes and every report see the plain /ws URL and the key apart,
-    # so no report or log line carries the key
-    args.url = target.url
-    if args.api_key is None:
-        args.api_key = target.key
     if args.burst:
         from .burst import main as burst_main
 

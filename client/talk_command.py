@@ -49,17 +49,10 @@ def write_wav(path: str, pcm: bytes, sr: int) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .url import GatewayURLError, gateway_url
+    from .url import resolve_url_arg
 
-    try:
-        target = gateway_url(args.url)
-    except GatewayURLError as e:
-        print(f"s2s talk: --url: {e}", file=sys.stderr)
+    if not resolve_url_arg(args, "s2s talk"):  # from here on args.url holds no secret
         return 2
-    # from here on args.url holds no secret, whatever is printed
-    args.url = target.url
-    if args.api_key is None:
-        args.api_key = target.key
     if args.mic:
         return asyncio.run(_mic(args))
     if not args.file:

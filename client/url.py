@@ -81,6 +81,24 @@ def gateway_url(url: str, protocol: str = "native") -> GatewayURL:
     return GatewayURL(ws, key)
 
 
+def resolve_url_arg(args, prog: str) -> bool:
+    """For a command's parsed ``--url`` (and ``--api-key``): the plain ws URL into
+    ``args.url`` (so no report or log line carries a key) and the URL's key into
+    ``args.api_key`` unless one was given.  False, with the reason on stderr, for a URL
+    that names no gateway."""
+    import sys
+
+    try:
+        target = gateway_url(args.url)
+    except GatewayURLError as e:
+        print(f"{prog}: --url: {e}", file=sys.stderr)
+        return False
+    args.url = target.url
+    if args.api_key is None:
+        args.api_key = target.key
+    return True
+
+
 def _ws_path(path: str, want: str) -> str:
     stripped = path.rstrip("/")
     for known in PATHS.values():
