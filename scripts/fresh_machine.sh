@@ -60,9 +60,15 @@ stamp "debootstrap"
 
 # how this machine reaches the registries, nothing more
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
+rm -f "$ROOT/etc/apt/sources.list"
 [ -d /etc/apt/sources.list.d ] && cp -r /etc/apt/sources.list.d/. "$ROOT/etc/apt/sources.list.d/"
 find "$ROOT/etc/apt/sources.list.d" -name '*disabled*' -delete
 [ -f /etc/apt/sources.list ] && cp /etc/apt/sources.list "$ROOT/etc/apt/sources.list"
+# local CAs (a proxy's), kept by update-ca-certificates when a package reinstalls the bundle
+if [ -d /usr/local/share/ca-certificates ]; then
+  mkdir -p "$ROOT/usr/local/share/ca-certificates"
+  cp -r /usr/local/share/ca-certificates/. "$ROOT/usr/local/share/ca-certificates/"
+fi
 for f in /etc/pip.conf /etc/xdg/pip; do [ -e "$f" ] && mkdir -p "$ROOT$(dirname $f)" && cp -r "$f" "$ROOT$(dirname $f)/"; done
 mkdir -p "$ROOT/etc/ssl/certs"; cp /etc/ssl/certs/ca-certificates.crt "$ROOT/etc/ssl/certs/"
 PIPENV=()
