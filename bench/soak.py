@@ -1,7 +1,7 @@
 """``python -m s2s.bench.soak``: does anything grow over a long run under load?
 
 Runs ``--sessions`` concurrent client sessions (default 2: the most this 2-core machine
-holds at p95 <= 1.5 s, see the README) for ``--minutes`` (default 30), each speaking
+holds at p95 <= 1.5 s, see docs/performance.md) for ``--minutes`` (default 30), each speaking
 real speech in real time, turn after turn, over one long-lived WebSocket session.
 Every ``--sample-s`` (10 s) it samples the RSS of every process of the stack (psutil,
 or /proc without it) and Redis ``used_memory``.  It reports, per process, the slope

@@ -1,5 +1,5 @@
 """``s2s bench --from-file-end`` / ``--sweep readme``: voice-to-voice from the known end of
-speech of each input file, the measurement of the README's latency table.
+speech of each input file, the measurement of the latency table in docs/performance.md.
 
 Each input (a WAV, or a sentence spoken by espeak-ng with ``--say``) has its end of
 speech found once, offline (:func:`speech_end`).  A row runs N concurrent clients; each

@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
             add_arguments(p)
             p.set_defaults(func=worker_main)
         elif name == "config":
-            p.add_argument("--markdown", action="store_true", help="print the README's table")
+            p.add_argument("--markdown", action="store_true", help="print the settings table of docs/configuration.md")
             p.set_defaults(func=config_main)
         else:
             p.set_defaults(module=module)

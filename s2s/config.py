@@ -2,7 +2,7 @@
 
 Each field is read from the environment as ``S2S_<FIELD>`` (upper case) and can
 be overridden by the matching CLI flag ``--<field-with-dashes>``.  The help
-text here is the single source for ``--help`` and the README table.
+text here is the single source for ``--help`` and docs/configuration.md.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@
 #      downloads every wheel the images need into $S2S_WHEELHOUSE, torch's CPU build included;
 #   3. the build (--network host) installs only from that folder, served read-only on a
 #      loopback port (PIP_NO_INDEX=1, PIP_FIND_LINKS=http://127.0.0.1:PORT/).
-# Prints a size table at the end (the README's "Images" table).
+# Prints a size table at the end (the "Images" table of docs/performance.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROLES=("$@"); [ ${#ROLES[@]} -gt 0 ] || ROLES=(gateway vad stt llm tts all redis prometheus)
