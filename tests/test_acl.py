@@ -9,8 +9,10 @@ import asyncio
 import contextlib
 import importlib.util
 import secrets
+import ssl
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -41,15 +43,15 @@ def acl_redis(tls: tuple[Path, Path] | None = None):
     with tempfile.TemporaryDirectory() as tmp:
         aclfile = Path(tmp) / "users.acl"
         aclfile.write_text(_render()(ACL.read_text(), env))
-        port = free_port()
-        listen = ["--port", str(port)]
+        port = server_port = free_port()
         scheme, query = "redis", ""
-        if tls:
-            listen = ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(tls[0]),
-                      "--tls-key-file", str(tls[1]), "--tls-ca-cert-file", str(tls[0]),
-                      "--tls-auth-clients", "no"]
+        terminator = None
+        if tls:  # the bundled Valkey has no TLS built in: TLS ends in front of it, as at a
+            # managed Redis behind stunnel or a proxy; the client side is what is tested
+            server_port = free_port()
+            terminator = TlsTerminator(port, server_port, *tls).start()
             scheme, query = "rediss", f"?ssl_ca_certs={tls[0]}"
-        proc = subprocess.Popen([find_redis_server(), *listen, "--bind", "127.0.0.1",
+        proc = subprocess.Popen([find_redis_server(), "--port", str(server_port), "--bind", "127.0.0.1",
                                  "--save", "", "--appendonly", "no", "--dir", tmp,
                                  "--aclfile", str(aclfile), "--loglevel", "warning"],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -70,6 +72,60 @@ def acl_redis(tls: tuple[Path, Path] | None = None):
         finally:
             proc.terminate()
             proc.wait(10)
+            if terminator:
+                terminator.stop()
+
+
+class TlsTerminator:
+    """TLS on ``port`` (this certificate), plain TCP to ``target`` on loopback."""
+
+    def __init__(self, port: int, target: int, cert: Path, key: Path):
+        self.port, self.target = port, target
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.load_cert_chain(cert, key)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def start(self) -> "TlsTerminator":
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self._listen(), self.loop).result(10)
+        return self
+
+    async def _listen(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port,
+                                                 ssl=self.context)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        except OSError:
+            writer.close()
+            return
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (OSError, ssl.SSLError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def stop(self) -> None:
+        async def close() -> None:
+            self.server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(close(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
 
 
 def test_render_refuses_unset_passwords():
