@@ -108,6 +108,13 @@ class SessionKeys:
         pipe.expire(keys.prefs(sid), self.settings.session_ttl_s)
         await pipe.execute()
 
+    async def context(self, sid: str) -> bytes | None:
+        """A session's LLM context (``s2s:ctx:{sid}``), as JSON bytes."""
+        return await self.redis.get(keys.ctx(sid))
+
+    async def set_context(self, sid: str, value: str) -> None:
+        await self.redis.set(keys.ctx(sid), value, ex=self.settings.session_ttl_s)
+
     async def stage_value(self, sid: str, stage: str) -> bytes | None:
         return await self.redis.get(keys.stage_state(sid, stage))
 

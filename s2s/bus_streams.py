@@ -86,6 +86,10 @@ class StageStreams:
             if "BUSYGROUP" not in str(e):
                 raise
 
+    async def groups(self, stream: str) -> list[dict]:
+        """XINFO GROUPS of ``stream``: each consumer group with its pending and lag."""
+        return await self.redis.xinfo_groups(stream)
+
     async def read_group(self, stream: str, group: str, consumer: str, count: int,
                          block_ms: int) -> list[Entry]:
         res = await self.redis.xreadgroup(group, consumer, {stream: ">"}, count=count,

@@ -22,6 +22,11 @@ class WorkerRegistry:
     SCRIPTS = {"_heartbeat_script": HEARTBEAT, "_delconsumer_script": DELCONSUMER_IF_IDLE,
                "_forget_script": FORGET_IF_STALE}
 
+    async def server_info(self) -> dict:
+        """INFO server of the Redis this bus talks to (its version, for the checks of
+        s2s.redis_version)."""
+        return await self.redis.info("server")
+
     async def heartbeat(self, stage: str, worker_id: str, metrics_url: str) -> None:
         """Renew this worker's lease: its member's score is the time of its last beat."""
         await self._heartbeat_script(keys=[keys.WORKERS], args=[

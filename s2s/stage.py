@@ -19,7 +19,6 @@ import asyncio
 import json
 from typing import Any, AsyncIterator, Callable, TypeVar
 
-from . import keys
 from .bus import SESSION_OWNER
 from .config import Settings
 from .frames import Frame, SessionOpen
@@ -59,14 +58,11 @@ class SessionState:
         await self._call(self._bus.set_stage_value, sid, stage, value)
 
     async def load(self, sid: str, default: Any = None) -> Any:
-        raw = await self._call(self._bus.redis.get, keys.ctx(sid))
+        raw = await self._call(self._bus.context, sid)
         return json.loads(raw) if raw else default
 
     async def save(self, sid: str, value: Any) -> None:
-        await self._call(self._set, keys.ctx(sid), json.dumps(value))
-
-    async def _set(self, key: str, value: str) -> None:
-        await self._bus.redis.set(key, value, ex=self._bus.settings.session_ttl_s)
+        await self._call(self._bus.set_context, sid, json.dumps(value))
 
 
 class Stage:

@@ -297,7 +297,7 @@ class Runtime:
                 if not self.redis_ok:
                     await self._refuse_old_redis()
                 await self.bus.ensure_group(self.stream, self.group)
-                self._note_groups(len(await self.bus.redis.xinfo_groups(self.stream)))
+                self._note_groups(len(await self.bus.groups(self.stream)))
                 self._redis_up()
                 return
             except RedisError as e:
@@ -307,7 +307,7 @@ class Runtime:
         """Exit with the reason on a server too old for the bus's scripts: retrying would
         only log script errors forever.  A user without INFO rights (ACL) is not checked."""
         try:
-            problem = server_problem(await self.bus.redis.info("server"))
+            problem = server_problem(await self.bus.server_info())
         except NoPermissionError:
             return
         if problem:
@@ -589,7 +589,7 @@ class Runtime:
         """Export the stage stream's lag and pending count; notice other groups."""
         while True:
             try:
-                groups = await self.bus.redis.xinfo_groups(self.stream)
+                groups = await self.bus.groups(self.stream)
                 self._note_groups(len(groups))
                 for group in groups:
                     if group["name"].decode() == self.group:
