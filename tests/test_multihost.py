@@ -74,7 +74,7 @@ def _check_not_stolen_back(c: Cluster, survivor: str, sessions: list[bytes]) -> 
     the cut-off host sent just as its link went down (kept in its kernel's send queue,
     delivered when the link comes back, long after the client gave up on it) claims the
     session back: the keep-alive's XCLAIM with min-idle 0, sent after an XPENDING that
-    still said "mine" (two round trips in s2s/bus.py ``Bus.keep_alive``).  The session
+    still said "mine" (two round trips in s2s/bus_streams.py ``keep_alive``).  The session
     then returns to the old owner, which resumes from its stale position."""
     log = c.log_of(survivor, "vad")
     stolen = [e.decode() for e in sessions if f"entry {e.decode()} was taken over" in log]
