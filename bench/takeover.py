@@ -76,7 +76,8 @@ async def acked_memory(url: str, delete: bool, count: int = 300) -> int:
     from s2s.bus import FIELD, Bus
 
     bus = Bus(config.load({"redis_url": url}, environ={}))
-    await bus.redis.flushall()
+    # SYNC: Valkey 8 frees a FLUSHALL lazily by default, which would land in the measurement
+    await bus.redis.execute_command("FLUSHALL", "SYNC")
     base = (await bus.redis.info("memory"))["used_memory"]
     await bus.ensure_group("s2s:stt", "stt")
     for _ in range(count):

@@ -84,6 +84,7 @@ class RedisServer:
     """``with RedisServer() as r: r.url`` — starts, waits until it answers, stops."""
 
     def __init__(self, port: int | None = None, appendonly: bool = False, binary: str = ""):
+        self.chosen_port = port is None  # ours to change if another process takes it first
         self.port = port or free_port()
         self.appendonly = appendonly  # AOF (fsync every second) in self.dir: survives a restart
         self.binary = binary
@@ -97,17 +98,26 @@ class RedisServer:
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
              "--dir", self.dir, "--protected-mode", "yes",
+             # Valkey 8 frees FLUSHALL/FLUSHDB in the background by default; Redis 7 does
+             # not, and memory measurements (benches, tests) read used_memory right after
+             "--lazyfree-lazy-user-flush", "no",
              "--loglevel", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=die_with_parent)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                if self.chosen_port and "already in use" in err:
+                    # the free port was taken between our check and the server's bind
+                    self.port = free_port()
+                    self.url = f"redis://127.0.0.1:{self.port}/0"
+                    return self.start(timeout)
                 raise RedisServerError(f"{binary} exited at start: {err.strip()}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
                     s.sendall(b"PING\r\n")
                     if s.recv(16).startswith(b"+PONG"):
+                        self.chosen_port = False  # a restart comes back on this port
                         return self
             except OSError:
                 time.sleep(0.05)

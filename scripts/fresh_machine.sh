@@ -57,6 +57,9 @@ else
   debootstrap --variant=minbase --include=python3,make,git "$SUITE" "$ROOT" "$MIRROR" >"$LOG" 2>&1
 fi
 stamp "debootstrap"
+# the root a mount point of its own (before any mount inside it): `ip netns exec`, in the
+# multi-host test, remounts / as a slave
+mount --bind "$ROOT" "$ROOT"; mounts+=("$ROOT")
 
 # how this machine reaches the registries, nothing more
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf"

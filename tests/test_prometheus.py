@@ -149,6 +149,7 @@ def prometheus(stack, tmp_path_factory):
     api = f"http://127.0.0.1:{port}/api/v1"
     try:
         deadline = time.monotonic() + 60
+        active = None
         while True:  # until every target is found through /sd and scraped
             assert proc.poll() is None, (tmp / "prometheus.log").read_text()
             try:
@@ -156,7 +157,7 @@ def prometheus(stack, tmp_path_factory):
                 up = {t["labels"]["job"] for t in active if t["health"] == "up"}
                 if up >= {"gateway", *STAGES, "prometheus"}:
                     break
-            except httpx.HTTPError:
+            except (httpx.HTTPError, ValueError):  # not listening yet, or 503 while its TSDB starts
                 pass
             assert time.monotonic() < deadline, f"targets not all up: {active}"
             time.sleep(0.5)
