@@ -2,7 +2,9 @@
 
 Targets: the stage streams ``s2s:stt``, ``s2s:llm``, ``s2s:tts``, ``s2s:vad:sessions``
 (``stt``, ``llm``, ``tts``, ``vad``), the session audio streams ``s2s:audio:{sid}`` of
-live sessions (``audio``) and the gateway's WebSocket (``gateway``).  Inputs: random
+live sessions (``audio``), the gateway's WebSocket (``gateway``) and its OpenAI Realtime
+endpoint (``realtime``: malformed and unsupported events, bad audio, buffers past their
+caps, typed turns past the rate, clients sending faster than they are served).  Inputs: random
 bytes, truncated and bit-flipped frames, valid msgpack with wrong types, missing
 fields, unknown and wrong kinds, huge fields, wrong sample rates, odd-length PCM,
 bad UTF-8, NaN/inf, negative numbers, other schema versions, frames of unknown
@@ -47,7 +49,8 @@ from s2s.frames import (STAGE_INPUTS, Audio, Frame, FrameError, Notice, ReplyAud
 
 ROOT = Path(__file__).resolve().parents[1]
 JFK = ROOT / "tests" / "data" / "jfk.wav"
-TARGETS = ("stt", "llm", "tts", "vad", "audio", "gateway")
+TARGETS = ("stt", "llm", "tts", "vad", "audio", "gateway", "realtime")
+CLIENT_TARGETS = ("gateway", "realtime")  # WebSocket clients: the gateway counts refusals
 FIELD = b"f"
 VICTIM_SR = 16000          # the rate the fuzzed sessions of the `audio` target open at
 MAX_FRAME_S = 10.0         # the VAD's own limit on one audio frame (services/vad/worker.py)
@@ -241,6 +244,78 @@ def hostile_client(rng: random.Random, max_message_bytes: int = 256 * 1024
     return msgs
 
 
+def _b64(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode()
+
+
+def _realtime_event(rng: random.Random, max_message_bytes: int) -> tuple[str, Any]:
+    """One hostile (or, now and then, valid) Realtime client event."""
+    audio = lambda n: _b64(rng.randbytes(n))  # noqa: E731
+    item = lambda content: {"type": "conversation.item.create", "item": {  # noqa: E731
+        "type": "message", "role": "user", "content": content}}
+    pick = rng.randrange(16)
+    if pick == 0:
+        return rng.choice([("text", "not json {"), ("text", "[1, 2]"), ("text", '{"type": 5}'),
+                           ("text", "[" * 5000), ("bytes", rng.randbytes(rng.randint(1, 64))),
+                           ("rawtext", b'{"type": "session.update\xff"}')])
+    if pick == 1:
+        return "text", json.dumps({"type": rng.choice(
+            ["conversation.item.retrieve", "session.create", "", "x" * 300, "response.update"])})
+    if pick == 2:
+        return "text", json.dumps({"type": "session.update", "session": _random_value(rng)},
+                                  default=repr)
+    if pick == 3:
+        return "text", json.dumps({"type": "session.update", "session": rng.choice([
+            {"instructions": "i" * rng.choice([10, 4001])}, {"bogus": 1},
+            {"audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}}},
+            {"audio": {"input": {"turn_detection": {"type": "server_vad", "threshold": 7}}}},
+            {"audio": {"input": {"turn_detection": None}}}, {"type": "transcription"},
+            {"audio": {"input": {"format": {"type": rng.choice(["audio/pcmu", "audio/pcma"])}}}}])})
+    if pick in (4, 5):
+        return "text", json.dumps({"type": "input_audio_buffer.append", "audio": rng.choice([
+            audio(rng.randrange(2, 4000, 2)), audio(rng.randrange(1, 999, 2)), "%%%", 5, None,
+            audio(rng.randrange(2, 3 * max_message_bytes, 2))])})
+    if pick == 6:
+        return "text", json.dumps({"type": rng.choice(["input_audio_buffer.commit",
+                                                       "input_audio_buffer.clear"])})
+    if pick == 7:
+        return "text", json.dumps(item(rng.choice([
+            [{"type": "input_text", "text": rng.choice(["hi", "t" * 3000, ""])}],
+            [{"type": "input_audio", "audio": audio(rng.randrange(2, 2 * max_message_bytes, 2))}],
+            [{"type": "input_audio", "audio": "!!"}], [{"type": "image", "url": "x"}], [7], None])))
+    if pick == 8:
+        return "text", json.dumps({"type": "conversation.item.create", "item": rng.choice([
+            {"type": "function_call"}, {"type": "message", "role": "system", "content": []},
+            {"type": "message", "role": "user", "id": "i" * 100,
+             "content": [{"type": "input_text", "text": "x"}]}, "item", None])})
+    if pick in (9, 10):
+        return "text", json.dumps({"type": "response.create", "event_id": f"e{rng.random()}"})
+    if pick == 11:
+        return "text", json.dumps({"type": rng.choice(["response.cancel",
+                                                       "output_audio_buffer.clear"])})
+    if pick == 12:
+        return "text", json.dumps({"type": "conversation.item.truncate", "item_id":
+                                   rng.choice(["x", 5, None]), "audio_end_ms": rng.choice(
+                                       [-1, 1.5, "1", 10**12])})
+    if pick == 13:
+        return "text", json.dumps({"type": "response.create", "response": _random_value(rng)},
+                                  default=repr)
+    return "text", json.dumps({"type": "input_audio_buffer.append", "audio": audio(3200)})
+
+
+def hostile_realtime_client(rng: random.Random, max_message_bytes: int = 256 * 1024
+                            ) -> list[tuple[str, Any]]:
+    """Events of one hostile Realtime client; now and then one that appends far faster
+    than real time (the gateway closes it with input_overflow)."""
+    if rng.random() < 0.03:  # 2 * max_message_bytes a piece (base64 keeps it under the
+        # event limit): 14 pieces are ~150 s at 24 kHz, past the 125 s that may wait
+        big = _b64(rng.randbytes(2 * max_message_bytes))
+        return [("text", json.dumps({"type": "input_audio_buffer.append", "audio": big}))] * 14
+    return [_realtime_event(rng, max_message_bytes) for _ in range(rng.randint(1, 12))]
+
+
 # --- the run -----------------------------------------------------------------------------
 @dataclass
 class Result:
@@ -317,9 +392,9 @@ class Fuzzer:
         res = Result(target)
         t0 = time.monotonic()
         stage = "vad" if target == "audio" else target
-        urls = await self.worker_urls(stage) if target != "gateway" else [
+        urls = await self.worker_urls(stage) if target not in CLIENT_TARGETS else [
             gateway_url(self.ws_url).http]
-        metric, where = (("s2s_rejected_inputs_total", {}) if target == "gateway" else
+        metric, where = (("s2s_rejected_inputs_total", {}) if target in CLIENT_TARGETS else
                          ("s2s_bad_frames_total", {"component": stage}))
         before = scrape(urls, metric, "reason", where)
         items_before = scrape(urls, "s2s_stage_items_total", "outcome", {"stage": stage})
@@ -327,6 +402,8 @@ class Fuzzer:
         try:
             if target == "gateway":
                 await self._fuzz_gateway(res, count)
+            elif target == "realtime":
+                await self._fuzz_realtime(res, count)
             elif target == "audio":
                 await self._fuzz_audio(res, count)
             else:
@@ -340,7 +417,7 @@ class Fuzzer:
                       items_before)
         # inputs a stage raised on (logged, an error notice sent) rather than refused: the
         # runtime counts refusals as items with outcome "error" too, so subtract them
-        if target not in ("gateway", "vad"):
+        if target not in CLIENT_TARGETS + ("vad",):
             res.stage_errors = items.get("error", 0) - sum(res.counted.values())
         res.crashes += self.alive()
         res.seconds = time.monotonic() - t0
@@ -485,6 +562,56 @@ class Fuzzer:
             await asyncio.gather(*(one_client(m) for m in clients))
         res.expected = errors  # the gateway's own answers: error events by code
 
+    async def _fuzz_realtime(self, res: Result, count: int, parallel: int = 8) -> None:
+        """Hostile clients of /v1/realtime, ``parallel`` at a time; each ends with a
+        session.update it must get answered (the session survived what it sent)."""
+        import websockets
+
+        url = gateway_url(self.ws_url, "realtime").url
+        errors: collections.Counter = collections.Counter()
+        end = json.dumps({"type": "session.update", "session": {"instructions": "fuzz-end"}})
+
+        def done(event: dict) -> bool:
+            if event.get("type") == "error":
+                errors[f"realtime_{(event.get('error') or {}).get('code')}"] += 1
+            return event.get("type") == "session.updated" and \
+                event["session"].get("instructions") == "fuzz-end"
+
+        async def one_client(msgs: list[tuple[str, Any]]) -> None:
+            try:
+                async with websockets.connect(url, compression=None, max_size=None,
+                                              open_timeout=30,
+                                              additional_headers=auth_headers(self.api_key)) \
+                        as ws:
+                    async with asyncio.timeout(30):
+                        first = json.loads(await ws.recv())
+                        if first.get("type") != "session.created":  # refused at its hello
+                            done(first)
+                            return
+                        for kind, m in msgs:
+                            await ws.send(m, text=True if kind == "rawtext" else None)
+                            res.sent += 1
+                        await ws.send(end)
+                        async for msg in ws:
+                            if isinstance(msg, str) and done(json.loads(msg)):
+                                break
+            except websockets.ConnectionClosed as e:
+                code = e.rcvd.code if e.rcvd else None
+                res.categories[f"closed_{code}"] += 1
+                if code == 1011:
+                    res.crashes.append("gateway closed a Realtime session with 1011")
+            except TimeoutError:
+                res.crashes.append("a Realtime session stopped answering (30 s)")
+
+        while res.sent < count:
+            clients, remaining = [], count - res.sent
+            while remaining > 0 and len(clients) < parallel:
+                msgs = hostile_realtime_client(self.rng, self.max_message_bytes)[:remaining]
+                remaining -= len(msgs)
+                clients.append(msgs)
+            await asyncio.gather(*(one_client(m) for m in clients))
+        res.expected = errors  # what the gateway told, as counted: realtime_<code>
+
     # --- canaries ------------------------------------------------------------------------------
     async def _canary(self, target: str) -> tuple[bool, str]:
         """A good session of the same entry point, started while the fuzz runs."""
@@ -495,8 +622,8 @@ class Fuzzer:
         jfk = read_audio(JFK, 16000)
         speech = np.concatenate([jfk, np.zeros(16000 * 2, np.int16)]).tobytes()
         t0 = time.monotonic()
-        if target == "gateway":
-            return await self._canary_gateway(speech)
+        if target in CLIENT_TARGETS:
+            return await self._canary_client(target, speech)
         want = {"stt": Transcript, "llm": ReplyText, "tts": ReplyAudio,
                 "vad": SpeechStarted, "audio": SpeechStarted}[target]
         if target == "stt":
@@ -532,17 +659,22 @@ class Fuzzer:
             if target in ("vad", "audio"):
                 await self.redis.xadd(keys.audio(sid), {FIELD: encode(SessionEnd(sid=sid))})
 
-    async def _canary_gateway(self, speech: bytes) -> tuple[bool, str]:
-        """A client session: hello, the speech at 2.5x real time, then its events until
-        the first reply audio.  Every way it can fail (refused, connection lost, no
-        answer in time) is a failed canary with its reason, never an exception: the
-        fuzz's other results still get reported."""
+    async def _canary_client(self, target: str, speech: bytes) -> tuple[bool, str]:
+        """A client session (native, or Realtime): the speech at 2.5x real time, then its
+        events until the first reply audio.  Every way it can fail (refused, connection
+        lost, no answer in time) is a failed canary with its reason, never an exception:
+        the fuzz's other results still get reported."""
         import websockets
+
+        from s2s.client.realtime import RealtimeConnection
 
         t0 = time.monotonic()
         heard = ""  # the transcript, once one came
+        kind = Connection if target == "gateway" else RealtimeConnection
         try:
-            conn = await Connection.open(self.ws_url, 16000, timeout=30, api_key=self.api_key)
+            conn = await kind.open(self.ws_url if target == "gateway" else
+                                   gateway_url(self.ws_url, "realtime").url, 16000, timeout=30,
+                                   api_key=self.api_key)
         except ProtocolError as e:  # the gateway's error event, or no ready at all
             return False, (f"refused: {e.code}: {e.error.get('message')}" if e.code else str(e))
         except (TimeoutError, OSError, websockets.WebSocketException) as e:
@@ -579,7 +711,7 @@ def table(results: list[Result]) -> str:
         reasons = sorted(set(r.counted) | set(r.expected))
         for why in reasons:
             lines.append(f"{'':8}   rejected {why:16} counted {r.counted.get(why, 0):>8g}"
-                         f"   {'expected' if r.target != 'gateway' else 'told'} "
+                         f"   {'expected' if r.target not in CLIENT_TARGETS else 'told'} "
                          f"{r.expected.get(why, 0):>8}")
         closes = {k: v for k, v in r.categories.items() if k.startswith("closed_")}
         if closes:
@@ -625,8 +757,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown target(s) {sorted(unknown)}")
     if args.url and not args.redis_url:
         ap.error("--url needs --redis-url (the stage targets write to its streams)")
-    if "gateway" in targets and args.redis_url and not args.url:
-        ap.error("the gateway target needs --url")
+    if set(targets) & set(CLIENT_TARGETS) and args.redis_url and not args.url:
+        ap.error("the gateway and realtime targets need --url")
     if args.url:
         try:
             gateway_url(args.url)

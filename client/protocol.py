@@ -24,34 +24,20 @@ from __future__ import annotations
 import asyncio
 import bisect
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .errors import ProtocolError, auth_headers
+from .realtime import RealtimeConnection
 from .url import gateway_url
 
+__all__ = ["FRAME_MS", "Connection", "ProtocolError", "TalkResult", "Tracker", "TurnResult",
+           "auth_headers", "talk"]
+
 FRAME_MS = 20
-
-
-class ProtocolError(RuntimeError):
-    """The gateway refused the session or answered something unexpected."""
-
-    def __init__(self, message: str, error: dict | None = None):
-        super().__init__(message)
-        self.error = error or {}   # the gateway's error event: code, message, retry_after_s
-
-    @property
-    def code(self) -> str | None:
-        return self.error.get("code")
-
-
-def auth_headers(api_key: str | None = None) -> dict[str, str]:
-    """``Authorization: Bearer`` for an API key or token (default: env S2S_API_KEY)."""
-    key = api_key if api_key is not None else os.environ.get("S2S_API_KEY", "")
-    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 # --- results ---------------------------------------------------------------------------------
@@ -370,8 +356,6 @@ async def talk(url: str | list[str], pcm: np.ndarray | bytes, sample_rate: int =
     step = sample_rate * FRAME_MS // 1000
     silence = np.zeros(step, np.int16).tobytes()
     if protocol == "realtime":
-        from .realtime import RealtimeConnection
-
         conn: Any = await RealtimeConnection.open(urls[0], sample_rate, out_rate, session_id,
                                                   api_key=api_key)
         resume_timeout_s = 0.0

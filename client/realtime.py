@@ -16,6 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from .errors import ProtocolError, auth_headers
+from .url import gateway_url
+
 RATE = 24000  # audio/pcm in the Realtime API
 
 
@@ -44,9 +47,6 @@ class RealtimeConnection:
         :func:`s2s.client.url.gateway_url` takes).  ``api_key``: as for
         ``Connection.open`` (default: the ``#key=`` of ``url``, else env S2S_API_KEY)."""
         import websockets
-
-        from .protocol import ProtocolError, auth_headers
-        from .url import gateway_url
 
         if session_id:
             raise ProtocolError("the Realtime API has no session resume")

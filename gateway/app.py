@@ -26,10 +26,12 @@ from s2s.config import Settings
 
 from .admission import Admission
 from .auth import AuthError, Authenticator, new_ticket, origin_allowed, ticket_key
+from .context import GatewayContext
 from .discovery import sd_route
-from .realtime import RealtimeSocket
 from .failover import Failover, new_gateway_id
+from .realtime import RealtimeSocket
 from .session import ClientSession
+from .slots import Slots
 
 log = logging.getLogger("s2s.gateway")
 STATIC = Path(__file__).resolve().parent / "static"
@@ -59,6 +61,10 @@ def create_app(settings: Settings) -> Starlette:
             await cell.failover.start()
         app.state.failover = cells.home.failover
         app.state.cells = cells
+        state["context"] = GatewayContext(
+            settings=settings, bus=cells.home.bus, auth=auth, sessions=state["sessions"],
+            slots=Slots(state["admission"], state["sessions"]), admission=state["admission"],
+            cells=cells, failover=cells.home.failover)
         try:
             yield
         finally:
@@ -68,6 +74,7 @@ def create_app(settings: Settings) -> Starlette:
                 task.cancel()
             if tasks:
                 await asyncio.wait(tasks, timeout=5)
+            await state["context"].slots.close()
             for cell in cells:
                 await cell.failover.stop()
             await cells.close()
@@ -169,8 +176,10 @@ def create_app(settings: Settings) -> Starlette:
                         dict(ws.headers).get("origin", "")[:100])
             await ws.close(code=1008)
             return
-        await ClientSession(socket, state["bus"], settings, state["sessions"], auth,
-                            state.get("admission")).run()
+        # the Realtime translation charges typed input itself (one turn there is several
+        # client events); the native protocol's is charged by the session
+        await ClientSession(socket, state["context"],
+                            limit_typed=not isinstance(socket, RealtimeSocket)).run()
 
     async def ws_endpoint(ws: WebSocket) -> None:
         await session(ws, ws)

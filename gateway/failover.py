@@ -26,34 +26,37 @@ import os
 import socket
 import time
 import uuid
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 from prometheus_client import Counter
 
 from s2s.bus import REDIS_DOWN, Bus
-from s2s.bus import redis_error_kind as bus_error_kind
 from s2s.config import Settings
 from s2s.frames import SessionEnd, encode
 
-if TYPE_CHECKING:
-    from .session import ClientSession
+from .faults import REDIS_REFUSED, RESTORED, redis_error_kind
 
 log = logging.getLogger("s2s.gateway")
 
 REAPED = Counter("s2s_gateway_sessions_reaped", "Sessions of a dead gateway ended by this one.")
-RESTORED = Counter("s2s_gateway_sessions_restored", "Session state restored after Redis lost it, "
-                   "by what (owner, turn, vad).", ["what"])
 TAKEN_OVER = Counter("s2s_gateway_sessions_taken_over", "Connections let go because the session "
                      "was resumed on another gateway.")
-REDIS_REFUSED = Counter("s2s_gateway_redis_refused", "Redis errors other than 'unreachable' seen "
-                        "by the gateway, by kind (oom, readonly, loading, busy, other).", ["kind"])
 
-def redis_error_kind(exc: BaseException) -> str | None:
-    """The kind of a Redis *refusal* ("oom", "readonly", "loading", "busy", "nogroup",
-    "other": up, but not doing this now), from the bus's one classification; None for an
-    unreachable Redis or anything that is not a Redis error."""
-    kind = bus_error_kind(exc)
-    return None if kind in ("down", "none") else kind
+
+class FailoverSession(Protocol):
+    """What this loop needs of a client session (``gateway.session.ClientSession``)."""
+    sid: str
+    opened: bool
+    closed: bool
+    replaced: bool
+
+    def turn_floor(self) -> int: ...
+
+    def redis_lost(self) -> None: ...
+
+    def let_go(self) -> None: ...
+
+    async def check_vad(self) -> None: ...
 
 
 def new_gateway_id() -> str:
@@ -61,7 +64,7 @@ def new_gateway_id() -> str:
 
 
 class Failover:
-    def __init__(self, bus: Bus, settings: Settings, sessions: dict[str, "ClientSession"],
+    def __init__(self, bus: Bus, settings: Settings, sessions: dict[str, "FailoverSession"],
                  owns: Callable[[str], bool] | None = None, gateway_id: str | None = None):
         self.bus = bus
         self.settings = settings
@@ -104,7 +107,7 @@ class Failover:
                 log.warning("failover tick failed: %s", e)
             await asyncio.sleep(max(0.05, period - (time.monotonic() - started)))
 
-    def _live(self) -> list["ClientSession"]:
+    def _live(self) -> list["FailoverSession"]:
         return [s for s in list(self.sessions.values())
                 if s.opened and not s.closed and not s.replaced and self.owns(s.sid)]
 

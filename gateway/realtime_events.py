@@ -1,24 +1,37 @@
 """The state a Realtime session keeps beside the native one: its configuration
-(``session.update``) and the lifecycle of one response (``response.created`` … ``done``)."""
+(``session.update``) and the lifecycle of one response (``response.created`` … ``done``);
+and the ways a Realtime connection is refused or given up."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
 import uuid
 from typing import Any
 
 FORMATS = {"audio/pcm": 24000, "audio/pcmu": 8000, "audio/pcma": 8000}
+NATIVE_SR = FORMATS["audio/pcm"]   # the native session's rate both ways
 #: session fields a client may send that s2s accepts and does not act on
 IGNORED_FIELDS = {"type", "model", "tools", "tool_choice", "max_output_tokens", "tracing",
                   "truncation", "prompt", "include", "expires_at", "id", "object"}
 VOICE = "joe"
+MAX_INSTRUCTIONS = 4000     # as the native configure's (gateway/messages.py)
 
 
 class UnsupportedConfig(ValueError):
     def __init__(self, code: str, message: str, event_id: str | None, param: str | None):
         super().__init__(message)
         self.code, self.event_id, self.param = code, event_id, param
+
+
+class Overflow(Exception):
+    """The client sends faster than its session is served: the connection is closed."""
+
+
+class NotReading(asyncio.TimeoutError):
+    """The client took nothing sent to it for a while: it is given up (a timeout, as the
+    native session's own send timeout is, which it is handled as)."""
 
 
 def _new_id(prefix: str) -> str:
@@ -52,8 +65,10 @@ class RealtimeConfig:
         if session.get("type", "realtime") != "realtime":
             raise bad("type", "only realtime sessions are served (no transcription sessions)")
         if "instructions" in session:
-            if not isinstance(session["instructions"], str):
-                raise bad("instructions", "instructions must be a string")
+            if not isinstance(session["instructions"], str) or \
+                    len(session["instructions"]) > MAX_INSTRUCTIONS:
+                raise bad("instructions", f"instructions must be a string of at most "
+                          f"{MAX_INSTRUCTIONS} characters")
             new.instructions = session["instructions"]
         if "output_modalities" in session:
             mods = session["output_modalities"]

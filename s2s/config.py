@@ -221,6 +221,11 @@ class Settings:
                                "sessions go to the cell with the most room; the first cell is "
                                "the home cell (docs/scaling.md). Empty: one Redis, "
                                "`S2S_REDIS_URL`.", "gateway")
+    max_typed_rate: float = opt(1.0, "Most typed messages one session may send per second, "
+                                      "averaged over 10 s: `text` and `cancel`, and Realtime's "
+                                      "response.create with typed text and response.cancel; "
+                                      "over it they are refused with `rate_limited` and reach "
+                                      "no stage (0: no limit).", "gateway")
 
     def redis(self) -> str:
         if not self.redis_url:

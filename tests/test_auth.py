@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import re
 import secrets
@@ -105,6 +106,14 @@ async def test_unauthenticated_refused(gw, how):
     code, close = await refused(ws)
     assert (code, close) == ("unauthorized", 1008)
     assert await gw.redis.xlen(keys.SESSIONS) == 0  # nothing reached the pipeline
+
+
+async def test_deeply_nested_token_is_unauthorized_not_a_crash(gw):
+    """A token whose payload nests deeper than the JSON parser goes (RecursionError) is a
+    malformed credential: unauthorized and 1008, not an internal error (1011)."""
+    body = base64.urlsafe_b64encode(b"[" * 5000).decode().rstrip("=")
+    ws = await connect(gw, headers=bearer(f"s2s1.{body}.AAAA"))
+    assert await refused(ws) == ("unauthorized", 1008)
 
 
 async def test_expired_token_message(gw):

@@ -214,7 +214,9 @@ async def test_reply_reordered_and_deduplicated(gw):
     assert audio == [bytes([v]) * 4 for v in (0x00, 0x01, 0x10, 0x11, 0x20)]
     assert got.index(audio[0]) > got.index(events[4]) and got.index(events[5]) > \
         got.index(audio[-1])
-    assert events[6]["code"] == "stage_error" and "boom" in events[6]["message"]
+    # a stage's failure reaches the client as a code and a correlation id, never its text
+    assert events[6]["code"] == "stage_error" and "boom" not in events[6]["message"]
+    assert events[6]["correlation_id"] in events[6]["message"] and events[6]["turn"] == 1
     await ws.close()
 
 
