@@ -6,6 +6,9 @@ from __future__ import annotations
 # WebSocket close codes (RFC 6455): normal, unsupported data, policy violation, internal
 # error, try again later
 NORMAL, UNSUPPORTED, POLICY, INTERNAL, TRY_LATER = 1000, 1003, 1008, 1011, 1013
+# set in the last message a transport hands its session when the client stopped reading
+# (a key of the ASGI message, which no client can send: uvicorn's carry code and reason)
+NOT_READING = "s2s.not_reading"
 
 
 class Reject(Exception):

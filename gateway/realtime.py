@@ -30,10 +30,11 @@ from s2s.audio import StreamResampler
 from s2s.config import Settings
 
 from . import g711
+from .errors import NOT_READING
 from .limits import MAX_AUDIO_S, typed_bucket, within
 from .realtime_client import CLIENT_EVENTS, new_item_id, resampled
-from .realtime_events import (NATIVE_SR, NotReading, Overflow, RealtimeConfig, Response,
-                              UnsupportedConfig, user_audio_item)
+from .realtime_events import (NATIVE_SR, ClientGone, NotReading, Overflow, RealtimeConfig,
+                              Response, UnsupportedConfig, user_audio_item)
 
 log = logging.getLogger("s2s.gateway.realtime")
 
@@ -51,8 +52,8 @@ def _event_id() -> str:
     return "event_" + uuid.uuid4().hex[:20]
 
 
-def _disconnect(code: int) -> dict:
-    return {"type": "websocket.disconnect", "code": code}
+def _disconnect(code: int, **extra: bool) -> dict:
+    return {"type": "websocket.disconnect", "code": code, **extra}
 
 
 def _keep_last(d: dict, n: int = KEEP_ITEMS) -> None:
@@ -171,13 +172,16 @@ class RealtimeSocket:
     # --- towards the client ----------------------------------------------------------------
     async def emit(self, type_: str, **fields: Any) -> None:
         if self.gone:
-            raise ConnectionError("the client is not reading")
+            raise ClientGone("the connection is given up")
         event = {"type": type_, "event_id": _event_id(), **fields}
         try:
             await within(SEND_TIMEOUT_S, self._send_now(json.dumps(event)))
         except asyncio.TimeoutError:
             self.gone = True
             raise NotReading(f"the client took no data for {SEND_TIMEOUT_S:.0f} s") from None
+        except Exception as e:  # closed under us: the client left, or a 1007 for bad UTF-8
+            self.gone = True
+            raise ClientGone(str(e)) from None
 
     async def _send_now(self, text: str) -> None:
         async with self.send_lock:
@@ -210,11 +214,10 @@ class RealtimeSocket:
             raise
         except Overflow as e:
             await self._overflow(str(e))
-        except NotReading:
-            metrics.REJECTED.labels("not_reading").inc()
-            log.warning("realtime: the client took no data for %.0f s: connection given up",
-                        SEND_TIMEOUT_S, extra={"sid": self.sid or "-"})
-            self._end(_disconnect(1006), in_order=False)
+        except NotReading:  # the session counts it and ends, as when its own send times out
+            self._end(_disconnect(1006, **{NOT_READING: True}), in_order=False)
+        except ClientGone:  # what was queued for the session still goes in first
+            self._end(_disconnect(1006), in_order=True)
         except Exception:
             log.exception("realtime: client event pump failed", extra={"sid": self.sid or "-"})
             self._end(_disconnect(1011), in_order=False)
@@ -222,7 +225,6 @@ class RealtimeSocket:
     async def _overflow(self, message: str) -> None:
         """The client sends faster than its session is served: tell it, close, and let
         the session end (what is still queued for it is dropped)."""
-        self._end(_disconnect(OVERFLOW_CLOSE), in_order=False)
         try:
             await self.error("input_overflow", f"{message}: the client sends faster than "
                              "its session is served; closing")
@@ -230,6 +232,8 @@ class RealtimeSocket:
                                                          reason="input_overflow"))
         except Exception:  # not reading either, or gone: the session ends all the same
             pass
+        finally:
+            self._end(_disconnect(OVERFLOW_CLOSE), in_order=False)
 
     async def _client_event(self, text: str) -> None:
         if len(text.encode("utf-8", "replace")) > 4 * self.settings.max_message_bytes:

@@ -29,6 +29,10 @@ class Overflow(Exception):
     """The client sends faster than its session is served: the connection is closed."""
 
 
+class ClientGone(ConnectionError):
+    """The connection closed under a send (the client left, or the server closed it)."""
+
+
 class NotReading(asyncio.TimeoutError):
     """The client took nothing sent to it for a while: it is given up (a timeout, as the
     native session's own send timeout is, which it is handled as)."""

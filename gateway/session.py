@@ -30,7 +30,7 @@ from .audio_in import AudioIn
 from .auth import ANONYMOUS, Principal
 from .commands import Commands
 from .context import GatewayContext
-from .errors import INTERNAL, NORMAL, POLICY, TRY_LATER, Reject
+from .errors import INTERNAL, NORMAL, NOT_READING, POLICY, TRY_LATER, Reject
 from .faults import REDIS_REFUSED, redis_error_kind
 from .handshake import DEFAULT_OUT_SR, Handshake, Hello
 from .limits import STRIKE_WINDOW_S, STRIKES, Strikes, typed_bucket, within
@@ -111,8 +111,10 @@ class ClientSession:
             metrics.ACTIVE_SESSIONS.dec()
             if self.replaced:
                 await self._close(NORMAL, "replaced by a newer connection")
+                if self.sessions.get(self.sid) is None:  # taken over by another gateway
+                    self.ctx.slots.forget(self.sid)      # (its slot is counted there now)
                 if self.failover is not None and self.sessions.get(self.sid) is None:
-                    try:  # taken over by another gateway: no longer one of ours
+                    try:  # no longer one of ours
                         await self.bus.drop_gateway_session(self.failover.id, self.sid)
                     except Exception:
                         pass
@@ -272,6 +274,8 @@ class ClientSession:
         except Exception:  # e.g. receive after a disconnect
             return None
         if msg["type"] == "websocket.disconnect":
+            if msg.get(NOT_READING):
+                self._drop()
             self.closed = True
             return None
         return msg

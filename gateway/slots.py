@@ -94,6 +94,13 @@ class Slots:
         self.later.add(task)
         task.add_done_callback(self.later.discard)
 
+    def forget(self, sid: str) -> None:
+        """The session went on elsewhere (resumed on another gateway): not ours to give
+        back; a resume here holds it again."""
+        slot = self.held.pop(sid, None)
+        if slot is not None:
+            slot.settled.set()
+
     async def reclaim(self, principal_id: str) -> None:
         """Before a new session of ``principal_id`` is counted: give back the slots of its
         sessions that ended here but have not yet done so themselves, and wait for those
