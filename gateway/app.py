@@ -59,8 +59,6 @@ def create_app(settings: Settings) -> Starlette:
                                      owns=lambda sid, c=cell: cells.owns(c, sid),
                                      gateway_id=gateway_id)
             await cell.failover.start()
-        app.state.failover = cells.home.failover
-        app.state.cells = cells
         state["context"] = GatewayContext(
             settings=settings, bus=cells.home.bus, auth=auth, sessions=state["sessions"],
             slots=Slots(state["admission"], state["sessions"]), admission=state["admission"],
