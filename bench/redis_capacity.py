@@ -1,5 +1,5 @@
 """How many sessions one Redis core holds: simulate N sessions' Redis traffic (no models)
-against a real redis-server pinned to one core, ramp N, report Redis CPU and latency.
+against a real Redis (the bundled Valkey) pinned to one core, ramp N, report Redis CPU and latency.
 
 Per session, with the project's own frames and Bus (same commands, same sizes):
   * gateway: 50 Audio frames/s of 640 B (20 ms at 16 kHz), each an XADD+EXPIRE pipeline
@@ -233,9 +233,12 @@ class PinnedRedis:
         self.core = core
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="s2s-redis-cap-")
-        server = shutil.which("redis-server")
-        if not server:
-            raise SystemExit("no redis-server on PATH (apt-get install redis-server)")
+        from s2s.launcher.redis_server import RedisServerError, find_redis_server
+
+        try:  # the server `s2s up` runs (the bundled Valkey), whatever else is installed
+            server = find_redis_server()
+        except RedisServerError as e:
+            raise SystemExit(str(e))
         cmd = [server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                "--appendonly", "no", "--dir", self.dir, "--maxmemory", maxmemory,
                "--maxmemory-policy", "noeviction", "--maxclients", "20000",
