@@ -32,6 +32,8 @@ COMMANDS = {
     "chaos": ("s2s.bench.chaos", "Kill workers, gateways or Redis mid-turn on a stack it starts; "
                                  "report what users notice."),
     "eval": ("s2s.bench.eval", "Score conversation quality (turn-taking, answers, voice) against a running stack."),
+    "autoscale": ("s2s.bench.autoscale", "Simulate deploy/k8s's KEDA and HPA over real processes under "
+                                         "a ramp of sessions (STT/LLM/TTS: timing stubs)."),
     "config": ("s2s.cli", "Print every setting with its environment variable and value "
                           "(secrets as ***)."),
 }
