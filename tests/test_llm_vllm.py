@@ -53,9 +53,14 @@ def test_vllm_answers_remembers_and_stops_on_barge_in(vllm_results):
 
 
 def test_vllm_batches_concurrent_sessions(vllm_results):
+    """Four replies at once are decoded together: each has its first piece before any of
+    them is finished (one after another, the fourth would start after the first ended).
+    Their speed is the benchmark's business (bench/bench_llm.py), not a timed assertion."""
     r = vllm_results["batching"]
     print(f"\nvllm tokens/s: 1 session {r['single']:.1f}, 4 sessions {r['four']:.1f}")
-    assert r["four"] >= 2 * r["single"], r
+    windows = r["four_windows"]
+    assert len(windows) == 4 and all(n > 8 for _, _, n in windows), windows
+    assert max(first for first, _, _ in windows) < min(last for _, last, _ in windows), windows
 
 
 async def _vllm_main(redis_url: str, out: str) -> None:
@@ -71,23 +76,32 @@ async def _vllm_main(redis_url: str, out: str) -> None:
     try:
         results = {"paris": await scenario_paris(rt), "context": await scenario_context(rt),
                    "barge": await scenario_barge_in(rt),
-                   "batching": {"single": await tokens_per_s(stage.backend, 1),
-                                "four": await tokens_per_s(stage.backend, 4)}}
+                   "batching": {"single": (await tokens_per_s(stage.backend, 1))[0]}}
+        results["batching"]["four"], results["batching"]["four_windows"] = \
+            await tokens_per_s(stage.backend, 4)
     finally:
         await rt.bus.close()
         stage.backend.close()
     Path(out).write_text(json.dumps(results, default=str))
 
 
-async def tokens_per_s(backend, sessions: int, max_tokens: int = 64) -> float:
-    """Aggregate generated tokens per second with `sessions` replies at once."""
-    async def one(i: int) -> int:
-        msgs = [{"role": "user", "content": f"Tell me a long story about dragon number {i}."}]
-        text = "".join([p async for p in backend.stream(msgs, max_tokens, 0.0)])
-        return len(backend.tokenizer(text, add_special_tokens=False).input_ids)
+async def tokens_per_s(backend, sessions: int, max_tokens: int = 64
+                       ) -> tuple[float, list[tuple[float, float, int]]]:
+    """Aggregate generated tokens per second with `sessions` replies at once, and each
+    reply's (first piece, last piece, tokens), in seconds from the start."""
     t0 = time.monotonic()
-    counts = await asyncio.gather(*(one(i) for i in range(sessions)))
-    return sum(counts) / (time.monotonic() - t0)
+
+    async def one(i: int) -> tuple[float, float, int]:
+        msgs = [{"role": "user", "content": f"Tell me a long story about dragon number {i}."}]
+        pieces, first = [], None
+        async for piece in backend.stream(msgs, max_tokens, 0.0):
+            first = first if first is not None else time.monotonic() - t0
+            pieces.append(piece)
+        tokens = len(backend.tokenizer("".join(pieces), add_special_tokens=False).input_ids)
+        return first or 0.0, time.monotonic() - t0, tokens
+
+    windows = await asyncio.gather(*(one(i) for i in range(sessions)))
+    return sum(n for _, _, n in windows) / (time.monotonic() - t0), list(windows)
 
 
 # --- openai: the backend in this process, against `vllm serve` ---------------------------
