@@ -40,6 +40,8 @@ cleanup() {
   set +e
   [ -n "${UP_PID:-}" ] && kill "$UP_PID" 2>/dev/null && wait "$UP_PID" 2>/dev/null
   chroot "$ROOT" /bin/sh -c 'pkill -f "s2s " ; pkill -f valkey-server' 2>/dev/null
+  # what tests mounted inside (ip netns) first, deepest first, then ours
+  grep -o " $ROOT/[^ ]*" /proc/mounts | sort -r | while read -r m; do umount -l "$m"; done
   for ((i=${#mounts[@]}-1; i>=0; i--)); do umount -l "${mounts[$i]}" 2>/dev/null; done
   [ "$KEEP" = 1 ] && echo "kept $ROOT" || rm -rf --one-file-system "$ROOT"
 }
