@@ -27,8 +27,9 @@ SIGKILL after terminationGracePeriodSeconds) until each Deployment has its repli
 Two compressions make it fit on one small machine, and the output states both:
 
 - time (``--compress C``): every stabilisation window and scaling-policy period is
-  divided by C (the VAD's 300 s scale-down window becomes 30 s at C=10); the HPA's sync
-  period, the pods' start and drain, and the users' speech are real time;
+  divided by C, a window never below ``--min-window`` (4 HPA syncs: the VAD's 300 s
+  scale-down window becomes 60 s at C=10); the HPA's sync period, the pods' start and
+  drain, and the users' speech are real time;
 - sessions (``--session-scale K``): one simulated session stands for K users where a
   count of sessions is concerned: a VAD worker owns 64/K sessions (S2S_CONCURRENCY) and
   admission caps it at that, a gateway holds 200/K (S2S_MAX_SESSIONS), and the VAD's and
@@ -36,6 +37,12 @@ Two compressions make it fit on one small machine, and the output states both:
   targets (their slots) are not: their load comes from the turns the users speak, and
   ``--slowdown`` sets how slow each stub is (so that a peak of a few dozen sessions
   needs several pods of each).
+
+The lag triggers: XINFO GROUPS' ``lag`` is NULL whenever Redis cannot count it (the bus
+deletes the entries it acknowledges), and KEDA's client reads NULL as 0; the bench reads it
+the same way, and reports how often it was NULL and what really waited (XLEN - pending).
+``--lag-source xlen`` gives the HPA XLEN - pending instead, to see the manifests with that
+fixed.
 
 Checks (the summary says yes/no for each, ``--json`` keeps every sample, turn and
 event, ``--plot`` draws replicas per stage against load):
@@ -520,7 +527,8 @@ class Bench:
         docs = manifests(args.k8s)
         self.deployments = by_kind(docs, "Deployment")
         self.config = by_kind(docs, "ConfigMap")["s2s-config"]["data"]
-        parsed = scalers(args.k8s, args.compress)
+        self.min_window = args.min_window if args.min_window is not None else 4 * args.sync
+        parsed = scalers(args.k8s, args.compress, self.min_window)
         k = args.session_scale
         self.scalers: dict[str, Scaler] = {
             name: (s.scaled(k) if name in ("vad", "gateway") else s) for name, s in parsed.items()}
@@ -534,6 +542,7 @@ class Bench:
         self.bound_ms: float | None = args.p95_bound * 1000 if args.p95_bound else None
         self.ramp_at: float | None = None
         self.cpu0 = time.process_time()
+        self.truth: dict[str, dict] = {}
         self.expect = [d for d in DEPLOYMENTS if d in args.expect.split(",")]
         self.utterance, self.speech_end = load_utterance(args.wav, args.clip)
         self.frame = SR * args.frame_ms // 1000
@@ -616,6 +625,28 @@ class Bench:
                         pending = 0
                 xlen = await r.xlen(stream)
                 vals[trig.name] = redis_streams_reading(groups, pending, xlen, m)
+                if "lagCount" in m and self.args.lag_source == "xlen":
+                    # what a lag Redis could always count would read: since acknowledged
+                    # entries are deleted, everything in the stream not pending waits
+                    try:
+                        owned = (await r.xpending(stream, m["consumerGroup"]))["pending"]
+                    except Exception:
+                        owned = 0
+                    vals[trig.name] = float(max(0, xlen - owned))
+                if "lagCount" in m:
+                    # XINFO GROUPS answers a NULL lag when Redis cannot count it (entries
+                    # deleted at or after the group's last delivered one: the bus deletes
+                    # what it acknowledges); KEDA's client (go-redis) reads NULL as 0.
+                    # Since acknowledged entries are deleted, XLEN - pending is what
+                    # really waits: kept beside the reading, not given to the HPA.
+                    group = next((g for g in groups if _name(g["name"]) == m["consumerGroup"]),
+                                 None)
+                    try:
+                        owned = (await r.xpending(stream, m["consumerGroup"]))["pending"]
+                    except Exception:
+                        owned = 0
+                    self.truth[name] = {"xlen": xlen, "waiting": max(0, xlen - owned),
+                                        "lag_null": group is not None and group.get("lag") is None}
             out[name] = vals
         return out
 
@@ -801,7 +832,7 @@ class Bench:
                                     if p.alive and p.terminating_at is not None]),
                 "desired_raw": (decisions.get(d) or {}).get("raw"),
                 "per_pod": round(self.metric(d, readings) / max(1, self.cluster.replicas[d]), 3),
-                "target": s.target}
+                "target": s.target, **self.truth.get(d, {})}
         self.samples.append(sample)
 
     def say(self, text: str) -> None:
@@ -815,6 +846,19 @@ class Bench:
         self.say(f"{s['phase']:>4} sessions {s['users_connected']:>3}/{s['target_sessions']:<5g} "
                  f"replicas(metric) {reps} p95 {p95} ms answered {s['answered']} "
                  f"dropped {s['dropped']} refused {s['refusals']}")
+
+    def lag_summary(self) -> dict[str, dict]:
+        """Per stage: how often XINFO GROUPS' lag was NULL (KEDA reads 0), and the most
+        entries that really waited (XLEN - pending) while it was."""
+        out = {}
+        for d in STAGES:
+            xs = [s["deployments"][d] for s in self.samples if "lag_null" in s["deployments"][d]]
+            null = [x for x in xs if x["lag_null"]]
+            out[d] = {"samples": len(xs), "null": len(null),
+                      "null_pct": round(100 * len(null) / len(xs)) if xs else None,
+                      "max_waiting_while_null": max((x["waiting"] for x in null), default=0),
+                      "max_waiting": max((x["waiting"] for x in xs), default=0)}
+        return out
 
     # --- the verdict ---
     def summary(self) -> dict:
@@ -876,9 +920,10 @@ class Bench:
             "command": " ".join(["s2s", *sys.argv[1:]] if sys.argv[1:2] == ["autoscale"] else
                                 ["python -m s2s.bench.autoscale", *sys.argv[1:]]),
             "settings": {"profile": a.profile, "baseline_turns": a.baseline_turns,
+                         "lag_source": a.lag_source,
                          "ramp_at_s": self.ramp_at, "peak_sessions": a.peak, "up_s": a.up,
                          "hold_s": a.hold, "down_s": a.down, "idle_max_s": a.idle,
-                         "time_compression": a.compress,
+                         "time_compression": a.compress, "min_window_s": self.min_window,
                          "session_scale": a.session_scale, "hpa_sync_s": a.sync,
                          "prometheus_scrape_s": a.scrape, "stub_slowdown": self.slowdown,
                          "utterance_s": round(len(self.utterance) / SR, 2),
@@ -905,6 +950,7 @@ class Bench:
             "refusals": {"total": len(self.refusals), "below_max": len(below_max),
                          "by_code": _count(r["code"] for r in self.refusals),
                          "first": self.refusals[:5]},
+            "lag_readings": self.lag_summary(),
             "pods": {"started": sum(e["kind"] == "pod_start" for e in self.events),
                      "terminated": sum(e["kind"] == "pod_terminate" for e in self.events),
                      "killed_after_grace": sum(e["kind"] == "pod_kill" for e in self.events),
@@ -928,6 +974,10 @@ def cpu_seconds(pid: int) -> float | None:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return None
+
+
+def _name(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _at(t: float | None) -> str:
@@ -983,13 +1033,19 @@ def format_summary(res: dict) -> str:
         f"{st['hold_s']:.0f} s, down in {st['down_s']:.0f} s; utterance {st['utterance_s']} s "
         f"of tests/data/jfk.wav (speech ends at {st['speech_end_s']} s)",
         f"  time compression x{st['time_compression']:g} (stabilisation windows and policy "
-        f"periods / {st['time_compression']:g}); HPA sync every {st['hpa_sync_s']:g} s; "
+        f"periods / {st['time_compression']:g}, a window at least {st['min_window_s']:g} s: "
+        + ", ".join(f"{d} down {st['scalers'][d]['scale_down']['window_s']:g} s"
+                    for d in DEPLOYMENTS)
+        + f"); HPA sync every {st['hpa_sync_s']:g} s; "
         f"Prometheus scrape every {st['prometheus_scrape_s']:g} s",
         f"  session scale {st['session_scale']}: a VAD pod owns {st['vad_sessions_per_pod']} "
         f"sessions, a gateway holds {st['gateway_sessions_per_pod']}; KEDA targets vad "
         f"{st['scalers']['vad']['target']:g}, gateway {st['scalers']['gateway']['target']:g} "
         f"a pod (the manifests' / {st['session_scale']})",
         f"  stub slowdown: " + ", ".join(f"{k} x{v:g}" for k, v in st["stub_slowdown"].items()),
+        f"  lag triggers read: {st['lag_source']}" + (
+            " (XINFO GROUPS lag, NULL read as 0, as KEDA)" if st["lag_source"] == "keda" else
+            " (XLEN - pending instead of XINFO GROUPS lag: NOT what KEDA reads today)"),
         "",
         f"{'deployment':<10} {'min':>3} {'max':>3} {'target':>7} {'first out':>9} {'peak':>4} "
         f"{'final':>5}  scaled out  before bound  in when idle",
@@ -1021,6 +1077,9 @@ def format_summary(res: dict) -> str:
         f"{p['drain_s']['p50']} s, max {p['drain_s']['max']} s), {p['killed_after_grace']} "
         f"killed after the grace period, {len(p['exited_unexpectedly'])} exited on their own",
         "CPU seconds: " + ", ".join(f"{k} {v:g}" for k, v in res["cpu_s"].items()),
+        "XINFO GROUPS lag NULL (KEDA reads 0): " + ", ".join(
+            f"{d} {x['null_pct']}% of samples (entries really waiting then: up to "
+            f"{x['max_waiting_while_null']})" for d, x in res["lag_readings"].items()),
         f"all checks: {'PASS' if res['ok'] else 'FAIL'}",
     ]
     return "\n".join(lines)
@@ -1065,7 +1124,11 @@ def plot(res: dict, samples: list[dict], turns: list[TurnRecord], events: list[d
     for d in DEPLOYMENTS:
         ax.plot(t, [s["deployments"][d]["metric"] / s["deployments"][d]["target"]
                     for s in samples], color=colors[d], lw=1, label=d)
-    ax.set_ylabel("KEDA metric / target\n(pods asked for)")
+    for d in STAGES:  # what a lag that Redis could count would have asked for
+        ax.plot(t, [(s["deployments"][d]["metric"] - s["deployments"][d]["readings"].get("lag", 0)
+                     + s["deployments"][d].get("waiting", 0)) / s["deployments"][d]["target"]
+                    for s in samples], color=colors[d], lw=0.8, ls=":")
+    ax.set_ylabel("KEDA metric / target\n(dotted: XLEN - pending\nfor the lag)")
     ax.legend(loc="upper right", fontsize=8, ncol=5)
     ax = axes[3]
     xs = [(x.answered_at, x.v2v_ms) for x in turns if x.answered and x.v2v_ms is not None]
@@ -1097,8 +1160,9 @@ def plot(res: dict, samples: list[dict], turns: list[TurnRecord], events: list[d
 # --- CLI -------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
-                   help="the CI profile: ~2 minutes, 6 sessions, smaller pods (session scale "
-                        "16), time compression 30, HPA sync 5 s")
+                   help="the CI profile: ~3 minutes, 0 -> 16 sessions in 60 s, an HPA sync of "
+                        "3 s, no baseline; the four stages must scale (the gateway stays at one "
+                        "pod)")
     p.add_argument("--peak", type=int, help="sessions at the top of the ramp")
     p.add_argument("--up", type=float, help="seconds from 0 to --peak sessions")
     p.add_argument("--hold", type=float, help="seconds held at --peak")
@@ -1112,6 +1176,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "gateways hold 200/K, the VAD and gateway KEDA targets are / K")
     p.add_argument("--compress", type=float,
                    help="divide every HPA stabilisation window and policy period by this")
+    p.add_argument("--min-window", type=float,
+                   help="a compressed stabilisation window is never shorter than this (nor "
+                        "than its own length); default: 4 HPA syncs")
     p.add_argument("--sync", type=float, help="the HPA's sync period (s; Kubernetes: 15)")
     p.add_argument("--scrape", type=float,
                    help="Prometheus' scrape interval for the gateway's trigger (s)")
@@ -1129,11 +1196,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wav", type=Path, default=WAV, help="what every user says")
     p.add_argument("--baseline-turns", type=int,
                    help="turns one user speaks alone before the ramp (the unloaded p95)")
-    p.add_argument("--turn-timeout", type=float, default=30.0,
+    p.add_argument("--turn-timeout", type=float, default=60.0,
                    help="a turn with no reply after this long is dropped")
     p.add_argument("--p95-bound", type=float, default=0.0,
                    help="voice-to-voice p95 bound (s); 0: 1.5x the p95 before any scale-out")
     p.add_argument("--k8s", type=Path, default=K8S, help="the manifests to follow")
+    p.add_argument("--lag-source", choices=("keda", "xlen"), default="keda",
+                   help="keda: a lagCount trigger reads XINFO GROUPS' lag as KEDA does (NULL, "
+                        "when Redis cannot count it, reads as 0); xlen: XLEN - pending instead "
+                        "(what a lag Redis could always count would be: the bus deletes what "
+                        "it acknowledges), to see the manifests with that fixed")
     p.add_argument("--expect", help="Deployments that must scale out under the ramp (the "
                                     "checks; default: all, --quick: the four stages)")
     p.add_argument("--start-timeout", type=float, default=180.0)

@@ -22,7 +22,9 @@ Defaults when a manifest leaves them out are Kubernetes' (``pkg/apis/autoscaling
 defaults.go``): up, no window and the larger of +4 pods or +100 % per 15 s; down, a
 300 s window (the controller's ``--horizontal-pod-autoscaler-downscale-stabilization``)
 and -100 % per 15 s.  ``compress`` divides every window and policy period, so that a
-bench fits in minutes; the caller says so in its output.
+bench fits in minutes, but a stabilisation window never below ``min_window`` (or its own
+length, if shorter): a window shorter than the HPA's sync period would stabilise nothing.
+The caller says so in its output.
 """
 
 from __future__ import annotations
@@ -69,11 +71,14 @@ class Rules:
     policies: list[tuple[str, int, float]]   # (Pods|Percent, value, periodSeconds)
 
     @classmethod
-    def parse(cls, given: dict | None, default: dict, compress: float = 1.0) -> "Rules":
+    def parse(cls, given: dict | None, default: dict, compress: float = 1.0,
+              min_window: float = 0.0) -> "Rules":
         given = given or {}
-        window = given.get("stabilizationWindowSeconds", default["stabilizationWindowSeconds"])
+        window = float(given.get("stabilizationWindowSeconds",
+                                 default["stabilizationWindowSeconds"]))
         policies = given.get("policies") or default["policies"]
-        return cls(float(window) / compress, given.get("selectPolicy", default["selectPolicy"]),
+        window = max(window / compress, min(window, min_window))
+        return cls(window, given.get("selectPolicy", default["selectPolicy"]),
                    [(p["type"], int(p["value"]), float(p["periodSeconds"]) / compress)
                     for p in policies])
 
@@ -118,7 +123,7 @@ class Scaler:
     down: Rules
 
     @classmethod
-    def parse(cls, obj: dict, compress: float = 1.0) -> "Scaler":
+    def parse(cls, obj: dict, compress: float = 1.0, min_window: float = 0.0) -> "Scaler":
         spec = obj["spec"]
         advanced = spec.get("advanced") or {}
         triggers = [Trigger(t.get("name", f"s{i}"), t["type"], dict(t.get("metadata") or {}),
@@ -144,8 +149,8 @@ class Scaler:
                    float(spec.get("pollingInterval", KEDA_POLLING_S)),
                    float(spec.get("cooldownPeriod", KEDA_COOLDOWN_S)),
                    triggers, formula, target, activation, metric_type,
-                   Rules.parse(behavior.get("scaleUp"), DEFAULT_UP, compress),
-                   Rules.parse(behavior.get("scaleDown"), DEFAULT_DOWN, compress))
+                   Rules.parse(behavior.get("scaleUp"), DEFAULT_UP, compress, min_window),
+                   Rules.parse(behavior.get("scaleDown"), DEFAULT_DOWN, compress, min_window))
 
     def value(self, readings: dict[str, float]) -> float:
         """The metric KEDA hands the HPA: the formula over the triggers' readings."""
@@ -171,8 +176,9 @@ class Scaler:
                                "policies": self.down.policies}}
 
 
-def scalers(k8s_dir: Path, compress: float = 1.0) -> dict[str, Scaler]:
-    return {name: Scaler.parse(obj, compress)
+def scalers(k8s_dir: Path, compress: float = 1.0, min_window: float = 0.0
+            ) -> dict[str, Scaler]:
+    return {name: Scaler.parse(obj, compress, min_window)
             for name, obj in by_kind(manifests(k8s_dir), "ScaledObject").items()}
 
 

@@ -8,7 +8,9 @@ do.  The slow test runs ``python -m s2s.bench.autoscale --quick``: a real Redis,
 gateway and real VAD workers, STUB STT/LLM/TTS workers, 16 sessions of real speech ramped
 up and down, the HPA's rule applied every 3 s, processes started and SIGTERMed; it asserts
 that each stage scaled out under the ramp and back in when idle, that nobody was refused
-while the Deployments were below their max, and that every turn was answered."""
+while the Deployments were below their max, and that every turn was answered.  It reads
+the lag triggers as XLEN - pending: KEDA's own reading of them (XINFO GROUPS' lag) is NULL,
+hence 0, whenever the bus has deleted the newest entry it delivered (the test of that)."""
 
 from __future__ import annotations
 
@@ -64,6 +66,10 @@ def test_scalers_follow_the_manifests_with_kubernetes_defaults():
     fast = model.scalers(K8S, compress=10)
     assert fast["vad"].down.window_s == 30 and fast["gateway"].down.policies == [("Pods", 1, 60)]
     assert fast["vad"].target == 48 and fast["vad"].max_replicas == 8
+    # ... but a window stays several HPA syncs long (here 60 s), or its own length if shorter
+    floor = model.scalers(K8S, compress=10, min_window=60)
+    assert [floor[d].down.window_s for d in ("stt", "vad", "gateway")] == [60, 60, 90]
+    assert floor["stt"].up.window_s == 0 and floor["stt"].up.policies[0][2] == 1.5
     # the session scale divides the VAD's and gateway's targets
     assert scalers["vad"].scaled(8).target == 6 and scalers["gateway"].scaled(8).target == 18.75
 
@@ -78,6 +84,38 @@ def test_readings_are_what_kedas_redis_streams_scaler_reads():
     assert model.formula_value("pending + lag", {"pending": 4, "lag": 3}) == 7
     with pytest.raises(ValueError):
         model.formula_value("__import__('os')", {})
+
+
+async def test_a_lag_redis_cannot_count_reads_as_zero_as_keda_reads_it(settings):
+    """The bus deletes what it acknowledges (Bus.ack: XACK + XDEL).  Once the entry a group
+    delivered last is deleted, XINFO GROUPS cannot count the group's lag and answers NULL,
+    which KEDA's client (go-redis) reads as 0: the `lag` trigger then says nothing waits
+    while entries do.  XLEN - pending still counts them (docs/scaling.md, the simulation)."""
+    from s2s.bus import Bus
+
+    bus = Bus(settings)
+    stream, group = "s2s:stt", "stt"
+    meta = {"stream": stream, "consumerGroup": group, "lagCount": "4"}
+    try:
+        await bus.ensure_group(stream, group)
+        for i in range(10):
+            await bus.redis.xadd(stream, {"f": b"%d" % i})
+        got = await bus.read_group(stream, group, "worker", 4, 0)
+        groups = await bus.groups(stream)
+        assert groups[0]["lag"] == 6  # countable: nothing deleted yet
+        await bus.ack(stream, group, got[-1][0])  # the newest delivered one: done first
+        groups = await bus.groups(stream)
+        pending = (await bus.redis.xpending(stream, group))["pending"]
+        assert groups[0]["lag"] is None and pending == 3
+        assert model.redis_streams_reading(groups, pending, 0, meta) == 0  # KEDA's reading
+        assert await bus.redis.xlen(stream) - pending == 6                # what waits
+        # and it stays so while older entries are still pending before the deleted one
+        # (the group's read counter cannot be re-estimated over the hole)
+        await bus.read_group(stream, group, "worker", 1, 0)
+        groups = await bus.groups(stream)
+        assert groups[0]["lag"] is None and groups[0]["entries-read"] is None
+    finally:
+        await bus.close()
 
 
 # --- the HPA's arithmetic ----------------------------------------------------------------
@@ -205,9 +243,12 @@ def test_help_explains_and_the_profiles_resolve():
 @pytest.mark.timeout(600)
 def test_quick_ramp_scales_every_stage_out_and_in_without_refusing_or_dropping(tmp_path):
     out, png = tmp_path / "autoscale.json", tmp_path / "autoscale.png"
+    # --lag-source xlen: the lag triggers count what waits (XLEN - pending).  As KEDA reads
+    # them today a NULL lag is 0 (the test above), and a backlog can go unseen for good:
+    # then nothing scales and admission refuses (docs/scaling.md, "Autoscaling, simulated")
     proc = subprocess.run(
-        [sys.executable, "-m", "s2s.bench.autoscale", "--quick", "--json", str(out),
-         "--plot", str(png), "--logdir", str(tmp_path / "logs")],
+        [sys.executable, "-m", "s2s.bench.autoscale", "--quick", "--lag-source", "xlen",
+         "--json", str(out), "--plot", str(png), "--logdir", str(tmp_path / "logs")],
         cwd=ROOT, capture_output=True, text=True, timeout=560,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     print(proc.stdout[-6000:], proc.stderr[-3000:])
