@@ -39,7 +39,11 @@ mounts=()
 cleanup() {
   set +e
   [ -n "${UP_PID:-}" ] && kill "$UP_PID" 2>/dev/null && wait "$UP_PID" 2>/dev/null
-  chroot "$ROOT" /bin/sh -c 'pkill -f "s2s " ; pkill -f valkey-server' 2>/dev/null
+  # every process still running inside the root (found by its root directory: a pattern
+  # would also match this machine's own s2s processes)
+  for proc in /proc/[0-9]*; do
+    [ "$(readlink "$proc/root" 2>/dev/null)" = "$ROOT" ] && kill -9 "${proc#/proc/}" 2>/dev/null
+  done
   # what tests mounted inside (ip netns) first, deepest first, then ours
   grep -o " $ROOT/[^ ]*" /proc/mounts | sort -r | while read -r m; do umount -l "$m"; done
   for ((i=${#mounts[@]}-1; i>=0; i--)); do umount -l "${mounts[$i]}" 2>/dev/null; done
