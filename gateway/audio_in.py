@@ -2,13 +2,16 @@
 
 Each binary message is checked (size, whole samples, the audio cap), charged to the
 session's audio bucket and to its principal's per-minute budget, and XADDed to
-``s2s:audio:{sid}``.  Redis trouble loses that audio only, with one error event per 2 s.
+``s2s:audio:{sid}``.  While Redis is unreachable the audio waits at the gateway, bounded
+(``held_audio.py``), and goes out in order once Redis is back; a Redis that refuses writes
+(OOM, read-only) loses that audio only.  Either way one error event per 2 s.
 The first audio written and not yet seen read is the probe the failover loop checks
 (``check_vad``): unread for ``gateway_vad_stale_s`` and no VAD worker holding the session
 means its entry was lost, and the session is opened again."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
@@ -23,6 +26,7 @@ from . import messages
 from .auth import Principal
 from .errors import Reject
 from .faults import REDIS_REFUSED, RESTORED, redis_error_kind
+from .held_audio import HeldAudio
 from .limits import audio_bucket
 
 if TYPE_CHECKING:
@@ -42,6 +46,8 @@ class AudioIn:
         self.last_error = 0.0
         self.open_id: bytes | None = None       # the session's entry in s2s:vad:sessions
         self.probe: tuple[bytes, float] | None = None  # (audio id, when) not yet seen read
+        self.held: HeldAudio | None = None      # audio waiting out a Redis outage
+        self.order = asyncio.Lock()  # held audio before newer audio, written by one task at a time
 
     async def write(self, bus: Bus, sid: str, principal: Principal, sample_rate: int,
                     pcm: bytes) -> None:
@@ -60,20 +66,60 @@ class AudioIn:
         if not allowed:
             raise Reject("audio_limit", "this key or token sent its audio seconds for this "
                          "minute: message dropped")
+        wall = time.time()
+        if self.held is None:
+            self.held = HeldAudio(self.settings.gateway_outage_audio_s, sample_rate)
         try:
-            ids = await bus.emit(Audio(sid=sid, pcm=pcm, sr=sample_rate,
-                                       marks={"recv": time.time()}))
-            if self.probe is None and ids:
-                self.probe = (ids[0], now)
+            async with self.order:
+                if not await self._deliver_held(bus, sid):
+                    await self._hold(sid, pcm, wall, "Redis still unavailable")
+                    return
+                await self._emit(bus, sid, sample_rate, pcm, wall)
         except REDIS_DOWN as e:
             self.probe = None
-            await self._lost(sid, "unavailable", "the service is unavailable: audio dropped",
-                             f"Redis unavailable: audio dropped ({e})")
+            await self._hold(sid, pcm, wall, f"Redis unavailable ({e})")
         except ResponseError as e:  # OOM, READONLY...: the session stays, this audio is lost
             kind = redis_error_kind(e) or "other"
             REDIS_REFUSED.labels(kind).inc()
             await self._lost(sid, "busy", f"the service is busy ({kind}): audio dropped",
                              f"Redis refused audio ({kind}): {e}")
+
+    async def _emit(self, bus: Bus, sid: str, sample_rate: int, pcm: bytes,
+                    wall: float) -> None:
+        ids = await bus.emit(Audio(sid=sid, pcm=pcm, sr=sample_rate, marks={"recv": wall}))
+        if self.probe is None and ids:
+            self.probe = (ids[0], time.monotonic())
+
+    async def deliver_held(self, bus: Bus, sid: str) -> bool:
+        """Write the audio held through an outage, oldest first; True once none is left."""
+        if not self.held:
+            return True
+        async with self.order:
+            return await self._deliver_held(bus, sid)
+
+    async def _deliver_held(self, bus: Bus, sid: str) -> bool:
+        if not self.held:
+            return True
+        if self.held.expire():
+            log.warning("audio held through a Redis outage for too long: oldest dropped",
+                        extra={"sid": sid})
+        for wall, pcm in self.held.frames():
+            try:
+                await self._emit(bus, sid, self.held.sample_rate, pcm, wall)
+            except REDIS_DOWN + (ResponseError,):
+                return False
+            self.held.delivered(len(pcm))
+        log.info("audio held through a Redis outage delivered", extra={"sid": sid})
+        return True
+
+    async def _hold(self, sid: str, pcm: bytes, wall: float, detail: str) -> None:
+        assert self.held is not None
+        if self.held.hold(pcm, wall):
+            await self._lost(sid, "unavailable", "the service is unavailable: the oldest "
+                             "audio held for it was dropped", f"{detail}: oldest audio dropped")
+        else:
+            await self._lost(sid, "unavailable", "the service is unavailable: audio is held "
+                             "until it is back", f"{detail}: audio held")
 
     async def _lost(self, sid: str, code: str, message: str, detail: str) -> None:
         now = time.monotonic()
@@ -89,6 +135,7 @@ class AudioIn:
         released, open the session again (``opening``).  A pending or queued entry means
         a VAD worker has it or will (a dead owner's entry is claimed by the runtime), so
         nothing is done: opening twice would give the session two owners."""
+        await self.deliver_held(bus, sid)
         if self.probe is None:
             return
         audio_id, written = self.probe

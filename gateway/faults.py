@@ -19,3 +19,7 @@ def redis_error_kind(exc: BaseException) -> str | None:
     unreachable Redis or anything that is not a Redis error."""
     kind = bus_error_kind(exc)
     return None if kind in ("down", "none") else kind
+HELD_AUDIO = Counter("s2s_gateway_outage_audio_seconds", "Microphone audio that arrived while "
+                     "Redis was unreachable, in seconds, by outcome (held: kept at the gateway, "
+                     "delivered: written in order once Redis was back, dropped: past the "
+                     "bound in bytes or time).", ["outcome"])

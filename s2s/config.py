@@ -214,6 +214,12 @@ class Settings:
                                           "long makes the gateway check that the session still "
                                           "has one (lost to a Redis restart: it opens it again).",
                                      "gateway")
+    gateway_outage_audio_s: float = opt(30.0, "Microphone audio a session keeps while Redis is "
+                                              "unreachable, in seconds (bytes: seconds x rate x "
+                                              "2), delivered in order once it is back so that an "
+                                              "utterance stays whole; past it the oldest is "
+                                              "dropped, and audio held twice this long is "
+                                              "dropped too (0: drop it at once).", "gateway")
 
     redis_cells: str = opt("", "Cells for a gateway: several independent Redis instances, each "
                                "with its own workers, as `name=redis://host:port,name=…` (names "
@@ -226,6 +232,18 @@ class Settings:
                                       "response.create with typed text and response.cancel; "
                                       "over it they are refused with `rate_limited` and reach "
                                       "no stage (0: no limit).", "gateway")
+
+    # --- gateway: the live latency page (/dashboard) -------------------------------------
+    prometheus_url: str = opt("", "Prometheus the gateway's /dashboard reads its figures from "
+                                  "(http://host:9090, scraping through /sd). Empty: the gateway "
+                                  "scrapes the workers it knows (the /sd registry) itself.",
+                              "gateway")
+    dashboard_interval_s: float = opt(2.0, "Seconds between two samples of /dashboard's figures "
+                                           "(sampled only while the page is open).", "gateway")
+    dashboard_window_s: float = opt(60.0, "Rolling window of /dashboard's lines over time "
+                                          "(quantiles and rates), in seconds.", "gateway")
+    dashboard_history_s: float = opt(1800.0, "Seconds of samples /dashboard keeps in memory "
+                                             "(the longest range it can show).", "gateway")
 
     def redis(self) -> str:
         if not self.redis_url:
@@ -244,7 +262,8 @@ FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 
 # --- secrets: never printed, never logged -------------------------------------------------
 SECRET_FIELDS = {"api_keys", "token_secret", "llm_openai_api_key"}
-URL_FIELDS = {"redis_url", "redis_cells", "llm_openai_base_url"}  # may hold a password
+URL_FIELDS = {"redis_url", "redis_cells", "llm_openai_base_url",
+              "prometheus_url"}  # may hold a password
 _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)([^\s/?#@,]*?):([^\s/?#,]*)@")
 _SECRET_PARAM = re.compile(r"(?i)([?#&;])((?:api_?)?key|(?:access_)?token|ticket|password|"
                            r"secret)=([^&#\s,\"']+)")
