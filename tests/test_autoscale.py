@@ -8,9 +8,9 @@ do.  The slow test runs ``python -m s2s.bench.autoscale --quick``: a real Redis,
 gateway and real VAD workers, STUB STT/LLM/TTS workers, 16 sessions of real speech ramped
 up and down, the HPA's rule applied every 3 s, processes started and SIGTERMed; it asserts
 that each stage scaled out under the ramp and back in when idle, that nobody was refused
-while the Deployments were below their max, and that every turn was answered.  It reads
-the lag triggers as XLEN - pending: KEDA's own reading of them (XINFO GROUPS' lag) is NULL,
-hence 0, whenever the bus has deleted the newest entry it delivered (the test of that)."""
+while the Deployments were below their max, and that every turn was answered.  The
+stages' triggers read XLEN, not the group's lag: KEDA's reading of a lag (XINFO GROUPS) is
+NULL, hence 0, whenever the bus has deleted the newest entry it delivered (the test of that)."""
 
 from __future__ import annotations
 
@@ -48,13 +48,12 @@ def test_scalers_follow_the_manifests_with_kubernetes_defaults():
         assert (s.min_replicas, s.max_replicas) == (spec["minReplicaCount"],
                                                     spec["maxReplicaCount"])
         assert s.polling_s == spec["pollingInterval"]
-        mod = spec.get("advanced", {}).get("scalingModifiers")
-        if mod:  # the stages: one composite metric, pending + lag
-            assert s.formula == mod["formula"] == "pending + lag"
-            assert s.target == float(mod["target"])
-            assert {t.name for t in s.triggers} == {"pending", "lag"}
-        else:    # the gateway: Prometheus' sum of the open sessions
-            assert s.target == float(spec["triggers"][0]["metadata"]["threshold"])
+        meta = spec["triggers"][0]["metadata"]
+        assert s.formula is None and len(s.triggers) == 1
+        if name == "gateway":  # Prometheus' sum of the open sessions
+            assert s.target == float(meta["threshold"])
+        else:                  # the stages: XLEN, what is held plus what waits
+            assert s.target == float(meta["streamLength"]) and "consumerGroup" not in meta
         down = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
         assert s.down.window_s == down["stabilizationWindowSeconds"]
         # what the manifests leave out is Kubernetes' default
@@ -243,11 +242,10 @@ def test_help_explains_and_the_profiles_resolve():
 @pytest.mark.timeout(600)
 def test_quick_ramp_scales_every_stage_out_and_in_without_refusing_or_dropping(tmp_path):
     out, png = tmp_path / "autoscale.json", tmp_path / "autoscale.png"
-    # --lag-source xlen: the lag triggers count what waits (XLEN - pending).  As KEDA reads
-    # them today a NULL lag is 0 (the test above), and a backlog can go unseen for good:
-    # then nothing scales and admission refuses (docs/scaling.md, "Autoscaling, simulated")
+    # the manifests' stage triggers read XLEN (what is held plus what waits), not the
+    # group's lag, which a NULL (the test above) can blind: docs/scaling.md
     proc = subprocess.run(
-        [sys.executable, "-m", "s2s.bench.autoscale", "--quick", "--lag-source", "xlen",
+        [sys.executable, "-m", "s2s.bench.autoscale", "--quick",
          "--json", str(out), "--plot", str(png), "--logdir", str(tmp_path / "logs")],
         cwd=ROOT, capture_output=True, text=True, timeout=560,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -267,7 +265,7 @@ def test_quick_ramp_scales_every_stage_out_and_in_without_refusing_or_dropping(t
     assert not res["pods"]["exited_unexpectedly"]
     # the samples carry what each scaler read
     sample = max(report["samples"], key=lambda s: s["deployments"]["vad"]["metric"])
-    assert set(sample["deployments"]["stt"]["readings"]) == {"pending", "lag"}
+    assert set(sample["deployments"]["stt"]["readings"]) == {"demand"}
     assert sample["deployments"]["vad"]["metric"] >= 7   # 6 a pod: asked for a second
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "TIMING STUBS" in proc.stdout

@@ -2,9 +2,9 @@
 
 The scaler test loads a real Redis the way an overload does (real worker runtimes holding
 entries in flight, more entries waiting) and reads exactly what KEDA's redis-streams scaler
-reads (XPENDING summary count for a `pendingEntriesCount` trigger, XINFO GROUPS lag for a
-`lagCount` one), combines them with the ScaledObject's own scalingModifiers formula and target,
-and applies the HPA's rule for an AverageValue target. Under overload every stage asks for
+reads (XLEN for the `streamLength` trigger of each stage: the bus deletes what it
+acknowledges, so the stream holds what is worked on plus what waits), takes the
+ScaledObject's target, and applies the HPA's rule for an AverageValue target. Under overload every stage asks for
 more replicas; busy with nothing waiting it keeps its replicas (but a full VAD, past its
 target, asks for more); idle, none asks for any. The VAD test goes through admission instead (real sessions through a real gateway, a real
 VAD worker): KEDA's metric passes the VAD's target strictly before admission refuses anyone.
@@ -13,7 +13,6 @@ Validation: kubernetes-validate (the Kubernetes JSON schemas, strict) and KEDA's
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import json
 import math
@@ -87,32 +86,31 @@ def scaler_reading(r: redis.Redis, meta: dict[str, str]) -> int:
     return int(r.xlen(meta["stream"]))
 
 
-def formula_value(formula: str, values: dict[str, int]) -> float:
-    """KEDA's scalingModifiers formula over the triggers' readings (by trigger name); only
-    + - * / of names and numbers is accepted here, which is all the manifests use."""
-    tree = ast.parse(formula, mode="eval")
-    allowed = (ast.Expression, ast.BinOp, ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Name,
-               ast.Load, ast.Constant)
-    assert all(isinstance(n, allowed) for n in ast.walk(tree)), formula
-    return float(eval(compile(tree, "<formula>", "eval"), {"__builtins__": {}}, values))
-
-
 def scaling(r: redis.Redis, obj: dict, current: int) -> dict:
     """The metric KEDA hands the HPA for this ScaledObject, whether KEDA calls it active, and
-    the replicas the HPA would ask for with ``current`` replicas running."""
+    the replicas the HPA would ask for with ``current`` replicas running (one trigger, no
+    scalingModifiers: tests/test_deploy.py checks that shape)."""
     spec = obj["spec"]
     readings = {t["name"]: scaler_reading(r, t["metadata"]) for t in spec["triggers"]}
-    mod = spec["advanced"]["scalingModifiers"]
-    assert mod.get("metricType", "AverageValue") == "AverageValue"
-    value = formula_value(mod["formula"], readings)
-    target = float(mod["target"])
+    (trigger,) = spec["triggers"]
+    assert trigger.get("metricType", "AverageValue") == "AverageValue"
+    value = float(readings[trigger["name"]])
+    # KEDA's redis-streams scaler compares every mode's reading with activationLagCount
+    activation = float(trigger["metadata"].get("activationLagCount", "0"))
+    target = target_of(obj)
     if abs(value / (target * current) - 1) <= HPA_TOLERANCE:
         desired = current
     else:
         desired = math.ceil(value / target)
     desired = max(spec.get("minReplicaCount", 0), min(spec["maxReplicaCount"], desired))
     return {"readings": readings, "value": value, "desired": desired,
-            "active": value > float(mod.get("activationTarget", "0"))}
+            "active": value > activation}
+
+
+def held(r: redis.Redis, stage: str) -> list[int]:
+    """Entries each worker of the stage holds (read, not acknowledged), fewest first."""
+    owners = r.xpending(keys.stage_stream(stage), stage)["consumers"]
+    return sorted(int(c["pending"]) for c in owners)
 
 
 # --- the scalers on a loaded Redis ----------------------------------------------------------
@@ -125,8 +123,9 @@ def wait_for(predicate, what: str, timeout: float = 30.0):
     raise TimeoutError(what)
 
 
-def target(obj: dict) -> float:
-    return float(obj["spec"]["advanced"]["scalingModifiers"]["target"])
+def target_of(obj: dict) -> float:
+    (trigger,) = obj["spec"]["triggers"]
+    return float(trigger["metadata"]["streamLength"])
 
 
 def test_every_stage_asks_for_more_replicas_under_overload_and_none_when_idle(redis_url,
@@ -137,7 +136,7 @@ def test_every_stage_asks_for_more_replicas_under_overload_and_none_when_idle(re
     # the test workers take what a real one takes at once: for stt, llm and tts KEDA's
     # target (their slots, tests/test_deploy.py checks it against the code), for the VAD the
     # 64 sessions a worker owns (admission's cap; its target is 3/4 of that)
-    slots = {stage: int(target(scaled[stage])) for stage in STAGES}
+    slots = {stage: int(target_of(scaled[stage])) for stage in STAGES}
     slots["vad"] = VAD_SESSIONS_PER_WORKER
     for stage in STAGES:  # the stages' own concurrency, not an override
         assert "S2S_CONCURRENCY" not in container_env(deployments[stage]), stage
@@ -154,7 +153,7 @@ def test_every_stage_asks_for_more_replicas_under_overload_and_none_when_idle(re
         # idle: nothing pending, nothing waiting -> not active, no stage asks for a replica
         for stage in STAGES:
             idle = scaling(r, scaled[stage], current=1)
-            assert idle["readings"] == {"pending": 0, "lag": 0}, (stage, idle)
+            assert idle["readings"] == {"demand": 0}, (stage, idle)
             assert not idle["active"] and idle["desired"] == 1, (stage, idle)
 
         # overload: every slot of the one worker taken, and one worker's worth more waiting
@@ -168,39 +167,37 @@ def test_every_stage_asks_for_more_replicas_under_overload_and_none_when_idle(re
                          "tts": ReplyText(sid=sid, turn=1, text="hello")}[stage]
                 r.xadd(keys.stage_stream(stage), {FIELD: encode(frame)})
         for stage in STAGES:
-            meta = next(t["metadata"] for t in scaled[stage]["spec"]["triggers"]
-                        if t["name"] == "pending")
-            wait_for(lambda: scaler_reading(r, meta) == slots[stage], f"{stage} slots full")
+            wait_for(lambda: held(r, stage) == [slots[stage]], f"{stage} slots full")
         time.sleep(1)  # a worker with no free slot reads nothing more
         for stage in STAGES:
             loaded = scaling(r, scaled[stage], current=1)
-            assert loaded["readings"] == {"pending": slots[stage], "lag": slots[stage]}, stage
+            # what is held plus what waits (XPENDING alone would read slots[stage] and ask
+            # for nothing more: the backlog would never show)
+            assert held(r, stage) == [slots[stage]], stage
+            assert loaded["readings"] == {"demand": 2 * slots[stage]}, stage
             # (the VAD: 128 sessions at 48 a pod ask for 3)
             assert loaded["active"] and loaded["desired"] == \
-                math.ceil(2 * slots[stage] / target(scaled[stage])) >= 2, (stage, loaded)
+                math.ceil(2 * slots[stage] / target_of(scaled[stage])) >= 2, (stage, loaded)
 
         # KEDA starts a second worker: it takes what was waiting (VAD: the sessions beyond the
-        # first worker's slots are owned now). All busy, nothing waiting: lag 0 is not idle,
-        # every stage keeps its two replicas (lag-only scaling would drop back to one).
+        # first worker's slots are owned now). All busy, nothing waiting: not idle, every
+        # stage keeps its two replicas (lag-only scaling would read 0 and drop back to one).
         for stage in STAGES:
             workers.start(SPECS[stage], env={**env, "S2S_CONCURRENCY": str(slots[stage])})
         for stage in STAGES:
             workers.wait_ready(stage, count=2, timeout=60)
         for stage in STAGES:
-            meta = next(t["metadata"] for t in scaled[stage]["spec"]["triggers"]
-                        if t["name"] == "lag")
-            wait_for(lambda: scaler_reading(r, meta) == 0, f"{stage}: the new worker reads")
+            wait_for(lambda: held(r, stage) == [slots[stage]] * 2,
+                     f"{stage}: the new worker reads")
         for stage in STAGES:
             busy = scaling(r, scaled[stage], current=2)
-            assert busy["readings"] == {"pending": 2 * slots[stage], "lag": 0}, stage
+            assert busy["readings"] == {"demand": 2 * slots[stage]}, stage
             # a VAD with every slot taken is past its target: admission is about to refuse,
             # so it still asks for a third pod; the others hold their two
             assert busy["active"] and busy["desired"] == (3 if stage == "vad" else 2), \
                 (stage, busy)
-            # (the old lag-only trigger read lag 0 here and asked for one worker: the flap,
-            # and for vad the sessions beyond one worker's slots left unowned)
-            owners = r.xpending(keys.stage_stream(stage), stage)["consumers"]
-            assert sorted(int(c["pending"]) for c in owners) == [slots[stage]] * 2, owners
+            # (a lag-only trigger read 0 here and asked for one worker: the flap, and for vad
+            # the sessions beyond one worker's slots left unowned)
     finally:
         workers.stop_all()
         r.close()
@@ -230,7 +227,7 @@ async def test_vad_scales_out_before_admission_refuses_anyone(redis_url, tmp_pat
     """With KEDA's VAD target equal to admission's cap (both 64 a worker), load could never
     push the metric past what the running pods hold: admission said "busy" first and the VAD
     never scaled. Real sessions through a real gateway's admission, a real VAD worker owning
-    them: KEDA's reading (pending + lag of s2s:vad:sessions, the HPA's rule) asks for a
+    them: KEDA's reading (XLEN of s2s:vad:sessions, the HPA's rule) asks for a
     second pod strictly before admission refuses the first session, with room in between
     for the sessions that arrive while the pod starts; the second pod then lifts
     admission's cap and owns the sessions admitted after it."""
@@ -263,25 +260,22 @@ async def test_vad_scales_out_before_admission_refuses_anyone(redis_url, tmp_pat
             # KEDA asks for a second pod at 53 (48 a pod, past the HPA's 10 % tolerance);
             # admission still admits up to its cap of 64 a live worker and refuses the 65th:
             # 11 sessions arrive while the pod starts, none is refused meanwhile
-            assert asked_at == int(target(vad) * (1 + HPA_TOLERANCE)) + 1 == 53, asked_at
+            assert asked_at == int(target_of(vad) * (1 + HPA_TOLERANCE)) + 1 == 53, asked_at
             assert refused_at == cap + 1, refused_at
             assert refused_at - asked_at >= cap // 8
 
             # KEDA's answer: a second VAD pod. Admission counts it, the refused session is
-            # admitted now, and the new pod owns it (nothing left unowned, lag 0)
+            # admitted now, and the new pod owns it (nothing left unowned)
             workers.start("vad", env=env)
             await asyncio.to_thread(workers.wait_ready, "vad", 2, 120)
             await capacity_seen(gw, 2 * cap)
             ws, reply = await open_session(gw)
             assert reply["type"] == "ready", reply
             sockets.append(ws)
-            lag = next(t["metadata"] for t in vad["spec"]["triggers"] if t["name"] == "lag")
-            await asyncio.to_thread(wait_for, lambda: scaler_reading(r, lag) == 0,
+            await asyncio.to_thread(wait_for, lambda: held(r, "vad") == [1, cap],
                                     "the second VAD worker owns the new session")
-            owners = r.xpending(keys.stage_stream("vad"), "vad")["consumers"]
-            assert sorted(int(c["pending"]) for c in owners) == [1, cap], owners
             keda = scaling(r, vad, current=2)
-            assert keda["readings"] == {"pending": cap + 1, "lag": 0}, keda
+            assert keda["readings"] == {"demand": cap + 1}, keda
             assert keda["desired"] == 2, keda  # 65 sessions on two pods: no third asked for
     finally:
         for ws in sockets:
@@ -311,8 +305,8 @@ def test_manifests_validate_against_the_kubernetes_and_keda_schemas():
     with pytest.raises(Exception, match="terminationGracePeriod"):
         kv.validate(deployment, kv.latest_version(), strict=True)
     scaled = by_kind("ScaledObject")["stt"]
-    scaled["spec"]["advanced"]["scalingModifier"] = scaled["spec"]["advanced"].pop(
-        "scalingModifiers")
+    scaled["spec"]["advanced"]["horizontalPodAutoscalerConfg"] = scaled["spec"]["advanced"].pop(
+        "horizontalPodAutoscalerConfig")
     back = keda.ScaledObject.model_validate(scaled).model_dump(by_alias=True, exclude_none=True)
     assert back != scaled
 
