@@ -27,6 +27,7 @@ from s2s.config import Settings
 from .admission import Admission
 from .auth import AuthError, Authenticator, new_ticket, origin_allowed, ticket_key
 from .context import GatewayContext
+from .dashboard import Dashboard, dashboard_routes
 from .discovery import sd_route
 from .failover import Failover, new_gateway_id
 from .realtime import RealtimeSocket
@@ -46,6 +47,7 @@ def create_app(settings: Settings) -> Starlette:
     state: dict = {"sessions": {}}
     auth = Authenticator(settings)
     cells = Cells(settings)  # one cell (redis_url) unless redis_cells names several
+    dashboard = Dashboard(settings, list_workers=lambda: cells.live_workers())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
@@ -73,6 +75,7 @@ def create_app(settings: Settings) -> Starlette:
             if tasks:
                 await asyncio.wait(tasks, timeout=5)
             await state["context"].slots.close()
+            await dashboard.close()
             for cell in cells:
                 await cell.failover.stop()
             await cells.close()
@@ -195,6 +198,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/", index),
         *([] if separate else admin_routes),
         Route("/auth/ticket", ticket, methods=["POST"]),
+        *dashboard_routes(dashboard, auth),  # behind the same credentials as a session
         WebSocketRoute("/ws", ws_endpoint),
         WebSocketRoute("/v1/realtime", realtime_endpoint),
         Mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static"),

@@ -253,10 +253,12 @@ class Stack:
         ws = url.replace("http", "ws", 1) + "/ws"
         if self.key:  # like Jupyter: this URL logs the browser in (the page drops the key)
             print(f"ready: {url}/#key={self.key}", flush=True)
+            print(f"dashboard: {url}/dashboard#key={self.key}", flush=True)  # same login
             self.say(f"open {url}/#key={self.key} in a browser and press Start, or run "
                      f"`s2s talk FILE --url '{url}/#key={self.key}'`; Ctrl-C stops everything")
             return
         print(f"ready: {url}", flush=True)
+        print(f"dashboard: {url}/dashboard", flush=True)  # live latency (docs/dashboard.md)
         how = ("" if not self.settings.auth else
                " (log in with a configured key: append #key=KEY to the URL, and give "
                "`s2s talk` --api-key KEY or S2S_API_KEY)")
