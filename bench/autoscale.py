@@ -1043,9 +1043,10 @@ def format_summary(res: dict) -> str:
         f"{st['scalers']['vad']['target']:g}, gateway {st['scalers']['gateway']['target']:g} "
         f"a pod (the manifests' / {st['session_scale']})",
         f"  stub slowdown: " + ", ".join(f"{k} x{v:g}" for k, v in st["stub_slowdown"].items()),
-        f"  lag triggers read: {st['lag_source']}" + (
+        *([f"  lag triggers read: {st['lag_source']}" + (
             " (XINFO GROUPS lag, NULL read as 0, as KEDA)" if st["lag_source"] == "keda" else
-            " (XLEN - pending instead of XINFO GROUPS lag: NOT what KEDA reads today)"),
+            " (XLEN - pending instead of XINFO GROUPS lag: NOT what KEDA reads today)")]
+          if any(x["samples"] for x in res["lag_readings"].values()) else []),
         "",
         f"{'deployment':<10} {'min':>3} {'max':>3} {'target':>7} {'first out':>9} {'peak':>4} "
         f"{'final':>5}  scaled out  before bound  in when idle",
@@ -1077,9 +1078,11 @@ def format_summary(res: dict) -> str:
         f"{p['drain_s']['p50']} s, max {p['drain_s']['max']} s), {p['killed_after_grace']} "
         f"killed after the grace period, {len(p['exited_unexpectedly'])} exited on their own",
         "CPU seconds: " + ", ".join(f"{k} {v:g}" for k, v in res["cpu_s"].items()),
-        "XINFO GROUPS lag NULL (KEDA reads 0): " + ", ".join(
+        *(["XINFO GROUPS lag NULL (KEDA reads 0): " + ", ".join(
             f"{d} {x['null_pct']}% of samples (entries really waiting then: up to "
-            f"{x['max_waiting_while_null']})" for d, x in res["lag_readings"].items()),
+            f"{x['max_waiting_while_null']})" for d, x in res["lag_readings"].items()
+            if x["samples"])] if any(x["samples"] for x in res["lag_readings"].values())
+          else []),
         f"all checks: {'PASS' if res['ok'] else 'FAIL'}",
     ]
     return "\n".join(lines)
