@@ -33,6 +33,7 @@ from .failover import Failover, new_gateway_id
 from .realtime import RealtimeSocket
 from .session import ClientSession
 from .slots import Slots
+from .telephony.routes import telephony_routes
 
 log = logging.getLogger("s2s.gateway")
 STATIC = Path(__file__).resolve().parent / "static"
@@ -201,6 +202,7 @@ def create_app(settings: Settings) -> Starlette:
         *dashboard_routes(dashboard, auth),  # behind the same credentials as a session
         WebSocketRoute("/ws", ws_endpoint),
         WebSocketRoute("/v1/realtime", realtime_endpoint),
+        *telephony_routes(settings, lambda: state["context"]),  # phone calls (docs/telephony.md)
         Mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static"),
     ], lifespan=lifespan)
     app.state.sessions = state["sessions"]

@@ -227,6 +227,20 @@ class Settings:
                                "sessions go to the cell with the most room; the first cell is "
                                "the home cell (docs/scaling.md). Empty: one Redis, "
                                "`S2S_REDIS_URL`.", "gateway")
+    # --- gateway: telephony (docs/telephony.md) ----------------------------------------
+    twilio_auth_token: str = opt("", "Auth token of the Twilio account whose calls reach "
+                                     "/telephony/twilio: the X-Twilio-Signature of each stream "
+                                     "(and of the TwiML webhook /telephony/twilio/twiml) is "
+                                     "checked with it (empty: streams bring a credential in "
+                                     "a token <Parameter> instead).", "gateway")
+    twilio_account_sid: str = opt("", "Only streams of this Twilio account (AC…) are served "
+                                      "on a signature (empty: any account signed with the "
+                                      "auth token).", "gateway")
+    telephony_public_url: str = opt("", "The gateway's public base URL as the phone provider "
+                                        "reaches it (https://host[:port][/prefix], through "
+                                        "any proxy): what signatures are checked against and "
+                                        "what the TwiML's stream URL is made of (empty: the "
+                                        "request's Host).", "gateway")
     max_typed_rate: float = opt(1.0, "Most typed messages one session may send per second, "
                                       "averaged over 10 s: `text` and `cancel`, and Realtime's "
                                       "response.create with typed text and response.cancel; "
@@ -261,7 +275,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 
 
 # --- secrets: never printed, never logged -------------------------------------------------
-SECRET_FIELDS = {"api_keys", "token_secret", "llm_openai_api_key"}
+SECRET_FIELDS = {"api_keys", "token_secret", "llm_openai_api_key", "twilio_auth_token"}
 URL_FIELDS = {"redis_url", "redis_cells", "llm_openai_base_url",
               "prometheus_url"}  # may hold a password
 _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)([^\s/?#@,]*?):([^\s/?#,]*)@")
