@@ -13,7 +13,8 @@ from redis.exceptions import ResponseError
 from . import keys
 from .config import Settings
 from .frames import (Audio, Frame, Notice, ReplyAudio, ReplyText, SessionConfig, SessionEnd,
-                     SessionOpen, SpeechStarted, Transcript, TurnStatus, Utterance, encode)
+                     SessionOpen, SpeechStarted, ToolCall, ToolOutput, Transcript, TurnStatus,
+                     Utterance, encode)
 from .redis_scripts import ACK_DEL, KEEP_ALIVE
 
 FIELD = b"f"
@@ -33,7 +34,9 @@ def routes(frame: Frame) -> list[str]:
         return [keys.STAGE_STREAMS["llm"], keys.out(sid)]
     if isinstance(frame, ReplyText):
         return [keys.STAGE_STREAMS["tts"], keys.out(sid)]
-    if isinstance(frame, (SpeechStarted, ReplyAudio, Notice, TurnStatus)):
+    if isinstance(frame, ToolOutput):
+        return [keys.STAGE_STREAMS["llm"]]
+    if isinstance(frame, (SpeechStarted, ReplyAudio, Notice, TurnStatus, ToolCall)):
         return [keys.out(sid)]
     raise TypeError(f"no route for frame kind {type(frame).__name__}")
 

@@ -157,6 +157,35 @@ class ReplyAudio(_Pcm, tag="reply_audio"):
     final: bool = False  # last piece of the whole reply
 
 
+# --- tool calls (services/llm/tools) ---------------------------------------------------
+ToolName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+CallId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+MAX_TOOL_OUTPUTS = 16  # calls answered at once (a reply calls one or a few)
+
+
+class ToolCall(Frame, tag="tool_call"):
+    """LLM -> out: the reply calls a tool the client runs (a Realtime function tool);
+    ``arguments`` is JSON text valid against the tool's parameter schema.  The client
+    answers with a ToolOutput (a new turn); the reply's closing ReplyText follows."""
+    call_id: CallId
+    name: ToolName
+    arguments: Text = "{}"
+
+
+class ToolResult(msgspec.Struct, kw_only=True, omit_defaults=True):
+    call_id: CallId
+    output: Text = ""
+
+
+class ToolOutput(Frame, tag="tool_output"):
+    """gateway -> LLM: what the client's tools returned (``outputs``, in call order), a
+    turn of its own that the model answers; ``text`` is typed user text sent with it."""
+    outputs: Annotated[list[ToolResult], msgspec.Meta(min_length=1,
+                                                       max_length=MAX_TOOL_OUTPUTS)]
+    text: Text = ""
+    out_sr: OutRate = 0
+
+
 class Notice(Frame, tag="notice"):
     """An event for the client: error, stale, etc."""
     event: Word
@@ -164,7 +193,7 @@ class Notice(Frame, tag="notice"):
 
 
 AnyFrame = Union[SessionOpen, Audio, SessionEnd, SessionConfig, SpeechStarted, Utterance,
-                 Transcript, ReplyText, ReplyAudio, Notice, TurnStatus]
+                 Transcript, ReplyText, ReplyAudio, Notice, TurnStatus, ToolCall, ToolOutput]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(AnyFrame)
@@ -230,5 +259,6 @@ def _kinds(expect: type | tuple[type, ...]) -> str:
 
 #: the frame kinds a built-in stage's input stream carries (``routes`` in s2s.bus);
 #: the runtime refuses any other kind there as ``wrong_kind`` before the stage sees it
-STAGE_INPUTS: dict[str, tuple[type, ...]] = {"stt": (Utterance,), "llm": (Transcript,),
+STAGE_INPUTS: dict[str, tuple[type, ...]] = {"stt": (Utterance,),
+                                             "llm": (Transcript, ToolOutput),
                                              "tts": (ReplyText,), "vad": (SessionOpen,)}
