@@ -543,9 +543,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "ones' latency against the unloaded one and the refused ones")
     parser.add_argument("--burst-window", type=float, default=5.0, metavar="S",
                         help="seconds over which the --burst sessions arrive")
-    parser.add_argument("--protocol", choices=("native", "realtime"), default="native",
+    parser.add_argument("--protocol", choices=("native", "realtime", "webrtc"), default="native",
                         help="native: the gateway's /ws protocol; realtime: the OpenAI Realtime "
-                             "endpoint /v1/realtime on the same host (same sessions and workers)")
+                             "endpoint /v1/realtime on the same host (same sessions and workers); "
+                             "webrtc: Realtime WebRTC calls (POST /v1/realtime/calls, Opus)")
     # voice-to-voice from the known end of speech of each file (bench/sweep.py)
     parser.add_argument("--from-file-end", action="store_true",
                         help="measure voice-to-voice from the frame holding each input's last "

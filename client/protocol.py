@@ -33,6 +33,7 @@ import numpy as np
 from .errors import ProtocolError, auth_headers
 from .realtime import RealtimeConnection
 from .url import gateway_url
+from .webrtc import WebRTCConnection
 
 __all__ = ["FRAME_MS", "Connection", "ProtocolError", "TalkResult", "Tracker", "TurnResult",
            "auth_headers", "talk"]
@@ -335,7 +336,8 @@ async def talk(url: str | list[str], pcm: np.ndarray | bytes, sample_rate: int =
     ``speed``: seconds of audio sent per wall second (default 1 when ``realtime``,
     else 3).  ``on_event`` sees every message as it arrives.  ``protocol="realtime"``
     talks to the OpenAI Realtime endpoint (``/v1/realtime`` of the same gateway)
-    instead, with the same measures (no resume there: the Realtime API has none).
+    instead, with the same measures (no resume there: the Realtime API has none);
+    ``protocol="webrtc"`` makes a Realtime WebRTC call (``POST /v1/realtime/calls``).
 
     ``url``: the page URL ``s2s up`` prints (its ``#key=`` is the credential unless
     ``api_key`` is given) or a WebSocket URL (:func:`s2s.client.url.gateway_url`); or a
@@ -358,6 +360,10 @@ async def talk(url: str | list[str], pcm: np.ndarray | bytes, sample_rate: int =
     if protocol == "realtime":
         conn: Any = await RealtimeConnection.open(urls[0], sample_rate, out_rate, session_id,
                                                   api_key=api_key)
+        resume_timeout_s = 0.0
+    elif protocol == "webrtc":  # a Realtime WebRTC call (client/webrtc.py): no resume either
+        conn = await WebRTCConnection.open(urls[0], sample_rate, out_rate, session_id,
+                                           api_key=api_key)
         resume_timeout_s = 0.0
     else:
         conn = await Connection.open(urls[0], sample_rate, out_rate, session_id,

@@ -22,7 +22,9 @@ from typing import NamedTuple
 
 from s2s.config import redacted_url
 
-PATHS = {"native": "/ws", "realtime": "/v1/realtime"}
+# webrtc: the HTTP endpoint of Realtime WebRTC calls, given here as ws:// like the others
+# (client/webrtc.py posts its offer to the http:// of it)
+PATHS = {"native": "/ws", "realtime": "/v1/realtime", "webrtc": "/v1/realtime/calls"}
 _WS_SCHEME = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}
 
 

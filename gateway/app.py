@@ -1,7 +1,8 @@
 """The gateway's ASGI app: ``/`` (web page), ``/static/*``, ``/healthz`` (readiness, alias
 ``/readyz``), ``/livez`` (liveness), ``/metrics``, ``POST /auth/ticket`` and the ``/ws``
-client sessions (protocol in docs/protocol.md; authentication in docs/security.md).  With
-``admin_port`` set, the probes and ``/metrics`` move to a second app
+client sessions (protocol in docs/protocol.md; authentication in docs/security.md), the
+OpenAI Realtime API at ``/v1/realtime`` and its WebRTC calls (``POST /v1/realtime/calls``).
+With ``admin_port`` set, the probes and ``/metrics`` move to a second app
 (``app.state.admin_app``) served on that port."""
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from .failover import Failover, new_gateway_id
 from .realtime import RealtimeSocket
 from .session import ClientSession
 from .slots import Slots
+from .webrtc import WebRTCCalls
 from .telephony.routes import telephony_routes
 
 log = logging.getLogger("s2s.gateway")
@@ -48,6 +50,10 @@ def create_app(settings: Settings) -> Starlette:
     state: dict = {"sessions": {}}
     auth = Authenticator(settings)
     cells = Cells(settings)  # one cell (redis_url) unless redis_cells names several
+    # WebRTC calls: the same native session behind the Realtime translation, over a peer
+    # connection (its typed input charged by the translation, as on /v1/realtime)
+    calls = WebRTCCalls(settings, lambda socket: ClientSession(
+        socket, state["context"], limit_typed=False).run())
     dashboard = Dashboard(settings, list_workers=lambda: cells.live_workers())
 
     @contextlib.asynccontextmanager
@@ -75,6 +81,7 @@ def create_app(settings: Settings) -> Starlette:
                 task.cancel()
             if tasks:
                 await asyncio.wait(tasks, timeout=5)
+            await calls.close_all()
             await state["context"].slots.close()
             await dashboard.close()
             for cell in cells:
@@ -202,6 +209,7 @@ def create_app(settings: Settings) -> Starlette:
         *dashboard_routes(dashboard, auth),  # behind the same credentials as a session
         WebSocketRoute("/ws", ws_endpoint),
         WebSocketRoute("/v1/realtime", realtime_endpoint),
+        Route("/v1/realtime/calls", calls.endpoint, methods=["POST"]),
         *telephony_routes(settings, lambda: state["context"]),  # phone calls (docs/telephony.md)
         Mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static"),
     ], lifespan=lifespan)

@@ -64,6 +64,11 @@ def _keep_last(d: dict, n: int = KEEP_ITEMS) -> None:
 class RealtimeSocket:
     """A WebSocket look-alike for ``ClientSession``: native messages in, Realtime events out."""
 
+    # what a transport over other media (WebRTC: gateway/webrtc_socket.py) may change: the
+    # rate the native session sends reply audio at, and the client events it handles
+    output_rate = NATIVE_SR
+    client_events = CLIENT_EVENTS
+
     def __init__(self, ws: Any, settings: Settings):
         self._ws = ws
         self.settings = settings
@@ -102,7 +107,7 @@ class RealtimeSocket:
     async def accept(self, subprotocol: str | None = None, headers: Any = None) -> None:
         await self._ws.accept(subprotocol=subprotocol, headers=headers)
         self.to_native({"type": "hello", "sample_rate": NATIVE_SR,
-                        "output_sample_rate": NATIVE_SR})
+                        "output_sample_rate": self.output_rate})
         self.pump = asyncio.create_task(self._pump())
         self.sender = asyncio.create_task(self._send_audio())
 
@@ -249,7 +254,7 @@ class RealtimeSocket:
             return
         kind, eid = event["type"], event.get("event_id")
         eid = eid if isinstance(eid, str) else None
-        handler = CLIENT_EVENTS.get(kind)
+        handler = self.client_events.get(kind)
         if handler is None:
             await self.error("unknown_event", f"unsupported event type {kind[:60]!r}", eid, "type")
             return

@@ -241,6 +241,19 @@ class Settings:
                                         "any proxy): what signatures are checked against and "
                                         "what the TwiML's stream URL is made of (empty: the "
                                         "request's Host).", "gateway")
+    # --- gateway: WebRTC calls (docs/realtime.md, "WebRTC") --------------------------------
+    webrtc_max_calls: int = opt(50, "Most WebRTC calls (peer connections, POST "
+                                    "/v1/realtime/calls) one gateway holds at once; more are "
+                                    "refused with 503.", "gateway")
+    webrtc_ice_servers: str = opt("", "STUN/TURN server URLs for WebRTC calls, comma "
+                                      "separated (stun:host:port, turn:host:port?transport="
+                                      "udp). Empty: host candidates only, enough when "
+                                      "callers reach the gateway's address directly.",
+                                  "gateway")
+    webrtc_turn_username: str = opt("", "Username for the turn: servers of "
+                                        "webrtc_ice_servers.", "gateway")
+    webrtc_turn_credential: str = opt("", "Credential for the turn: servers of "
+                                          "webrtc_ice_servers.", "gateway")
     max_typed_rate: float = opt(1.0, "Most typed messages one session may send per second, "
                                       "averaged over 10 s: `text` and `cancel`, and Realtime's "
                                       "response.create with typed text and response.cancel; "
@@ -275,7 +288,8 @@ FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 
 
 # --- secrets: never printed, never logged -------------------------------------------------
-SECRET_FIELDS = {"api_keys", "token_secret", "llm_openai_api_key", "twilio_auth_token"}
+SECRET_FIELDS = {"api_keys", "token_secret", "llm_openai_api_key", "twilio_auth_token",
+                 "webrtc_turn_credential"}
 URL_FIELDS = {"redis_url", "redis_cells", "llm_openai_base_url",
               "prometheus_url"}  # may hold a password
 _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)([^\s/?#@,]*?):([^\s/?#,]*)@")

@@ -1,0 +1,47 @@
+"""What both ends of a WebRTC call made with aiortc need (the gateway's calls,
+gateway/webrtc*.py, and the client, client/webrtc.py): decoded frames as int16 mono, and a
+receiver that hands each audio packet on as soon as it is complete.  aiortc is imported
+by the callers; nothing here needs it at import time."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("s2s.rtc")
+
+JITTER_ATTR = "_RTCRtpReceiver__jitter_buffer"
+
+
+def mono_int16(frame: Any) -> np.ndarray:
+    """A decoded ``av.AudioFrame`` (any channel count, packed or planar, s16 or float)
+    -> int16 mono at the frame's rate."""
+    data = frame.to_ndarray()
+    channels = len(frame.layout.channels)
+    if frame.format.is_planar:
+        samples = data.reshape(channels, -1).astype(np.float32).mean(axis=0)
+    else:
+        samples = data.reshape(-1, channels).astype(np.float32).mean(axis=1)
+    if frame.format.name.startswith(("flt", "dbl")):
+        samples = samples * 32767.0
+    return np.clip(np.round(samples), -32768, 32767).astype(np.int16)
+
+
+def no_prefetch(receiver: Any) -> bool:
+    """Let ``receiver`` (an aiortc RTCRtpReceiver of audio) decode each packet as soon as
+    the next one shows it complete, instead of holding 4 packets first (aiortc's audio
+    default: 80 ms of Opus at 20 ms a packet, measured as the last 80 ms of a call's
+    speech reaching the session only when more audio came).  Neither end plays what it
+    receives on a clock (the gateway feeds the VAD, the client measures), so that hold
+    smooths nothing and delays every turn.  aiortc has no setting for it: its private
+    jitter buffer is replaced; False (and the default kept) if aiortc changed."""
+    from aiortc.jitterbuffer import JitterBuffer
+
+    buffer = getattr(receiver, JITTER_ATTR, None)
+    if not isinstance(buffer, JitterBuffer) or getattr(buffer, "_is_video", False):
+        log.warning("aiortc's audio jitter buffer was not found: its 80 ms hold stays")
+        return False
+    setattr(receiver, JITTER_ATTR, JitterBuffer(capacity=buffer.capacity, prefetch=1))
+    return True
