@@ -13,7 +13,9 @@ was created, and ends (``reply_done``) at the first silent frame after the gatew
 from __future__ import annotations
 
 import asyncio
+import collections
 import fractions
+import time
 import json
 import urllib.error
 import urllib.request
@@ -105,6 +107,7 @@ class WebRTCConnection(RealtimeConnection):
         self.up_resampler = None
         self.answer = ""                   # the gateway's SDP answer
         self.frames_received = 0
+        self.levels: collections.deque = collections.deque(maxlen=3000)  # (time, peak) a frame
 
     @classmethod
     async def open(cls, url: str, sample_rate: int = 16000, out_rate: int | None = None,
@@ -207,11 +210,13 @@ class WebRTCConnection(RealtimeConnection):
                 return
             self.frames_received += 1
             pcm = mono_int16(frame)
+            self.levels.append((time.monotonic(), int(np.abs(pcm.astype(np.int32)).max())
+                                if pcm.size else 0))
             out = np.asarray(down(pcm), "<i2").tobytes()
             rid = self.armed
             if rid is None:
                 continue
-            silent = not pcm.size or int(np.abs(pcm.astype(np.int32)).max()) <= SILENCE
+            silent = self.levels[-1][1] <= SILENCE
             if self.stopping and silent:  # the gateway sent all of it, and it has all come
                 self.armed, self.audio_on, self.stopping = None, False, False
                 self.inbox.put_nowait(("drained", rid))

@@ -154,6 +154,9 @@ class WebRTCCalls:
             return self._invalid("invalid_sdp", "the SDP offer is not UTF-8 text")
         if not offer.startswith("v=0"):
             return self._invalid("invalid_sdp", "the body is not an SDP offer (v=0 …)")
+        if "m=audio" not in offer and "m=application" not in offer:
+            return self._invalid("invalid_sdp", "the offer has neither audio nor a data "
+                                 "channel (m=audio, m=application)")
         if len(self.calls) >= self.settings.webrtc_max_calls:
             return self._invalid("too_many_calls", "the gateway holds as many calls as it "
                                  "may; try again later", retry_after_s=1.0)

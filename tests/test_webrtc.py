@@ -20,10 +20,12 @@ import numpy as np
 import pytest
 
 from s2s import config, keys
-from s2s.frames import Audio, ReplyAudio, ReplyText, SessionEnd, SpeechStarted, Transcript
+from s2s.frames import Audio, ReplyAudio, ReplyText, SpeechStarted, Transcript
 from s2s.client.webrtc import WebRTCConnection, calls_url
 
-from tests.conftest import AUTH_SETTINGS, ROOT, TEST_API_KEY
+from s2s.gateway.auth import mint_token
+
+from tests.conftest import AUTH_SETTINGS, ROOT, TEST_API_KEY, TEST_TOKEN_SECRET
 from tests.test_gateway import running_gateway, stream_frames
 
 TRACK_RATE = 48000
@@ -32,7 +34,7 @@ TRACK_RATE = 48000
 @pytest.fixture
 async def gw(redis_url):
     settings = config.load({"redis_url": redis_url, "max_sessions": 5, "webrtc_max_calls": 3,
-                            "principal_max_sessions": 3, **AUTH_SETTINGS}, environ={})
+                            "principal_max_sessions": 2, **AUTH_SETTINGS}, environ={})
     async with running_gateway(settings) as gw:
         yield gw
 
@@ -83,6 +85,11 @@ async def collect(conn, until, timeout: float = 10.0) -> list:
 
 def of_type(kind):
     return lambda m: isinstance(m, dict) and m.get("type") == kind
+
+
+def healthz(gw) -> dict:
+    with urllib.request.urlopen(gw.http + "/healthz", timeout=10) as r:
+        return json.loads(r.read())
 
 
 def post(url: str, body: bytes, headers: dict) -> tuple[int, dict, dict]:
@@ -141,3 +148,106 @@ async def test_call_mic_events_and_reply_track(gw):
         assert "response.output_audio.delta" not in names  # the audio is on the track
     finally:
         await conn.close()
+
+
+async def test_barge_in_empties_the_track_and_truncates(gw):
+    """The user talks over a long reply: the outgoing track goes silent at once
+    (output_audio_buffer.cleared), and the history keeps what was played of it."""
+    conn = await WebRTCConnection.open(gw.http + "/", api_key=TEST_API_KEY)
+    try:
+        events: list[dict] = []
+        conn.channel.on("message", lambda raw: events.append(json.loads(raw)))
+        sid = await session_sid(gw)
+        await speak(conn, 0.3)
+        marks = {"speech_end": time.time()}
+        await gw.bus.emit(SpeechStarted(sid=sid, turn=1, at_s=0.1),
+                          Transcript(sid=sid, turn=1, text="Tell me a story.", marks=marks),
+                          ReplyText(sid=sid, turn=1, seq=0, text="Once upon a time."),
+                          ReplyAudio(sid=sid, turn=1, seq=0, pcm=tone(1.0), sr=TRACK_RATE,
+                                     last=True, marks=marks),
+                          ReplyText(sid=sid, turn=1, seq=1, text="There was a king."),
+                          ReplyAudio(sid=sid, turn=1, seq=1, pcm=tone(9.0), sr=TRACK_RATE,
+                                     last=True, marks=marks))
+        await collect(conn, of_type("audio_start"))
+        await asyncio.sleep(1.5)  # the first sentence and half a second of the next played
+        assert await gw.bus.advance_turn(sid) == 2  # as the VAD does when speech starts
+        await gw.bus.emit(SpeechStarted(sid=sid, turn=2, at_s=2.0))
+        await collect(conn, of_type("speech_started"))
+        cleared_at = time.monotonic()
+        async with asyncio.timeout(5):
+            while "output_audio_buffer.cleared" not in [e["type"] for e in events]:
+                await asyncio.sleep(0.01)
+        truncated = next(e for e in events if e["type"] == "conversation.item.truncated")
+        assert 1200 <= truncated["audio_end_ms"] <= 2500, truncated
+        # the reply's audio stops reaching the caller: after the network's and the
+        # codec's few tens of ms, the track carries silence
+        await asyncio.sleep(1.0)
+        after = [peak for at, peak in conn.levels if at > cleared_at + 0.15]
+        before = [peak for at, peak in conn.levels if cleared_at - 0.5 < at < cleared_at - 0.1]
+        assert len(after) >= 30 and max(after) < 50, after
+        assert min(before) > 3000, before  # the tone was playing until then
+        async with asyncio.timeout(5):
+            while not (heard := await gw.redis.hget(keys.prefs(sid), "heard:1")):
+                await asyncio.sleep(0.02)
+        assert heard.decode() == "Once upon a time. There was a king."
+        done = next(e for e in events if e["type"] == "response.done")
+        assert done["response"]["status"] == "cancelled"
+    finally:
+        await conn.close()
+
+
+async def test_refusals_and_credentials(gw):
+    """Wrong or missing credentials, a second call over the principal's limit, a non-SDP
+    body and the gateway's call limit get the HTTP status and error of each; a ticket
+    works once, as Bearer s2s.ticket.<ticket>."""
+    url, _ = calls_url(gw.http)
+    from s2s.client import ProtocolError
+
+    with pytest.raises(ProtocolError) as e:
+        await WebRTCConnection.open(gw.http, api_key="wrong")
+    assert e.value.code == "unauthorized" and "unknown API key" in str(e.value)
+    with pytest.raises(ProtocolError) as e:
+        await WebRTCConnection.open(gw.http, api_key="")
+    assert e.value.code == "unauthorized" and "no credential" in str(e.value)
+    status, _, body = await asyncio.to_thread(post, url, b"hello", {
+        "Content-Type": "text/plain", "Authorization": f"Bearer {TEST_API_KEY}"})
+    assert status == 415 and body["error"]["code"] == "unsupported_media_type"
+    status, _, body = await asyncio.to_thread(post, url, b"not sdp", {
+        "Content-Type": "application/sdp", "Authorization": f"Bearer {TEST_API_KEY}"})
+    assert status == 400 and body["error"]["code"] == "invalid_sdp"
+    status, _, body = await asyncio.to_thread(post, url, b"v=0\r\no=- 1 1 IN IP4 0\r\n", {
+        "Content-Type": "application/sdp", "Authorization": f"Bearer {TEST_API_KEY}"})
+    assert status == 400 and body["error"]["code"] == "invalid_sdp"
+
+    def ticket() -> str:
+        req = urllib.request.Request(gw.http + "/auth/ticket", method="POST",
+                                     headers={"Authorization": f"Bearer {TEST_API_KEY}"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())["ticket"]
+
+    t = await asyncio.to_thread(ticket)
+    other = mint_token(TEST_TOKEN_SECRET, "other", 600)
+    conns = [await WebRTCConnection.open(gw.http, api_key="s2s.ticket." + t)]
+    try:
+        with pytest.raises(ProtocolError) as e:  # one-time
+            await WebRTCConnection.open(gw.http, api_key="s2s.ticket." + t)
+        assert e.value.code == "unauthorized"
+        conns.append(await WebRTCConnection.open(gw.http, api_key=TEST_API_KEY))
+        with pytest.raises(ProtocolError) as e:  # principal_max_sessions: 2
+            await WebRTCConnection.open(gw.http, api_key=TEST_API_KEY)
+        assert e.value.code == "session_limit" and "HTTP 429" in str(e.value)
+        conns.append(await WebRTCConnection.open(gw.http, api_key=other))
+        assert len({c.session_id for c in conns}) == 3
+        with pytest.raises(ProtocolError) as e:  # webrtc_max_calls: 3
+            await WebRTCConnection.open(gw.http, api_key=other)
+        assert e.value.code == "too_many_calls" and "HTTP 503" in str(e.value)
+        assert e.value.error["retry_after_s"] >= 1
+        # hanging up ends the session and frees its call: another is answered
+        await conns.pop(0).close()
+        async with asyncio.timeout(10):
+            while (await asyncio.to_thread(healthz, gw))["sessions"] != 2:
+                await asyncio.sleep(0.05)
+        conns.append(await WebRTCConnection.open(gw.http, api_key=TEST_API_KEY))
+    finally:
+        for c in conns:
+            await c.close()
