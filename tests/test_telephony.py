@@ -22,7 +22,9 @@ import websockets
 
 from s2s import config, keys, metrics
 from s2s.bench.telephony_client import RATE, TwilioCall, from_phone, to_phone
-from s2s.frames import Audio, ReplyAudio, ReplyText, SessionOpen, SpeechStarted, Transcript
+from s2s.bus import FIELD
+from s2s.frames import (Audio, ReplyAudio, ReplyText, SessionOpen, SpeechStarted, Transcript,
+                        decode)
 from s2s.gateway import g711
 from s2s.gateway.telephony.serializer import BadMessage, MarkPlayed, Media, Start, Stop
 from s2s.gateway.telephony.twilio import TwilioSerializer, signature, stream_twiml
@@ -300,3 +302,66 @@ async def test_token_parameter_accepted(gw):
     finally:
         await call.hang_up()
     assert call.close_code == 1000
+
+
+# --- the real stack: real models, real speech at 8 kHz μ-law --------------------------------
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+async def test_phone_call_on_the_real_stack(redis_url, workers, tmp_path):
+    """A call as Twilio makes one, on JFK's speech made 8 kHz μ-law: it is answered with
+    spoken audio (marks returned as it plays), and speaking over the reply brings a
+    ``clear`` well within 300 ms of the VAD hearing the speech start; the history keeps
+    only what the caller heard of the reply."""
+    import redis.asyncio as aioredis
+
+    from s2s.gateway.telephony.socket import resume_ticket
+    from tests.conftest import gateway_process
+
+    for stage in ("vad", "stt", "llm", "tts"):
+        workers.start(stage)
+    redis = aioredis.from_url(redis_url)
+    jfk = load_pcm16(DATA / "jfk.wav")
+    first, second = to_phone(jfk[int(5.2 * 16000):int(7.9 * 16000)]), \
+        to_phone(jfk[int(8.0 * 16000):])
+    try:
+        with gateway_process(redis_url, tmp_path) as (http, _):
+            for stage in ("vad", "stt", "llm", "tts"):
+                await asyncio.to_thread(workers.wait_ready, stage, 1, 300)
+            call = await TwilioCall.open(http.replace("http", "ws") + "/telephony/twilio",
+                                         api_key=TEST_API_KEY)
+            try:
+                pos = await call.speak(first)
+                deadline = time.monotonic() + 90
+                while not call.heard.media:  # silence, as a phone line carries, until the reply
+                    assert time.monotonic() < deadline and not call.closed.is_set(), \
+                        "no reply to the call"
+                    pos = await call.silence(0.1, pos)
+                sid = (await redis.get(keys.ticket(resume_ticket(
+                    "twilio", call.account_sid, call.call_sid)))).decode()
+                await call.speak(second, pos)  # the caller talks over the reply
+                deadline = time.monotonic() + 10
+                while not call.heard.clears:
+                    assert time.monotonic() < deadline, "no clear after the barge-in"
+                    await call.silence(0.1)
+                assert not call.violations
+                assert call.heard.marks_sent_back, "no mark came back as the reply played"
+                # the VAD's speech start of the barge-in: its entry's time in Redis
+                started = [(int(eid.split(b"-")[0]) / 1000, f)
+                           for eid, f in [(e, decode(d[FIELD])) for e, d in
+                                          await redis.xrange(keys.out(sid))]
+                           if isinstance(f, SpeechStarted)]
+                vad_at = max(at for at, _ in started)
+                assert call.heard.clears[0] - vad_at < 0.3, \
+                    f"clear {call.heard.clears[0] - vad_at:.3f} s after the VAD's speech start"
+                prefs = await gw_prefs(redis, sid)
+                heard = [v for k, v in prefs.items() if k.startswith("heard:")]
+                assert heard, "the history was not cut to what was heard"
+            finally:
+                await call.hang_up()
+    finally:
+        await redis.aclose()
+
+
+async def gw_prefs(redis, sid: str) -> dict:
+    raw = await redis.hgetall(keys.prefs(sid))
+    return {k.decode(): v.decode() for k, v in raw.items()}

@@ -12,13 +12,16 @@ caller speaks over a reply; the history then keeps only what the caller heard (a
 connects again (``<Connect action>`` fetching the TwiML again) resumes its session: the
 session id waits under the call's id in a one-time resume ticket.
 
-What waits for the session is bounded (``INBOX_MAX`` messages: 5 s of 20 ms audio); a
-provider that sends faster than the session is served, or keeps sending malformed
-messages, is refused and the call's connection closed."""
+The provider sends in real time whatever the session does, so the caller's audio waits in
+one queue: 20 ms messages go in one by one while the session keeps up, and when it falls
+behind (a loaded machine) what waits is joined into larger messages, so it catches up.
+What waits is bounded (``BEHIND_MAX_S`` of audio); past it, or when the provider keeps
+sending malformed messages, the call's connection is closed (1008)."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import json
 import logging
@@ -38,7 +41,8 @@ from .serializer import BadMessage, Dtmf, Media, MarkPlayed, Serializer, Start, 
 
 log = logging.getLogger("s2s.gateway.telephony")
 
-INBOX_MAX = 256
+BEHIND_MAX_S = 30.0        # caller audio waiting for the session before the call is dropped
+JOIN_MAX_S = 0.5           # waiting audio is joined into messages of at most this long
 CLOSE_TIMEOUT_S = 2.0
 MARK_EVERY_S = 0.2         # a mark after each 200 ms of reply audio: how far the caller heard
 RESUME_TICKET_PREFIX = "call:"
@@ -67,7 +71,9 @@ class TelephonySocket:
         self.auth = auth
         self.bus = bus                          # the home cell's: resume tickets live there
         self.on_event = on_event
-        self.inbox: asyncio.Queue[dict] = asyncio.Queue(maxsize=INBOX_MAX)
+        self.inbox: collections.deque[dict] = collections.deque()
+        self.waiting_bytes = 0                  # caller audio in the inbox
+        self.arrived = asyncio.Event()
         self.final: dict | None = None
         self.pump: asyncio.Task | None = None
         self.start: Start | None = None
@@ -86,9 +92,16 @@ class TelephonySocket:
         self.pump = asyncio.create_task(self._pump())
 
     async def receive(self) -> dict:
+        while self.final is None and not self.inbox:
+            self.arrived.clear()
+            await self.arrived.wait()
         if self.final is not None:
             return self.final
-        return await self.inbox.get()
+        message = self.inbox.popleft()
+        if message.get("bytes") is not None:
+            message = {**message, "bytes": bytes(message["bytes"])}
+            self.waiting_bytes -= len(message["bytes"])
+        return message
 
     async def send_text(self, text: str) -> None:
         await self._native(json.loads(text))
@@ -157,14 +170,13 @@ class TelephonySocket:
             await within(CLOSE_TIMEOUT_S, self._ws.close(code=POLICY, reason=reason))
         except Exception:  # gone already: the session ends all the same
             pass
-        self.final = _disconnect(POLICY)
-        self._end(self.final, in_order=False)
+        self._end(_disconnect(POLICY), in_order=False)
 
     async def _provider(self, event: Any) -> bool:
         """One provider event; False when the stream is over."""
         if isinstance(event, Media):
             if self.start is not None and event.pcm:
-                return self._to_session({"type": "websocket.receive", "bytes": event.pcm})
+                return self._audio_in(event.pcm)
         elif isinstance(event, MarkPlayed):
             self.playout.played(event.name)
         elif isinstance(event, Start):
@@ -205,29 +217,39 @@ class TelephonySocket:
         return resume_ticket(self.serializer.name, start.account_id, start.call_id)
 
     def _to_session(self, message: dict) -> bool:
-        """Queue a message for the session; False when too many wait (the session is not
-        keeping up with the call): the call is then dropped."""
-        try:
-            self.inbox.put_nowait(message)
-            return True
-        except asyncio.QueueFull:
+        self.inbox.append(message)
+        self.arrived.set()
+        return True
+
+    def _audio_in(self, pcm: bytes) -> bool:
+        """Queue caller audio, joined to audio already waiting; False when the session
+        has fallen too far behind the call: the call is then dropped."""
+        rate = self.serializer.sample_rate
+        if self.waiting_bytes + len(pcm) > BEHIND_MAX_S * rate * 2:
             metrics.REJECTED.labels("input_overflow").inc()
-            log.warning("telephony: more than %d messages wait for the session: call dropped",
-                        INBOX_MAX, extra={"sid": self.sid or "-"})
+            log.warning("telephony: more than %.0f s of the caller's audio wait for the "
+                        "session: call dropped", BEHIND_MAX_S, extra={"sid": self.sid or "-"})
             self.final = _disconnect(POLICY)
+            self.arrived.set()
             asyncio.ensure_future(self._give_up("input_overflow"))
             return False
+        last = self.inbox[-1] if self.inbox else None
+        join = min(int(JOIN_MAX_S * rate) * 2, self.settings.max_message_bytes // 2 * 2)
+        self.waiting_bytes += len(pcm)
+        if last is not None and isinstance(last.get("bytes"), bytearray) and \
+                len(last["bytes"]) + len(pcm) <= join:
+            last["bytes"] += pcm
+            return True
+        return self._to_session({"type": "websocket.receive", "bytes": bytearray(pcm)})
 
     def _end(self, message: dict, in_order: bool = True) -> None:
         """The session's last message: after what is queued (the call ended), or before
         it (the connection is given up)."""
-        try:
-            self.inbox.put_nowait(message)
-            if in_order:
-                return
-        except asyncio.QueueFull:
-            pass
-        self.final = message
+        if in_order:
+            self._to_session(message)
+        else:
+            self.final = message
+            self.arrived.set()
 
     # --- the session -> the provider -------------------------------------------------------
     async def _native(self, msg: dict) -> None:
