@@ -202,6 +202,9 @@ def test_web_client_full_stack(redis_url, workers, tmp_path):
         assert s["lastVoiceToVoiceMs"] is not None and s["lastVoiceToVoiceMs"] > 0
         assert s["audioSecondsPlayed"] > 0.2
         assert s["micFramesSent"] > 100
+        # by default a WebRTC call (Opus both ways), measured by the browser's own stats
+        assert s["transport"] == "webrtc" and s["fallbacks"] == 0, s
+        assert s["rtcCodec"] == "audio/opus" and s["rtcPacketsReceived"] > 50, s
         page.wait_for_timeout(1500)  # let a little more of the reply render
         # docs/web-client.png is refreshed only on request, so test runs leave the tree clean
         save_screenshot(page, tmp_path / "web-client.png",
@@ -567,3 +570,18 @@ def test_mic_worklet_resamples_to_16k(tmp_path, rate):
                 assert abs(peak_hz - freq) < 5, peak_hz
             else:
                 assert rms < 0.01 * amp, rms  # at least 40 dB down
+
+
+@pytest.mark.timeout(120)
+def test_web_client_falls_back_to_the_websocket(tmp_path):
+    """A server without the WebRTC endpoint (the stand-in answers its POST with 404): the
+    page says why in its error log and holds the conversation over the WebSocket."""
+    with StandIn() as server, browser(tmp_path) as page:
+        page.goto(server.url + "/")
+        page.click("#talk")
+        s = wait_for(page, lambda s: s["audioChunksPlayed"] >= 70, 30, "the reply audio")
+        assert s["transport"] == "websocket" and s["fallbacks"] == 1, s
+        assert any(e["code"] == "webrtc" and "HTTP 404" in e["message"] for e in s["errors"])
+        assert server.connections == 1 and server.hellos[0]["sample_rate"] == 16000
+        assert _bubbles(page, "user") == [
+            "And so my fellow Americans, ask not what your country can do for you."]

@@ -1,6 +1,10 @@
-// s2s web client: wires the microphone, the WebSocket session, playback and the page.
+// s2s web client: wires the microphone, the session, playback and the page. The session
+// is a WebRTC call (webrtc.js: Opus both ways, the browser's echo canceller tied to the
+// reply it plays) unless the browser or the server cannot do that; then, or with
+// ?transport=ws, it is the WebSocket (connection.js: PCM, played by audio.js's Player).
 import { Connection, defaultUrl, takeKeyFromFragment } from "./connection.js";
 import { Mic, MicError, Player } from "./audio.js";
+import { RtcConnection, callsUrl } from "./webrtc.js";
 
 // a login link (#key=…) from `s2s up`: keep the key for this tab, clean the address bar
 takeKeyFromFragment();
@@ -40,6 +44,10 @@ const stats = (window.s2sStats = {
   connects: 0,
   reconnects: 0,
   errors: [],
+  transport: null, // "webrtc" | "websocket"
+  fallbacks: 0, // WebRTC given up for the WebSocket
+  rtcCodec: null,
+  rtcPacketsReceived: 0,
 });
 
 let ctx = null;
@@ -277,8 +285,12 @@ function onMessage(msg) {
         badge.title = "Voice-to-voice latency: from the end of your speech to the first reply audio";
         badge.setAttribute("aria-label", `voice-to-voice latency ${ms} milliseconds`);
       }
+      if (conn && conn.isRtc) setPhase("speaking"); // its audio is on the call's track
       break;
     }
+    case "audio_stopped": // WebRTC: the reply has all been played out
+      if (phase === "speaking") setPhase("listening");
+      break;
     case "reply_done": {
       const t = turns.get(n);
       if (t && t.bot) {
@@ -328,7 +340,8 @@ function onConnState({ state, attempt, delayMs, reason, reconnected, resumed, re
     setPhase("listening");
     const sid = conn.sessionId || "?";
     ui.meta.textContent = `Session ${sid.length > 12 ? sid.slice(0, 8) + "…" : sid} · ` +
-      `mic: ${mic.label || "default"} (${ctx.sampleRate / 1000} kHz → ${MIC_RATE / 1000} kHz)`;
+      `mic: ${mic.label || "default"} ` + (conn.isRtc ? "(WebRTC, Opus)"
+        : `(${ctx.sampleRate / 1000} kHz → ${MIC_RATE / 1000} kHz)`);
     ui.meta.title = `Session ${sid}`;
   } else if (state === "waiting") {
     setPill("offline", "Offline");
@@ -375,6 +388,7 @@ async function start() {
       targetRate: MIC_RATE,
       onFrame: (pcm, peak) => {
         level = Math.max(peak, level);
+        if (conn && conn.isRtc) return; // the microphone is the call's track: level only
         if (conn && conn.sendAudio(pcm)) stats.micFramesSent += 1;
         else stats.micFramesDropped += 1;
       },
@@ -396,11 +410,46 @@ async function start() {
   if (!running) return; // stopped while the microphone was opening
   minAudioTurn = 0;
   audioTurn = -1;
+  const wantsWs = new URLSearchParams(location.search).get("transport") === "ws";
+  if (window.RTCPeerConnection && !wantsWs) startRtc();
+  else startWs();
+}
+
+function listen(c) {
+  c.addEventListener("state", (e) => { if (conn === c) onConnState(e.detail); });
+  c.addEventListener("message", (e) => { if (conn === c) onMessage(e.detail); });
+  c.addEventListener("audio", (e) => { if (conn === c) onAudio(e.detail); });
+}
+
+function startWs() {
+  stats.transport = "websocket";
   conn = new Connection({ url: defaultUrl(), sampleRate: MIC_RATE, outputSampleRate: OUT_RATE });
-  conn.addEventListener("state", (e) => onConnState(e.detail));
-  conn.addEventListener("message", (e) => onMessage(e.detail));
-  conn.addEventListener("audio", (e) => onAudio(e.detail));
+  listen(conn);
   conn.start();
+}
+
+function startRtc() {
+  stats.transport = "webrtc";
+  const rtc = new RtcConnection({ url: callsUrl(defaultUrl()), stream: mic.stream });
+  conn = rtc;
+  listen(rtc);
+  rtc.addEventListener("rtcstats", (e) => {
+    if (conn !== rtc) return;
+    const m = e.detail;
+    stats.micFramesSent = m.packetsSent; // 20 ms Opus frames of the microphone
+    stats.rtcPacketsReceived = m.packetsReceived;
+    stats.rtcCodec = m.codec;
+    stats.audioSecondsPlayed = m.replySeconds; // measured: audible seconds played out
+    stats.audioChunksPlayed = m.loudIntervals; // 250 ms intervals that carried the reply
+  });
+  rtc.addEventListener("fallback", (e) => {
+    if (conn !== rtc || !running) return;
+    stats.fallbacks += 1;
+    recordError("webrtc", e.detail.reason);
+    console.info(`WebRTC unavailable (${e.detail.reason}): using the WebSocket`);
+    startWs();
+  });
+  rtc.start();
 }
 
 function stop() {
