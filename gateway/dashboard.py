@@ -63,7 +63,7 @@ class Dashboard:
             self.task = asyncio.create_task(self._sample())
 
     async def _sample(self) -> None:
-        async with httpx.AsyncClient(verify=False) as client:  # workers' own certs, if any
+        async with httpx.AsyncClient() as client:
             source = (PrometheusSource(self.prometheus_url, client) if self.prometheus_url
                       else RegistrySource(self.list_workers, generate_latest, client))
             while time.monotonic() - self.last_request < IDLE_S:
@@ -104,11 +104,12 @@ class Dashboard:
                            for s in STAGES}
         series["in_flight"] = {s: [p.in_flight.get(s, 0.0) for p in points] for s in STAGES}
         series["workers"] = {s: [p.workers.get(s, 0) for p in points] for s in STAGES}
-        return {"source": self.source_name, "sampling": self.task is not None
-                and not self.task.done(), "error": self.last_error, "now": now,
-                "interval_s": self.interval_s, "window_s": self.window_s, "range_s": range_s,
-                "max_range_s": self.max_range_s, "points": len(points), "series": series,
-                "summary": History.figures(points, range_s), "live": self.live()}
+        sampling = self.task is not None and not self.task.done()
+        return {"source": self.source_name, "sampling": sampling, "error": self.last_error,
+                "now": now, "interval_s": self.interval_s, "window_s": self.window_s,
+                "range_s": range_s, "max_range_s": self.max_range_s, "points": len(points),
+                "series": series, "summary": History.figures(points, range_s),
+                "live": self.live()}
 
     def live(self) -> dict:
         """The last tick's processes: every worker with its in-flight work, and per stage

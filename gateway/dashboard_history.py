@@ -53,7 +53,10 @@ def add_counts(into: Series, counts: Series) -> None:
         into[key] = into.get(key, 0.0) + v
 
 
-def buckets(counts: Series, name: str, by: str | None = None) -> dict[str, list[tuple[float, float]]]:
+Buckets = list[tuple[float, float]]  # (le, cumulative count), sorted by le
+
+
+def buckets(counts: Series, name: str, by: str | None = None) -> dict[str, Buckets]:
     """Cumulative buckets of histogram ``name`` summed over every other label, by the
     value of label ``by`` ("" when None): {group: [(le, count), ...] sorted by le}."""
     acc: dict[str, dict[float, float]] = {}
@@ -67,7 +70,7 @@ def buckets(counts: Series, name: str, by: str | None = None) -> dict[str, list[
     return {g: sorted(b.items()) for g, b in acc.items()}
 
 
-def quantile(q: float, cumulative: list[tuple[float, float]]) -> float | None:
+def quantile(q: float, cumulative: Buckets) -> float | None:
     """Prometheus's histogram_quantile over one group's cumulative buckets (seconds)."""
     if not cumulative or cumulative[-1][1] <= 0:
         return None
@@ -84,7 +87,7 @@ def quantile(q: float, cumulative: list[tuple[float, float]]) -> float | None:
     return prev_le
 
 
-def count(cumulative: list[tuple[float, float]]) -> int:
+def count(cumulative: Buckets) -> int:
     return int(round(cumulative[-1][1])) if cumulative else 0
 
 

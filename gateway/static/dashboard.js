@@ -19,6 +19,9 @@ export function fmtMs(v) {
   return v >= 1000 ? `${(v / 1000).toFixed(2)} s` : `${Math.round(v)} ms`;
 }
 
+// axis ticks: finer than fmtMs, which rounds to whole milliseconds
+const tickMs = (v) => (v >= 1000 ? `${+(v / 1000).toFixed(2)} s` : `${+v.toFixed(v < 10 ? 1 : 0)} ms`);
+
 const fmtNum = (v) => (v === null || v === undefined ? "–" : String(Math.round(v * 10) / 10));
 
 // --- charts ---------------------------------------------------------------------------
@@ -27,9 +30,12 @@ function chart(el, series, { unit = "" } = {}) {
                  ticks: { stroke: css("--line"), width: 1 } };
   const opts = {
     width: Math.max(300, el.clientWidth), height: 210,
-    scales: { x: { time: true }, y: { range: (u, min, max) => [0, max > 0 ? max * 1.1 : 1] } },
-    axes: [axis, { ...axis, size: 56,
-                   values: (u, ticks) => ticks.map((v) => (unit === "ms" ? fmtMs(v) : fmtNum(v))) }],
+    // from 0, and at least 0-100 ms (0-1) while a chart has no data yet
+    scales: { x: { time: true },
+              y: { range: (u, min, max) => [0, Math.max(max * 1.1, unit === "ms" ? 100 : 1)] } },
+    axes: [axis, { ...axis, size: 60, values: (u, ticks) => ticks.map(unit === "ms" ? tickMs : fmtNum),
+                   // counts (workers, items, sessions) tick at whole numbers
+                   ...(unit === "ms" ? {} : { incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000] }) }],
     legend: { live: true },
     series: [{}, ...series.map((s) => ({
       width: 2, points: { show: false }, ...s,
