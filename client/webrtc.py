@@ -154,6 +154,7 @@ class WebRTCConnection(RealtimeConnection):
                     error = json.loads(body).get("error") or {}
                 except ValueError:
                     error = {"code": f"http_{status}", "message": body[:200]}
+                error["http_status"] = status
                 if "retry-after" in {k.lower() for k in headers}:
                     retry = next(v for k, v in headers.items() if k.lower() == "retry-after")
                     error["retry_after_s"] = float(retry)

@@ -211,12 +211,11 @@ class WebRTCCalls:
     async def _answer(self, call: Call, offer: str) -> Response:
         pc = call.pc
         try:
+            if call.rt.track is not None:  # the offer's audio lands on this transceiver:
+                # its codecs are the offer's and these, Opus (none in common: refused)
+                pc.addTransceiver(call.track, direction="sendrecv").setCodecPreferences(
+                    self.opus)
             await pc.setRemoteDescription(RTCSessionDescription(sdp=offer, type="offer"))
-            for transceiver in pc.getTransceivers():
-                if transceiver.kind == "audio":
-                    transceiver.setCodecPreferences(self.opus)
-            if any(t.kind == "audio" for t in pc.getTransceivers()):
-                pc.addTrack(call.track)
             await pc.setLocalDescription(await pc.createAnswer())
         except Exception as e:  # malformed SDP, no Opus, no common transport
             await self._close(call)

@@ -130,6 +130,27 @@ async def open_twilio(http: str, key: str | None, redis, resume: Any = None) -> 
     return Conn(sid.decode(), audio, call.hang_up, (call.call_sid, call.account_sid))
 
 
+# a refused WebRTC call's HTTP status, as the close code a WebSocket would have got
+HTTP_AS_CLOSE = {401: 1008, 403: 1008, 429: 1008, 503: 1013}
+
+
+async def open_webrtc(http: str, key: str | None, redis, resume: Any = None) -> Conn:
+    """A Realtime WebRTC call (client/webrtc.py: POST /v1/realtime/calls, Opus tracks,
+    the oai-events data channel); refused by the HTTP answer to its offer."""
+    from s2s.client import ProtocolError
+    from s2s.client.webrtc import WebRTCConnection
+
+    try:
+        conn = await WebRTCConnection.open(http, api_key=key or "")
+    except ProtocolError as e:
+        raise Refused(e.code, HTTP_AS_CLOSE.get(e.error.get("http_status"))) from None
+
+    async def audio(seconds: float) -> None:
+        await conn.send_audio(_pcm(seconds, 16000))
+
+    return Conn(conn.session_id, audio, conn.close)
+
+
 @dataclass
 class Transport:
     name: str
@@ -141,6 +162,7 @@ TRANSPORTS = [
     Transport("ws", open_ws, resumes=True),
     Transport("realtime", open_realtime, resumes=False),  # the Realtime API has no resume
     Transport("twilio", open_twilio, resumes=True),
+    Transport("webrtc", open_webrtc, resumes=False),  # a call is a Realtime session
 ]
 
 

@@ -251,3 +251,32 @@ async def test_refusals_and_credentials(gw):
     finally:
         for c in conns:
             await c.close()
+
+
+async def test_opus_is_the_only_codec(gw):
+    """An offer of every codec aiortc has gets Opus alone in the answer; one without Opus
+    is refused (400)."""
+    from aiortc import RTCPeerConnection, RTCConfiguration
+    from aiortc.rtcrtpsender import RTCRtpSender
+
+    url, _ = calls_url(gw.http)
+    for only in (None, "audio/PCMU"):
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        transceiver = pc.addTransceiver("audio", direction="sendrecv")
+        if only:
+            transceiver.setCodecPreferences([c for c in RTCRtpSender.getCapabilities(
+                "audio").codecs if c.mimeType == only])
+        pc.createDataChannel("oai-events")
+        await pc.setLocalDescription(await pc.createOffer())
+        offer = pc.localDescription.sdp
+        await pc.close()
+        assert "PCMU/8000" in offer and ("opus/48000" in offer) == (only is None)
+        req = urllib.request.Request(url, data=offer.encode(), method="POST", headers={
+            "Content-Type": "application/sdp", "Authorization": f"Bearer {TEST_API_KEY}"})
+        if only is None:
+            answer = await asyncio.to_thread(lambda: urllib.request.urlopen(req, timeout=10).read())
+            rtpmaps = [ln for ln in answer.decode().splitlines() if ln.startswith("a=rtpmap:")]
+            assert rtpmaps and all("opus/48000/2" in ln for ln in rtpmaps), rtpmaps
+        else:
+            status, _, body = await asyncio.to_thread(post, url, offer.encode(), dict(req.headers))
+            assert status == 400 and body["error"]["code"] == "invalid_sdp", body
