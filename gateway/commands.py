@@ -8,13 +8,14 @@ charged to the session's typed-message bucket: over it they are refused with
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Awaitable, Callable
 
 from s2s.bus import Bus
-from s2s.frames import SessionConfig, Transcript
+from s2s.frames import SessionConfig, ToolOutput, ToolResult, Transcript
 
-from . import messages
+from . import messages, tool_messages
 from .errors import Reject
 from .limits import TokenBucket
 from .playback import Playback
@@ -30,7 +31,7 @@ class Commands:
     async def handle(self, kind: str, obj: dict) -> bool:
         """Do what ``obj`` says; False when ``kind`` is not one of these."""
         handler = {"text": self.text, "cancel": self.cancel, "configure": self.configure,
-                   "truncate": self.truncate}.get(kind)
+                   "truncate": self.truncate, "tool_output": self.tool_output}.get(kind)
         if handler is None:
             return False
         await handler(obj)
@@ -65,6 +66,24 @@ class Commands:
             await self.bus.set_prefs(self.sid, instructions=instructions)
         if vad is not None:
             await self.bus.emit(SessionConfig(sid=self.sid, vad=vad))
+        if "tools" in obj or "tool_choice" in obj:  # the session's client tools (tools.md)
+            tools = tool_messages.tools(obj["tools"]) if "tools" in obj else None
+            names = [t["name"] for t in tools or []]
+            choice = tool_messages.tool_choice(obj.get("tool_choice", "auto"), names)
+            prefs = {"tool_choice": choice}
+            if tools is not None:
+                prefs["tools"] = json.dumps(tools)
+            await self.bus.set_prefs(self.sid, **prefs)
+
+    async def tool_output(self, obj: dict) -> None:
+        """What the client's tools returned for the calls it got (``tool_call``): a turn
+        of its own, which the assistant answers."""
+        outputs, text = tool_messages.outputs(obj)
+        self._charge("tool_output")
+        turn = await self.bus.advance_turn(self.sid)
+        await self.bus.emit(ToolOutput(sid=self.sid, turn=turn, text=text, out_sr=self.out_sr,
+                                       outputs=[ToolResult(**o) for o in outputs],
+                                       marks={"speech_end": time.time()}))
 
     async def truncate(self, obj: dict) -> None:
         """What the user heard of a reply (the client stopped playing it early): the

@@ -24,7 +24,8 @@ from typing import Callable, Union
 import numpy as np
 
 from s2s import metrics
-from s2s.frames import Frame, Notice, ReplyAudio, ReplyText, SpeechStarted, Transcript, TurnStatus
+from s2s.frames import (Frame, Notice, ReplyAudio, ReplyText, SpeechStarted, ToolCall, Transcript,
+                        TurnStatus)
 
 log = logging.getLogger("s2s.gateway")
 
@@ -147,6 +148,10 @@ class Playback:
             self._text(frame, out, now)
         elif isinstance(frame, ReplyAudio):
             self._audio(frame, out, now)
+        elif isinstance(frame, ToolCall):  # the client runs it, answers with tool_output
+            t.reply_seen = True
+            out.append({"type": "tool_call", "turn": t.turn, "call_id": frame.call_id,
+                        "name": frame.name, "arguments": frame.arguments})
         elif isinstance(frame, Notice):
             if frame.event == "error":
                 out.append({"type": "error", "code": "stage_error", "message": frame.message,

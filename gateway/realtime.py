@@ -29,7 +29,7 @@ from s2s import metrics
 from s2s.audio import StreamResampler
 from s2s.config import Settings
 
-from . import g711
+from . import g711, realtime_tools
 from .errors import NOT_READING
 from .limits import MAX_AUDIO_S, typed_bucket, within
 from .realtime_client import CLIENT_EVENTS, new_item_id, resampled
@@ -95,6 +95,7 @@ class RealtimeSocket:
         # thought's transcript comes in a later turn, for this same item
         self.unheard: tuple[int, str] | None = None
         self.texts_pending: list[str] = []     # typed user text waiting for response.create
+        self.tool_outputs: list[dict] = []     # function_call_output items, likewise
         self.text_turns = 0                     # native transcripts to expect for typed text
         self.response: Response | None = None
         self.responses: dict[str, Response] = {}  # assistant item id -> its response
@@ -288,6 +289,8 @@ class RealtimeSocket:
         elif kind == "audio_start":
             await self._response_for(msg["turn"]).start(self)
             self.out_resampler = None
+        elif kind == "tool_call":
+            await realtime_tools.function_call(self, msg)
         elif kind == "reply_done":
             if self.response is not None and self.response.turn == msg["turn"]:
                 await self._end_response("completed")

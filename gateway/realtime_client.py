@@ -20,7 +20,7 @@ import numpy as np
 
 from s2s.audio import StreamResampler
 
-from . import g711
+from . import g711, realtime_tools
 from .limits import MAX_AUDIO_S
 from .messages import MAX_TEXT_CHARS
 from .realtime_events import NATIVE_SR, UnsupportedConfig, user_text_item
@@ -66,6 +66,8 @@ async def session_update(rt: Any, event: dict, eid: str | None) -> None:
     vad = rt.config.vad_settings()
     if vad and vad != old.vad_settings():
         configure["vad"] = vad
+    if (rt.config.tools, rt.config.tool_choice) != (old.tools, old.tool_choice):
+        configure.update(realtime_tools.native_configure(rt.config))
     if configure:  # the native session applies them (the LLM's prompt, the VAD)
         rt.to_native({"type": "configure", **configure})
     await rt.emit("session.updated", session=rt.config.describe(rt.sid))
@@ -130,9 +132,13 @@ async def item_create(rt: Any, event: dict, eid: str | None) -> None:
     if not isinstance(item, dict):
         await rt.error("invalid_value", "item must be an object", eid, "item")
         return
+    if item.get("type") == "function_call_output":
+        await realtime_tools.call_output(rt, item, eid)
+        return
     if item.get("type", "message") != "message" or item.get("role") != "user":
-        await rt.error("unsupported_item", "only user messages can be added (no system, "
-                       "assistant or function-call items)", eid, "item.type")
+        await rt.error("unsupported_item", "only user messages and function_call_output "
+                       "items can be added (no system, assistant or function_call items)",
+                       eid, "item.type")
         return
     texts, audio = [], b""
     for part in item.get("content") or []:
@@ -181,6 +187,19 @@ async def item_create(rt: Any, event: dict, eid: str | None) -> None:
 
 
 async def response_create(rt: Any, event: dict, eid: str | None) -> None:
+    overrides = event.get("response")
+    if isinstance(overrides, dict) and ("tools" in overrides or "tool_choice" in overrides):
+        await rt.error("unsupported_value", "per-response tools and tool_choice are not "
+                       "served: set them with session.update", eid, "response.tools")
+        return
+    if rt.tool_outputs:  # the client's results (and any typed text): one turn answers them
+        if not rt.typed.take():
+            await _rate_limited(rt, "response.create", eid)
+            return  # the outputs stay pending: a later response.create sends them
+        outputs, rt.tool_outputs = rt.tool_outputs, []
+        text, rt.texts_pending = " ".join(rt.texts_pending), []
+        rt.to_native({"type": "tool_output", "outputs": outputs, "text": text})
+        return
     if rt.texts_pending:
         if not rt.typed.take():
             await _rate_limited(rt, "response.create", eid)

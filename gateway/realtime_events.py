@@ -10,10 +10,12 @@ import copy
 import uuid
 from typing import Any
 
+from .realtime_tools import configured_tools
+
 FORMATS = {"audio/pcm": 24000, "audio/pcmu": 8000, "audio/pcma": 8000}
 NATIVE_SR = FORMATS["audio/pcm"]   # the native session's rate both ways
 #: session fields a client may send that s2s accepts and does not act on
-IGNORED_FIELDS = {"type", "model", "tools", "tool_choice", "max_output_tokens", "tracing",
+IGNORED_FIELDS = {"type", "model", "max_output_tokens", "tracing",
                   "truncation", "prompt", "include", "expires_at", "id", "object"}
 VOICE = "joe"
 MAX_INSTRUCTIONS = 4000     # as the native configure's (gateway/messages.py)
@@ -47,6 +49,8 @@ class RealtimeConfig:
 
     def __init__(self, settings: Any = None) -> None:
         self.instructions = ""
+        self.tools: list[dict] = []         # the client's function tools (realtime_tools.py)
+        self.tool_choice: str | dict = "auto"
         self.input_format = "audio/pcm"
         self.output_format = "audio/pcm"
         self.modalities = ["audio"]
@@ -98,7 +102,10 @@ class RealtimeConfig:
             new.transcription = tr
         if "turn_detection" in inp:
             new.turn_detection = _turn_detection(inp["turn_detection"], new.turn_detection, bad)
-        unknown = set(session) - IGNORED_FIELDS - {"instructions", "output_modalities", "audio"}
+        if "tools" in session or "tool_choice" in session:
+            new.tools, new.tool_choice = configured_tools(session, new.tools, new.tool_choice, bad)
+        unknown = set(session) - IGNORED_FIELDS - {"instructions", "output_modalities", "audio",
+                                                   "tools", "tool_choice"}
         if unknown:
             raise bad(sorted(unknown)[0], f"unknown session field {sorted(unknown)[0]!r}",
                       "unknown_parameter")
@@ -122,7 +129,8 @@ class RealtimeConfig:
         return {
             "type": "realtime", "object": "realtime.session", "id": f"sess_{sid}", "model": "s2s",
             "output_modalities": self.modalities, "instructions": self.instructions,
-            "tools": [], "tool_choice": "auto", "max_output_tokens": "inf", "tracing": None,
+            "tools": self.tools, "tool_choice": self.tool_choice, "max_output_tokens": "inf",
+            "tracing": None,
             "truncation": "auto", "prompt": None, "expires_at": 0, "include": None,
             "audio": {
                 "input": {"format": fmt(self.input_format), "transcription": self.transcription,
@@ -189,6 +197,10 @@ class Response:
         self.started = self.done = False
         self.pieces: list[tuple[float, str]] = []  # (audio seconds sent before it, text)
         self.audio_s = 0.0
+        # output items in order: the spoken message (opened by its first text or audio)
+        # and function calls (realtime_tools.py), as dicts whose "item" is sent
+        self.outputs: list[dict] = []
+        self.message_index: int | None = None
 
     @property
     def transcript(self) -> str:
@@ -209,9 +221,10 @@ class Response:
     def _body(self, status: str, reason: str | None = None) -> dict:
         words = len(self.transcript.split())
         item_status = "completed" if status == "completed" else "incomplete"
+        output = [self.item(item_status) if o.get("message") else o["item"] for o in self.outputs]
         body = {"object": "realtime.response", "id": self.id, "status": status,
                 "status_details": {"type": status, "reason": reason} if reason else None,
-                "output": [] if status == "in_progress" else [self.item(item_status)],
+                "output": [] if status == "in_progress" else output,
                 "output_modalities": ["audio"] if self.audio else ["text"],
                 "conversation_id": None, "metadata": None, "max_output_tokens": "inf",
                 "audio": {"output": {"format": {"type": self.output_format}, "voice": VOICE}},
@@ -225,22 +238,31 @@ class Response:
         return body
 
     def _ids(self) -> dict:
-        return {"response_id": self.id, "item_id": self.item_id, "output_index": 0,
-                "content_index": 0}
+        return {"response_id": self.id, "item_id": self.item_id,
+                "output_index": self.message_index or 0, "content_index": 0}
 
     async def start(self, rt) -> None:
         if self.started:
             return
         self.started = True
         await rt.emit("response.created", response=self._body("in_progress"))
-        await rt.emit("response.output_item.added", response_id=self.id, output_index=0,
-                      item=self.item("in_progress"))
+
+    async def _open_message(self, rt) -> None:
+        """The spoken message item, at its first text or audio (a reply that only calls
+        a tool has none)."""
+        if self.message_index is not None:
+            return
+        self.message_index = len(self.outputs)
+        self.outputs.append({"message": True})
+        await rt.emit("response.output_item.added", response_id=self.id,
+                      output_index=self.message_index, item=self.item("in_progress"))
         await rt.emit("conversation.item.added", previous_item_id=self.previous_item,
                       item=self.item("in_progress"))
         part = {"type": "audio", "transcript": ""} if self.audio else {"type": "text", "text": ""}
         await rt.emit("response.content_part.added", part=part, **self._ids())
 
     async def text_delta(self, rt, text: str) -> None:
+        await self._open_message(rt)
         self.pieces.append((self.audio_s, text))
         delta = text if len(self.pieces) == 1 else " " + text
         kind = "response.output_audio_transcript.delta" if self.audio else \
@@ -248,6 +270,7 @@ class Response:
         await rt.emit(kind, delta=delta, **self._ids())
 
     async def audio_delta(self, rt, payload: bytes, seconds: float) -> None:
+        await self._open_message(rt)
         self.audio_s += seconds
         if self.audio:
             await rt.emit("response.output_audio.delta",
@@ -255,6 +278,11 @@ class Response:
 
     async def finish(self, rt, status: str, reason: str | None = None) -> None:
         self.done = True
+        if self.message_index is not None:
+            await self._finish_message(rt, status)
+        await rt.emit("response.done", response=self._body(status, reason))
+
+    async def _finish_message(self, rt, status: str) -> None:
         if self.audio:
             await rt.emit("response.output_audio.done", **self._ids())
             await rt.emit("response.output_audio_transcript.done", transcript=self.transcript,
@@ -265,8 +293,7 @@ class Response:
             part = {"type": "text", "text": self.transcript}
         await rt.emit("response.content_part.done", part=part, **self._ids())
         item_status = "completed" if status == "completed" else "incomplete"
-        await rt.emit("response.output_item.done", response_id=self.id, output_index=0,
-                      item=self.item(item_status))
+        await rt.emit("response.output_item.done", response_id=self.id,
+                      output_index=self.message_index, item=self.item(item_status))
         await rt.emit("conversation.item.done", previous_item_id=self.previous_item,
                       item=self.item(item_status))
-        await rt.emit("response.done", response=self._body(status, reason))

@@ -56,6 +56,10 @@ class Settings:
     dead_maxlen: int = opt(200, "Approximate most entries kept in the dead-letter stream "
                                 "`s2s:dead` (each may hold a whole utterance).")
     block_ms: int = opt(500, "How long one blocking stream read waits, in milliseconds.")
+    redis_pool_size: int = opt(16, "Most Redis connections a process opens for its commands "
+                                   "(a command waits for a free one beyond that), however many "
+                                   "sessions it serves; the session-stream readers and the turn "
+                                   "subscription hold one more each.")
     stream_maxlen: int = opt(10000, "Approximate MAXLEN of shared stage streams (XADD MAXLEN ~).")
     session_maxlen: int = opt(2000, "Approximate MAXLEN of per-session streams.")
     session_ttl_s: int = opt(3600, "TTL of per-session keys, refreshed on every write.")
@@ -153,6 +157,22 @@ class Settings:
     llm_openai_api_key: str = opt("", "API key for the OpenAI-compatible server.", "llm")
     llm_openai_model: str = opt("", "Model name sent to the OpenAI-compatible server "
                                     "(empty: the first one it lists).", "llm")
+    llm_tools: str = opt("", "Tools every session's assistant may call, comma-separated: "
+                             "`package.module:function` (a Python callable, or a list of "
+                             "them), `entrypoint:NAME` (group `s2s.tools`), or an http(s) URL "
+                             "(GET lists the tools, POST URL/NAME calls one). See "
+                             "docs/tools.md.", "llm")
+    llm_mcp_servers: str = opt("", "MCP servers whose tools every session's assistant may "
+                                   "call, `;`-separated: `stdio:COMMAND ARGS` or a streamable "
+                                   "HTTP URL (http://host:port/mcp).", "llm")
+    llm_tool_timeout_s: float = opt(10.0, "A tool call that takes longer fails (the assistant "
+                                          "apologises).", "llm")
+    llm_tool_filler: str = opt("Let me check.", "Said while a slow tool runs (empty: nothing); "
+                                                "at most once per turn.", "llm")
+    llm_tool_filler_ms: int = opt(700, "A tool call still running after this many ms gets the "
+                                       "filler (0: never).", "llm")
+    llm_tool_rounds: int = opt(1, "Rounds of tool calls in one reply before the assistant must "
+                                  "answer (the bundled model makes one call per round).", "llm")
 
     # --- tts ------------------------------------------------------------------------
     tts_voice: str = opt("", "Piper voice .onnx file (its .onnx.json beside it). Empty: the "

@@ -3,6 +3,11 @@
     {"history": [{"role": "user", "content": "...", "turn": 3, "start_s": 0.3, "end_s": 2.3},
                  {"role": "assistant", "content": "...", "turn": 3}, ...]}
 
+Tool calls are kept as the OpenAI chat format keeps them: an assistant entry with
+``tool_calls`` (and ``content`` what was said before the call, often ""), then one
+``{"role": "tool", "tool_call_id", "name", "content"}`` entry per result, then the
+assistant's spoken answer.  A client's tool results arrive in a turn of their own.
+
 Entries carry their turn so that a re-run of a turn (a worker died mid-reply,
 another claimed the entry) replaces that turn instead of appending it twice.
 User entries carry the session audio span of their speech (older contexts may
@@ -47,10 +52,45 @@ def answered_early(ctx: Any, turn: int, start_s: float | None) -> bool:
 
 
 def set_reply(ctx: dict, turn: int, text: str) -> dict:
-    """Record what was spoken so far of this turn's reply (replacing the last value)."""
-    history = [m for m in ctx["history"] if not (m["role"] == "assistant" and m["turn"] == turn)]
+    """Record what was spoken so far of this turn's reply (replacing the last value; the
+    turn's tool calls and results stay before it)."""
+    history = [m for m in ctx["history"] if not (m["role"] == "assistant" and m["turn"] == turn
+                                                 and not m.get("tool_calls"))]
     history.append({"role": "assistant", "content": text, "turn": turn})
     return {"history": history}
+
+
+def add_tool_calls(ctx: dict, turn: int, said: str, calls: list[dict]) -> dict:
+    """This turn's reply calls tools (``calls``: OpenAI ``tool_calls`` entries) after
+    saying ``said``: an assistant entry with them replaces what was recorded as said."""
+    history = [m for m in ctx["history"] if not (m["role"] == "assistant" and m["turn"] == turn
+                                                 and not m.get("tool_calls"))]
+    history.append({"role": "assistant", "content": said, "tool_calls": calls, "turn": turn})
+    return {"history": history}
+
+
+def add_tool_result(ctx: dict, turn: int, call_id: str, name: str, output: str) -> dict:
+    history = [m for m in ctx["history"] if not (m["role"] == "tool"
+                                                 and m.get("tool_call_id") == call_id)]
+    history.append({"role": "tool", "tool_call_id": call_id, "name": name, "content": output,
+                    "turn": turn})
+    return {"history": history}
+
+
+def start_tool_turn(ctx: Any, turn: int, keep_turns: int) -> dict:
+    """A turn that answers a client's tool results (added next): a re-run replaces it."""
+    return {"history": _trim([m for m in _history(ctx) if m.get("turn", -1) < turn],
+                             keep_turns)}
+
+
+def open_calls(ctx: dict) -> dict[str, str]:
+    """Calls of the history without a result yet: id -> tool name."""
+    calls = {c["id"]: c["function"]["name"] for m in ctx["history"]
+             for c in m.get("tool_calls") or [] if m["role"] == "assistant"}
+    for m in ctx["history"]:
+        if m["role"] == "tool":
+            calls.pop(m.get("tool_call_id"), None)
+    return calls
 
 
 def apply_heard(ctx: Any, prefs: dict[str, str]) -> Any:
@@ -69,13 +109,19 @@ def apply_heard(ctx: Any, prefs: dict[str, str]) -> Any:
     return {**ctx, "history": history}
 
 
-def messages(ctx: dict, system_prompt: str) -> list[dict[str, str]]:
-    """Chat messages for the model: system prompt, then the history, with user
-    messages that got no reply joined to the next one."""
-    out = [{"role": "system", "content": system_prompt}] if system_prompt else []
+def messages(ctx: dict, system_prompt: str) -> list[dict]:
+    """Chat messages for the model (OpenAI chat format): system prompt, then the history,
+    with user messages that got no reply joined to the next one."""
+    out: list[dict] = [{"role": "system", "content": system_prompt}] if system_prompt else []
     for m in ctx["history"]:
         if out and out[-1]["role"] == m["role"] == "user":
             out[-1] = {"role": "user", "content": f"{out[-1]['content']} {m['content']}"}
+        elif m["role"] == "tool":
+            out.append({"role": "tool", "tool_call_id": m.get("tool_call_id", ""),
+                        "name": m.get("name", ""), "content": m["content"]})
+        elif m.get("tool_calls"):
+            out.append({"role": "assistant", "content": m["content"] or None,
+                        "tool_calls": m["tool_calls"]})
         else:
             out.append({"role": m["role"], "content": m["content"]})
     return out
@@ -93,7 +139,8 @@ def _continues(previous: dict, start_s: float) -> bool:
 def _history(ctx: Any) -> list[dict]:
     if isinstance(ctx, dict) and isinstance(ctx.get("history"), list):
         return [m for m in ctx["history"] if isinstance(m, dict)
-                and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)]
+                and m.get("role") in ("user", "assistant", "tool")
+                and isinstance(m.get("content"), str)]
     return []  # nothing stored yet, or something unreadable: start afresh
 
 

@@ -17,13 +17,16 @@ from typing import AsyncIterator
 from prometheus_client import Counter
 
 from s2s.config import Settings
-from s2s.frames import ReplyText, Transcript
+from s2s.frames import Frame, ReplyText, ToolOutput, Transcript
 from s2s.stage import Stage
 
 from . import backends, history
 from .chunker import Chunker
 from .replies import Repeats, ends_sentence, last_sentences
 from .speakable import speakable
+from .speaker import Speaker
+from .tools import ToolRegistry, ToolSet
+from .tools.turns import APOLOGY, RoundResult, ToolTurns
 
 log = logging.getLogger("s2s.llm")
 
@@ -65,6 +68,7 @@ class LlmStage(Stage):
         self.slots = self.backend.concurrency
         self.concurrency = self.slots + HELD_TURNS
         self._model_slots: asyncio.Semaphore | None = None
+        self.tools = ToolTurns(settings, self.backend, ToolRegistry(settings))
 
     def setup(self) -> None:
         self.backend.setup()
@@ -72,8 +76,12 @@ class LlmStage(Stage):
     def describe(self) -> str:
         return self.backend.describe()
 
-    async def process(self, frame: Transcript) -> AsyncIterator[ReplyText]:
+    async def process(self, frame: Transcript | ToolOutput) -> AsyncIterator[Frame]:
         s = self.settings
+        if isinstance(frame, ToolOutput):
+            async for out in self._tool_outputs(frame):
+                yield out
+            return
         text = frame.text.strip()
         if not text:
             return
@@ -91,57 +99,103 @@ class LlmStage(Stage):
         await self._hold(frame, text)  # outside the model slots: holding costs no slot
         if frame.turn < await self.state.current_turn(frame.sid):
             return  # superseded while held: it never takes a slot (the runtime drops it too)
+        async for out in self._answer(frame, ctx, prefs, decide=True):
+            yield out
+
+    async def _tool_outputs(self, frame: ToolOutput) -> AsyncIterator[Frame]:
+        """The client's tool results (a turn of their own): recorded, then answered."""
+        s = self.settings
+        ctx = history.apply_heard(await self.state.load(frame.sid),
+                                  prefs := await self.state.prefs(frame.sid))
+        ctx = history.start_tool_turn(ctx, frame.turn, s.llm_history_turns)
+        names = history.open_calls(ctx)
+        for result in frame.outputs:
+            ctx = history.add_tool_result(ctx, frame.turn, result.call_id,
+                                          names.get(result.call_id, ""), result.output)
+        if frame.text.strip():
+            ctx["history"].append({"role": "user", "content": frame.text.strip(),
+                                   "turn": frame.turn})
+        await self.state.save(frame.sid, ctx)
+        async for out in self._answer(frame, ctx, prefs, decide=bool(frame.text.strip())):
+            yield out
+
+    async def _answer(self, frame, ctx: dict, prefs: dict,
+                      decide: bool) -> AsyncIterator[Frame]:
+        """The reply: text, or tool calls then (for the deployment's tools) the answer
+        with their results, up to llm_tool_rounds rounds."""
+        s = self.settings
+        system_prompt = prefs.get("instructions") or s.llm_system_prompt
+        toolset = await self.tools.toolset(prefs)
         if self._model_slots is None:  # created inside the worker's event loop
             self._model_slots = asyncio.Semaphore(self.slots)
+        speaker, filler_said = Speaker(self.state, frame, ctx), [False]
         async with self._model_slots:
-            async for reply in self._reply(frame, ctx,
-                                           prefs.get("instructions") or s.llm_system_prompt):
-                yield reply
+            for round_ in range(max(1, s.llm_tool_rounds) + 1):
+                offered = toolset if round_ < s.llm_tool_rounds else ToolSet()
+                spoken = SpokenPieces()
+                pieces = self.tools.pieces(history.messages(speaker.ctx, system_prompt),
+                                           offered, frame.sid, frame.turn,
+                                           decide=decide and round_ == 0)
+                async for reply in self._reply(speaker, pieces, spoken):
+                    yield reply
+                if not spoken.calls:
+                    yield spoken.last(speaker)
+                    break
+                result = RoundResult()
+                async for out in self.tools.run_calls(speaker, spoken.calls, toolset, result,
+                                                      filler_said):
+                    yield out
+                if result.client:  # the client answers with a ToolOutput: a turn of its own
+                    yield speaker.close()
+                    break
+                if result.failed:
+                    await speaker.remember(APOLOGY)
+                    yield speaker.last(APOLOGY)
+                    break
+        log.info("replied in %d chunk(s), first after %s ms, all after %.0f ms%s",
+                 speaker.seq, f"{speaker.first_ms:.0f}" if speaker.first_ms is not None else "-",
+                 (time.perf_counter() - speaker.started) * 1000,
+                 f" ({spoken.cut})" if spoken.cut else "",
+                 extra={"sid": frame.sid, "turn": frame.turn,
+                        "held": not getattr(frame, "complete", True)})
 
-    async def _reply(self, frame: Transcript, ctx: dict,
-                     system_prompt: str) -> AsyncIterator[ReplyText]:
-        s = self.settings
-        started, first_ms = time.perf_counter(), None
-        chunker, spoken, seq, repeats, cut = Chunker(), [], 0, Repeats(), ""
-        stream = self.backend.stream(history.messages(ctx, system_prompt),
-                                     s.llm_max_tokens, s.llm_temperature)
+    async def _reply(self, speaker: Speaker, pieces: AsyncIterator,
+                     spoken: "SpokenPieces") -> AsyncIterator[ReplyText]:
+        """Speak the text pieces as they come (chunked for TTS, loops cut); a list of
+        calls among them ends the text (``spoken.calls``)."""
+        chunker, repeats = Chunker(), Repeats()
         try:
-            async for piece in stream:
+            async for piece in pieces:
+                if not isinstance(piece, str):
+                    spoken.calls = piece
+                    break
                 for chunk in chunker.feed(piece):
                     said, repeated = repeats.check(speakable(chunk))
                     if said:
-                        ctx = await self._remember(frame, ctx, spoken, said)
-                        if first_ms is None:
-                            first_ms = (time.perf_counter() - started) * 1000
-                        yield self._emit(frame, seq, said, final=False)
-                        seq += 1
+                        yield await speaker.say(said)
                     if repeated:  # the model loops: what it says next is more of the same
-                        cut = "repeated"
+                        spoken.cut = "repeated"
                         break
-                if cut:
+                if spoken.cut:
                     break
         finally:
-            await stream.aclose()  # on cancellation too: stops the generation at once
-        said = "" if cut else speakable(chunker.flush())
+            await pieces.aclose()  # on cancellation too: stops the generation at once
+        said = "" if spoken.cut else speakable(chunker.flush())
         if said and not ends_sentence(said):
             # cut off by llm_max_tokens mid-sentence: the unfinished end is left unsaid
             # (a lone short answer without a full stop, "Paris", is still an answer)
             whole = last_sentences(said)
-            if whole or spoken:
+            if whole or speaker.spoken:
                 said = whole
                 REPLY_CUT.labels("unfinished").inc()
         if said:
             said, looped = repeats.check(said)
-            cut = cut or ("repeated" if looped else "")
-        if cut:
-            REPLY_CUT.labels(cut).inc()
+            spoken.cut = spoken.cut or ("repeated" if looped else "")
+        if spoken.cut:
+            REPLY_CUT.labels(spoken.cut).inc()
         if said:
-            ctx = await self._remember(frame, ctx, spoken, said)
-        log.info("replied in %d chunk(s), first after %s ms, all after %.0f ms%s", seq + 1,
-                 f"{first_ms:.0f}" if first_ms is not None else "-",
-                 (time.perf_counter() - started) * 1000, f" ({cut})" if cut else "",
-                 extra={"sid": frame.sid, "turn": frame.turn, "held": not frame.complete})
-        yield self._emit(frame, seq, said, final=True)  # may be empty: it closes the reply
+            await speaker.remember(said)
+        spoken.tail = said
 
     async def _hold(self, frame: Transcript, text: str) -> None:
         """Give the user time to go on, counted from the end of their speech: an unfinished
@@ -158,17 +212,14 @@ class LlmStage(Stage):
         if delay > 0:
             await asyncio.sleep(delay)
 
-    async def _remember(self, frame: Transcript, ctx: dict, spoken: list[str], said: str) -> dict:
-        # saved before the chunk is sent: a barge-in right after leaves exactly what
-        # the user may have heard in the history
-        spoken.append(said)
-        ctx = history.set_reply(ctx, frame.turn, " ".join(spoken))
-        await self.state.save(frame.sid, ctx)
-        return ctx
 
-    def _emit(self, frame: Transcript, seq: int, text: str, final: bool) -> ReplyText:
-        reply = ReplyText(sid=frame.sid, turn=frame.turn, seq=seq, text=text, final=final,
-                          out_sr=frame.out_sr, marks=dict(frame.marks))
-        if seq == 0:
-            reply.stamp("llm_first")
-        return reply
+class SpokenPieces:
+    """What one generation round left: its last words (said at the reply's end), the
+    calls it made instead of speaking on, and why it was cut, if it was."""
+
+    def __init__(self):
+        self.tail, self.cut = "", ""
+        self.calls: list = []
+
+    def last(self, speaker: Speaker) -> ReplyText:
+        return speaker.last(self.tail)

@@ -4,6 +4,7 @@
     backend.setup()                     # blocking: load the model / connect
     async for piece in backend.stream(messages, max_tokens=80, temperature=0.0):
         ...                             # text pieces as they are generated
+    backend.stream(..., json_schema=schema)  # a reply that is JSON valid against schema
 
 Closing the ``stream`` generator early (``aclose()``, or cancelling the task
 that iterates it) stops the generation at the engine, so a superseded turn
@@ -46,8 +47,14 @@ class Backend:
     def describe(self) -> str:
         return self.name
 
+    #: speaks OpenAI's ``tools`` itself (``stream_tools``) instead of a constrained
+    #: decision step in front of ``stream`` (services/llm/tools/decide.py)
+    native_tools = False
+
     async def stream(self, messages: list[dict[str, str]], max_tokens: int,
-                     temperature: float) -> AsyncIterator[str]:
+                     temperature: float, json_schema: dict | None = None) -> AsyncIterator[str]:
+        """Text pieces of the reply; with ``json_schema`` the reply is JSON valid against
+        it (grammar-constrained decoding, greedy)."""
         raise NotImplementedError
         yield  # pragma: no cover
 

@@ -50,8 +50,10 @@ class Sequence:
     """One reply being generated: prompt ids in, text pieces out through callbacks."""
 
     def __init__(self, ids: list[int], max_tokens: int, temperature: float,
-                 on_text: Callable[[str], None], on_end: Callable[[BaseException | None], None]):
+                 on_text: Callable[[str], None], on_end: Callable[[BaseException | None], None],
+                 matcher=None):
         self.ids = list(ids)          # prompt + generated tokens
+        self.matcher = matcher        # constrained.Matcher: only tokens its grammar allows
         self.prompt_len = len(ids)
         self.max_tokens = max_tokens
         self.temperature = temperature
@@ -241,13 +243,20 @@ class BatchEngine:
                 continue  # dropped below
             token = self._choose(seq, logits[row])
             seq.ids.append(token)
-            ended = token in self.eos_ids or len(seq.reply) >= seq.max_tokens
+            ended = token in self.eos_ids or len(seq.reply) >= seq.max_tokens or \
+                (seq.matcher is not None and seq.matcher.finished)
             self._send(seq, final=ended)
             if ended:
                 seq.done = True
         self._drop_stopped()
 
     def _choose(self, seq: Sequence, scores: torch.Tensor) -> int:
+        if seq.matcher is not None:  # the grammar decides what may come: no penalties
+            seq.matcher.mask(scores)
+            token = int(torch.argmax(scores))
+            if not seq.matcher.accept(token):
+                raise RuntimeError(f"the grammar refused token {token}")
+            return token
         reply = seq.reply
         if self.penalty != 1.0:  # as transformers' repetition_penalty: the whole conversation
             seen = torch.tensor(sorted(set(seq.ids)), device=scores.device)

@@ -54,6 +54,8 @@ class TransformersBackend(Backend):
         eos = {self.tokenizer.eos_token_id}
         gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
         eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        self.stop_ids = {e for e in eos if e is not None}
+        self.constraints = None  # made on the first constrained reply (xgrammar)
         self.engine = BatchEngine(self.model, self.tokenizer, self.prefix, self.device,
                                   self.concurrency, {e for e in eos if e is not None},
                                   s.llm_no_repeat_ngram, s.llm_repetition_penalty)
@@ -81,7 +83,8 @@ class TransformersBackend(Backend):
         return (f"transformers {self.path} on {self.device} ({mode}, {self.concurrency} "
                 f"replies batched, prefix cache {self.settings.llm_prefix_cache_mb} MB)")
 
-    async def stream(self, messages, max_tokens, temperature) -> AsyncIterator[str]:
+    async def stream(self, messages, max_tokens, temperature,
+                     json_schema: dict | None = None) -> AsyncIterator[str]:
         from .batch import Sequence
 
         loop = asyncio.get_running_loop()
@@ -100,7 +103,8 @@ class TransformersBackend(Backend):
 
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                  tokenize=True, return_dict=True)["input_ids"]
-        seq = Sequence(list(ids), max_tokens, temperature, put, ended)
+        matcher = self._matcher(json_schema) if json_schema is not None else None
+        seq = Sequence(list(ids), max_tokens, temperature, put, ended, matcher)
         with self._lock:
             self.running += 1
         self.engine.submit(seq)
@@ -112,6 +116,14 @@ class TransformersBackend(Backend):
         finally:
             seq.stop.set()  # cancelled or closed early: it leaves the batch after this step
             self.engine.wake()
+
+    def _matcher(self, schema: dict):
+        if self.constraints is None:
+            from .constrained import JsonConstraints
+
+            self.constraints = JsonConstraints(self.tokenizer, self.model.config.vocab_size,
+                                               self.stop_ids)
+        return self.constraints.matcher(schema)
 
     def close(self) -> None:
         engine = getattr(self, "engine", None)

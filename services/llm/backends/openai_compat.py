@@ -15,6 +15,7 @@ from . import Backend, BackendUnavailable
 class OpenAIBackend(Backend):
     name = "openai"
     concurrency = 16  # the server batches; we only wait on sockets
+    native_tools = True  # tools go to the server, whose model chooses
 
     def setup(self) -> None:
         s = self.settings
@@ -36,9 +37,25 @@ class OpenAIBackend(Backend):
     def describe(self) -> str:
         return f"openai-compatible {self.base} model {self.model}"
 
-    async def stream(self, messages, max_tokens, temperature) -> AsyncIterator[str]:
+    async def stream(self, messages, max_tokens, temperature,
+                     json_schema: dict | None = None) -> AsyncIterator[str]:
+        extra = {"response_format": {"type": "json_schema", "json_schema": {
+            "name": "reply", "schema": json_schema, "strict": True}}} if json_schema else {}
+        async for piece in self._chat(messages, max_tokens, temperature, extra):
+            if isinstance(piece, str):
+                yield piece
+
+    async def stream_tools(self, messages, max_tokens, temperature, tools: list[dict],
+                           tool_choice) -> AsyncIterator["str | list[dict]"]:
+        """Text pieces as they come; then, if the model called tools, one list of
+        ``{"id", "name", "arguments"}`` (arguments as JSON text), as the server sent them."""
+        async for piece in self._chat(messages, max_tokens, temperature,
+                                      {"tools": tools, "tool_choice": tool_choice}):
+            yield piece
+
+    async def _chat(self, messages, max_tokens, temperature, extra: dict) -> AsyncIterator:
         body = {"model": self.model, "messages": messages, "max_tokens": max_tokens,
-                "temperature": temperature, "stream": True}
+                "temperature": temperature, "stream": True, **extra}
         penalty = self.settings.llm_repetition_penalty - 1
         if penalty:  # OpenAI's own knob (vLLM's and llama.cpp's servers take it too)
             body["frequency_penalty"] = max(-2.0, min(2.0, penalty))
@@ -52,9 +69,19 @@ class OpenAIBackend(Backend):
                         await r.aread()
                         raise RuntimeError(f"{self.base} answered {r.status_code}: "
                                            f"{r.text[:300]}")
+                    calls: dict[int, dict] = {}
                     async for line in r.aiter_lines():
                         if piece := parse_sse(line):
                             yield piece
+                        for delta in parse_tool_deltas(line):
+                            call = calls.setdefault(delta.get("index", 0),
+                                                    {"id": "", "name": "", "arguments": ""})
+                            fn = delta.get("function") or {}
+                            call["id"] = delta.get("id") or call["id"]
+                            call["name"] += fn.get("name") or ""
+                            call["arguments"] += fn.get("arguments") or ""
+                    if calls:
+                        yield [calls[i] for i in sorted(calls)]
             finally:
                 self.running -= 1
 
@@ -71,3 +98,15 @@ def parse_sse(line: str) -> str:
         return choices[0].get("delta", {}).get("content") or ""
     except (ValueError, AttributeError, TypeError):
         return ""
+
+
+def parse_tool_deltas(line: str) -> list[dict]:
+    """The ``tool_calls`` deltas of one server-sent-events line (none for anything else)."""
+    if not line.startswith("data:") or line[5:].strip() in ("", "[DONE]"):
+        return []
+    try:
+        choices = json.loads(line[5:]).get("choices") or [{}]
+        deltas = choices[0].get("delta", {}).get("tool_calls") or []
+        return [d for d in deltas if isinstance(d, dict)]
+    except (ValueError, AttributeError, TypeError):
+        return []

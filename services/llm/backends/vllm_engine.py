@@ -57,15 +57,23 @@ class VllmBackend(Backend):
         import vllm
         return f"vllm {vllm.__version__} {self.path} on {self.device}"
 
-    async def stream(self, messages, max_tokens, temperature) -> AsyncIterator[str]:
+    async def stream(self, messages, max_tokens, temperature,
+                     json_schema: dict | None = None) -> AsyncIterator[str]:
         SamplingParams, RequestOutputKind = self._sampling
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                  tokenize=True, return_dict=False)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature,
-                                repetition_penalty=self.settings.llm_repetition_penalty,
-                                output_kind=RequestOutputKind.DELTA)
+        extra = {}
+        if json_schema is not None:  # vLLM's guided decoding (xgrammar too): greedy, as ours
+            from vllm.sampling_params import StructuredOutputsParams
+
+            extra = {"structured_outputs": StructuredOutputsParams(json=json_schema),
+                     "temperature": 0.0}
+        params = SamplingParams(**{"max_tokens": max_tokens, "temperature": temperature,
+                                   "repetition_penalty": self.settings.llm_repetition_penalty
+                                   if json_schema is None else 1.0,
+                                   "output_kind": RequestOutputKind.DELTA, **extra})
         gen = self.engine.generate({"prompt_token_ids": list(ids)}, params, uuid.uuid4().hex)
         try:
             async for out in gen:

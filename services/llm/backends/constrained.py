@@ -1,0 +1,60 @@
+"""Grammar-constrained decoding for the transformers backend, with xgrammar: a reply
+that must be JSON valid against a schema (a tool call) can only ever be that.  Each
+step the matcher masks every token the grammar does not allow; the stop token is allowed
+only once the JSON is complete."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import torch
+
+
+class JsonConstraints:
+    """Compiled schemas of one tokenizer (compiling takes ~10-50 ms: kept by schema)."""
+
+    CACHE = 64
+
+    def __init__(self, tokenizer, vocab_size: int, stop_ids: set[int]):
+        import xgrammar as xg
+
+        self.xg = xg
+        self.info = xg.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+                                                      stop_token_ids=sorted(stop_ids))
+        self.compiler = xg.GrammarCompiler(self.info, max_threads=1)
+        self.compiled: dict[str, object] = {}
+        self.lock = threading.Lock()
+
+    def matcher(self, schema: dict) -> "Matcher":
+        key = json.dumps(schema, sort_keys=True)
+        with self.lock:
+            grammar = self.compiled.get(key)
+            if grammar is None:
+                grammar = self.compiler.compile_json_schema(key, any_whitespace=False,
+                                                            strict_mode=True)
+                if len(self.compiled) >= self.CACHE:
+                    self.compiled.pop(next(iter(self.compiled)))
+                self.compiled[key] = grammar
+        return Matcher(self.xg, grammar, self.info.vocab_size)
+
+
+class Matcher:
+    """One sequence's place in its grammar."""
+
+    def __init__(self, xg, grammar, vocab_size: int):
+        self.xg = xg
+        self.matcher = xg.GrammarMatcher(grammar)
+        self.bitmask = xg.allocate_token_bitmask(1, vocab_size)
+
+    def mask(self, scores: torch.Tensor) -> None:
+        """Forbid (in place) every token the grammar does not allow next."""
+        self.matcher.fill_next_token_bitmask(self.bitmask)
+        self.xg.apply_token_bitmask_inplace(scores[None], self.bitmask.to(scores.device))
+
+    def accept(self, token: int) -> bool:
+        return self.matcher.accept_token(token)
+
+    @property
+    def finished(self) -> bool:
+        return self.matcher.is_terminated()
