@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds of silence sent after the file at least")
     parser.add_argument("--timeout", type=float, default=30.0,
                         help="seconds to wait for replies after the file")
+    parser.add_argument("--protocol", choices=("native", "realtime", "webrtc"), default="native",
+                        help="a file's session over the native /ws, the Realtime WebSocket "
+                             "/v1/realtime, or a Realtime WebRTC call (Opus tracks)")
 
 
 def write_wav(path: str, pcm: bytes, sr: int) -> None:
@@ -71,7 +74,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         result = asyncio.run(talk(args.url, pcm, SEND_RATE, out_rate=args.out_rate,
                                   realtime=not args.fast, tail_silence_s=args.tail,
-                                  reply_timeout_s=args.timeout, api_key=args.api_key))
+                                  reply_timeout_s=args.timeout, api_key=args.api_key,
+                                  protocol=args.protocol))
     except (OSError, Exception) as e:
         print(f"s2s talk: cannot talk to {args.url}: {type(e).__name__}: {e}\n"
               "Is the stack running? Start it with `s2s up`.", file=sys.stderr)
