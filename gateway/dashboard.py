@@ -108,7 +108,7 @@ class Dashboard:
         return {"source": self.source_name, "sampling": sampling, "error": self.last_error,
                 "now": now, "interval_s": self.interval_s, "window_s": self.window_s,
                 "range_s": range_s, "max_range_s": self.max_range_s, "points": len(points),
-                "series": series, "summary": History.figures(points, range_s),
+                "series": series, "summary": self.history.figures(points, range_s),
                 "live": self.live()}
 
     def live(self) -> dict:

@@ -56,9 +56,13 @@ def add_counts(into: Series, counts: Series) -> None:
 Buckets = list[tuple[float, float]]  # (le, cumulative count), sorted by le
 
 
-def buckets(counts: Series, name: str, by: str | None = None) -> dict[str, Buckets]:
+def buckets(counts: Series, name: str, by: str | None = None,
+            bounds: Iterable[float] = ()) -> dict[str, Buckets]:
     """Cumulative buckets of histogram ``name`` summed over every other label, by the
-    value of label ``by`` ("" when None): {group: [(le, count), ...] sorted by le}."""
+    value of label ``by`` ("" when None): {group: [(le, count), ...] sorted by le}.
+    Increments are kept sparse, so ``bounds`` (the histogram's ``le`` values) puts back
+    the buckets that did not grow: the bucket holding a rank starts at the bound below
+    it, whether or not that one grew."""
     acc: dict[str, dict[float, float]] = {}
     for (sample, labels), v in counts.items():
         if sample != name + "_bucket":
@@ -67,6 +71,9 @@ def buckets(counts: Series, name: str, by: str | None = None) -> dict[str, Bucke
         le = float(label(labels, "le"))
         acc.setdefault(group, {})
         acc[group][le] = acc[group].get(le, 0.0) + v
+    for b in acc.values():
+        for le in bounds:
+            b.setdefault(le, 0.0)
     return {g: sorted(b.items()) for g, b in acc.items()}
 
 
@@ -112,6 +119,7 @@ class History:
         self.points: deque[Point] = deque(maxlen=max(2, keep))
         self.window_s = window_s
         self.last: dict[str, Series] = {}  # per process: its cumulative values at the last tick
+        self.bounds: dict[str, set[float]] = {}  # per histogram: every bucket bound seen
         self.latest: list[Process] = []     # the processes of the last tick, for the worker table
 
     def rebase(self) -> None:
@@ -130,6 +138,10 @@ class History:
                           if k[0].endswith(CUMULATIVE_SUFFIXES)}
             before = self.last.get(proc.key)
             seen[proc.key] = cumulative
+            for sample, labels in cumulative:
+                if sample.endswith("_bucket"):  # the layout: a few dozen bounds in all
+                    self.bounds.setdefault(sample[:-len("_bucket")], set()).add(
+                        float(label(labels, "le")))
             if before is None:
                 continue  # first sight: a baseline, not an increase
             if any(cumulative.get(key, -1.0) < v for key, v in before.items()):
@@ -162,13 +174,16 @@ class History:
     def since(self, t0: float) -> list[Point]:
         return [p for p in self.points if p.t > t0]
 
-    @staticmethod
-    def figures(points: list[Point], span_s: float) -> dict:
+    def figures(self, points: list[Point], span_s: float) -> dict:
         """Every windowed figure the page shows, over ``points`` (which cover ``span_s``)."""
         counts: Series = {}
         for p in points:
             add_counts(counts, p.counts)
-        v2v = buckets(counts, V2V).get("", [])
+
+        def buckets_of(name: str, by: str | None = None) -> dict[str, Buckets]:
+            return buckets(counts, name, by, self.bounds.get(name, ()))
+
+        v2v = buckets_of(V2V).get("", [])
         out: dict = {
             "turns": count(v2v),
             "turns_per_min": round(count(v2v) * 60 / span_s, 2) if span_s > 0 else None,
@@ -177,7 +192,7 @@ class History:
             "interrupts": int(round(sum(total(counts, "s2s_interrupts_total").values()))),
         }
         for key, name in STEPS.items():
-            b = buckets(counts, name).get("", [])
+            b = buckets_of(name).get("", [])
             out[f"{key}_p50_ms"], out[f"{key}_p95_ms"] = ms(quantile(0.5, b)), ms(quantile(0.95, b))
         refusals = {r: int(round(n)) for r, n in
                     total(counts, "s2s_rejected_inputs_total", "reason").items() if n > 0}
@@ -193,7 +208,7 @@ class History:
                    redis_errors=redis_errors, errors_total=sum(errors.values()) + redis_errors)
         per_stage: dict[str, dict] = {}
         for key, name in STAGE_HISTS.items():
-            for stage, b in buckets(counts, name, "stage").items():
+            for stage, b in buckets_of(name, "stage").items():
                 if count(b):
                     row = per_stage.setdefault(stage, {})
                     row[f"{key}_p50_ms"] = ms(quantile(0.5, b))
