@@ -6,7 +6,6 @@ session and turn)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 from typing import Any, Awaitable, Callable
@@ -30,6 +29,15 @@ STAGE_ERROR_MESSAGE = "a stage of the pipeline failed on this turn; quote correl
                       "to the operators"
 
 
+def _redis_down(e: Exception) -> None:
+    """The output reader's Redis failure (every session of the gateway waits it out)."""
+    kind = redis_error_kind(e)
+    if kind:
+        REDIS_REFUSED.labels(kind).inc()
+    metrics.REDIS_ERRORS.labels("gateway").inc()
+    log.warning("Redis unavailable for the output streams (%s); retrying", e)
+
+
 def new_correlation_id() -> str:
     return "err_" + secrets.token_hex(8)
 
@@ -43,28 +51,19 @@ class OutputPump:
         self.turn_start: bytes | None = None  # output entry that opened the current turn
 
     async def run(self, last: bytes) -> None:
-        backoff = 0.1
+        # read with every other session's output on one connection (s2s.bus_reader),
+        # which retries Redis trouble itself (counted and logged by _redis_down)
+        follow = self.bus.follow_out(self.sid, last, READ_COUNT, READ_BLOCK_MS, _redis_down)
+        try:
+            await self._pump(follow)
+        finally:
+            follow.close()
+
+    async def _pump(self, follow) -> None:
         while self.alive():
-            try:
-                entries = await self.bus.read_out(self.sid, last, READ_COUNT, READ_BLOCK_MS)
-                backoff = 0.1
-            except REDIS_DOWN + (ResponseError,) as e:
-                kind = redis_error_kind(e)
-                if kind:
-                    REDIS_REFUSED.labels(kind).inc()
-                metrics.REDIS_ERRORS.labels("gateway").inc()
-                log.warning("Redis unavailable (%s); retrying", e, extra={"sid": self.sid})
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 0.5)  # short: a restarted Redis is noticed at once
-                continue
-            except Exception:  # a surprise must not leave the session mute for good
-                log.exception("reading the output stream failed; retrying",
-                              extra={"sid": self.sid})
-                await asyncio.sleep(1.0)
-                continue
+            entries = await follow.get(READ_BLOCK_MS / 1000)
             turn = self.playback.turn
             for entry_id, data in entries:
-                last = entry_id
                 try:
                     frame = decode(data, self.max_frame_bytes)
                     if frame.sid != self.sid:

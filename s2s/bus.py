@@ -7,6 +7,7 @@ its own module:
     bus_streams       stage streams and consumer groups: routes, emit, read, ack, claim
     bus_sessions      one session's keys (audio, output, turn, prefs, resume point) and
                       the writes fenced by session ownership
+    bus_reader        the session streams a process follows, read on one connection
     bus_gateways      which gateway owns a session; gateway leases
     bus_admission     tickets, principals, open sessions, stage backlog, audio rate
     bus_workers       the worker registry: leases, live workers, forgetting dead ones
@@ -18,14 +19,13 @@ Callers import every name from here; the parts are how the code is kept apart.
 
 from __future__ import annotations
 
-import socket
-
 import redis.asyncio as aioredis
 
 from .bus_admission import Admission
 from .bus_dead_letters import DeadLetters
 from .bus_errors import REDIS_DOWN, RETRYABLE, redis_error_kind
 from .bus_gateways import Gateways
+from .bus_reader import connect
 from .bus_sessions import SESSION_OWNER, Owner, OwnershipLost, SessionKeys
 from .bus_streams import FIELD, Entry, StageStreams, entry_ms, entry_order, routes
 from .bus_workers import WorkerRegistry
@@ -35,28 +35,13 @@ __all__ = ["Bus", "Entry", "FIELD", "Owner", "OwnershipLost", "REDIS_DOWN", "RET
            "SESSION_OWNER", "entry_ms", "entry_order", "redis_error_kind", "routes"]
 
 
-def _keepalive_options() -> dict[int, int]:
-    """TCP_USER_TIMEOUT (Linux): the kernel drops data it could not deliver within 3 s.
-    Without it, a command a client already gave up on (a timeout during a network cut)
-    still reaches Redis when the link comes back and runs late: a stale owner's output
-    or turn change would land after another worker took over (docs/multihost.md)."""
-    if hasattr(socket, "TCP_USER_TIMEOUT"):
-        return {socket.TCP_USER_TIMEOUT: 3000}
-    return {}
-
-
 class Bus(StageStreams, SessionKeys, Gateways, Admission, WorkerRegistry, DeadLetters):
     """One Redis client, and every part of the bus on it."""
 
     def __init__(self, settings: Settings, client: aioredis.Redis | None = None):
         self.settings = settings
-        self.redis = client or aioredis.from_url(
-            settings.redis(), decode_responses=False, socket_connect_timeout=2,
-            # a cut link must surface as an error, not a read that hangs: redis-py < 8
-            # has no read timeout of its own; blocking reads wait block_ms at most
-            socket_timeout=settings.block_ms / 1000 + 5,
-            socket_keepalive=True, socket_keepalive_options=_keepalive_options(),
-            health_check_interval=10)
+        self.redis = client or connect(settings)
+        self.readers: dict = {}  # the session-stream readers (bus_reader), made on first use
 
         # registered once per client; redis-py sends EVALSHA and loads on NOSCRIPT
         # (a Redis restarted empty has no scripts)
@@ -65,4 +50,6 @@ class Bus(StageStreams, SessionKeys, Gateways, Admission, WorkerRegistry, DeadLe
                 setattr(self, attr, self.redis.register_script(source))
 
     async def close(self) -> None:
+        for reader in self.readers.values():
+            await reader.close()
         await self.redis.aclose()

@@ -5,15 +5,20 @@ by the session's entry in s2s:vad:sessions (a stale owner's late write is refuse
 from __future__ import annotations
 
 from contextvars import ContextVar
-from typing import NamedTuple
+from typing import AsyncIterator, Callable, NamedTuple
 
 import redis.asyncio as aioredis
 
 from . import keys
+from .bus_reader import Follow, StreamReader, connect
 from .bus_streams import FIELD, Entry, entry_order, routes
 from .config import Settings
 from .frames import Frame, encode
-from .redis_scripts import EMIT_IF_OWNER, INCR_IF_OWNER, SAVE_IF_OWNER
+from .redis_scripts import ADVANCE_TURN, EMIT_IF_OWNER, INCR_IF_OWNER, SAVE_IF_OWNER
+
+#: the pub/sub channel every turn change is published on ("<turn> <sid>"): work in
+#: flight for a superseded turn is stopped at once (s2s.turn_watch), not polled for
+TURN_CHANNEL = "s2s:turns"
 
 
 class Owner(NamedTuple):
@@ -39,9 +44,35 @@ class SessionKeys:
 
     redis: aioredis.Redis
     settings: Settings
+    readers: dict[str, StreamReader]
     #: the Lua scripts this part runs (attribute: source), registered by ``Bus``
     SCRIPTS = {"_emit_owned_script": EMIT_IF_OWNER, "_save_owned_script": SAVE_IF_OWNER,
-               "_incr_owned_script": INCR_IF_OWNER}
+               "_incr_owned_script": INCR_IF_OWNER, "_advance_turn_script": ADVANCE_TURN}
+
+    # --- following session streams (one reading connection per kind: bus_reader) ------
+    def _reader(self, kind: str, count: int, block_ms: int,
+                on_error: Callable[[Exception], None], on_ok: Callable[[], None]
+                ) -> StreamReader:
+        reader = self.readers.get(kind)
+        if reader is None:
+            reader = self.readers[kind] = StreamReader(
+                connect(self.settings, single_connection=True), self.redis, count,
+                block_ms, 2 * count, on_error, on_ok, name=kind)
+        return reader
+
+    def follow_out(self, sid: str, after: bytes, count: int, block_ms: int,
+                   on_error: Callable[[Exception], None], on_ok: Callable[[], None] = lambda: None
+                   ) -> Follow:
+        """The session's output stream after ``after``, read with every other session's
+        output this bus follows (the first caller's count, block and callbacks hold)."""
+        return self._reader("out", count, block_ms, on_error, on_ok).follow(keys.out(sid), after)
+
+    def follow_audio(self, sid: str, after: bytes, count: int, block_ms: int,
+                     on_error: Callable[[Exception], None],
+                     on_ok: Callable[[], None] = lambda: None) -> Follow:
+        """The session's audio stream after ``after`` (see ``follow_out``)."""
+        return self._reader("audio", count, block_ms, on_error, on_ok).follow(
+            keys.audio(sid), after)
 
     async def emit_owned(self, owner: "Owner", *frames: Frame) -> list[bytes] | None:
         """``emit`` fenced by session ownership (EMIT_IF_OWNER): None, and nothing
@@ -73,31 +104,49 @@ class SessionKeys:
                   self.settings.session_ttl_s])
         return bool(done)
 
-    async def read_audio(self, sid: str, after: bytes, count: int, block_ms: int
-                         ) -> list[Entry]:
-        res = await self.redis.xread({keys.audio(sid): after}, count=count, block=block_ms)
-        return [(eid, (fields or {}).get(FIELD, b"")) for _, entries in res or []
-                for eid, fields in entries]
-
     # --- turns -----------------------------------------------------------------------
     async def current_turn(self, sid: str) -> int:
         value = await self.redis.get(keys.turn(sid))
         return int(value) if value else 0
 
+    async def current_turns(self, sids: list[str]) -> dict[str, int]:
+        """The turn of each session, in one round trip."""
+        values = await self.redis.mget([keys.turn(sid) for sid in sids])
+        return {sid: int(v) if v else 0 for sid, v in zip(sids, values)}
+
     async def advance_turn(self, sid: str, owner: Owner | None = None) -> int:
-        """The session's next turn.  With ``owner``, fenced (INCR_IF_OWNER): a stale
-        owner's late increment would supersede the new owner's turn in every stage."""
+        """The session's next turn, published on TURN_CHANNEL.  With ``owner``, fenced
+        (INCR_IF_OWNER): a stale owner's late increment would supersede the new owner's
+        turn in every stage."""
         if owner is not None:
             turn = await self._incr_owned_script(
                 keys=[owner.stream, keys.turn(sid)],
-                args=[owner.group, owner.consumer, owner.entry_id, self.settings.session_ttl_s])
+                args=[owner.group, owner.consumer, owner.entry_id, self.settings.session_ttl_s,
+                      TURN_CHANNEL, sid])
             if turn is None:
                 raise OwnershipLost(owner.entry_id)
             return int(turn)
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.incr(keys.turn(sid))
-        pipe.expire(keys.turn(sid), self.settings.session_ttl_s)
-        return int((await pipe.execute())[0])
+        return int(await self._advance_turn_script(
+            keys=[keys.turn(sid)], args=[self.settings.session_ttl_s, TURN_CHANNEL, sid]))
+
+    async def turn_changes(self) -> AsyncIterator[tuple[str, int] | None]:
+        """Turn changes as they are published: None once subscribed (a change made
+        before is not seen: look at the turns then), then (sid, turn) for each change.  Ends with the RedisError that lost the
+        subscription (pub/sub keeps nothing for a subscriber that was away)."""
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(TURN_CHANNEL)
+            yield None
+            while True:
+                # a bounded wait: the client's socket timeout would end a longer one
+                msg = await pubsub.get_message(timeout=1.0)
+                if msg is None:
+                    continue
+                turn, _, sid = bytes(msg["data"]).decode("utf-8", "replace").partition(" ")
+                if sid and turn.isdigit():
+                    yield sid, int(turn)
+        finally:
+            await pubsub.aclose()
 
     # --- what the client asked for (read by the stages through SessionState) ---------
     async def set_prefs(self, sid: str, **fields: str) -> None:
@@ -172,11 +221,6 @@ class SessionKeys:
         """The newest ``count`` entries of the session's output stream, newest first."""
         entries = await self.redis.xrevrange(keys.out(sid), count=count)
         return [(eid, (fields or {}).get(FIELD, b"")) for eid, fields in entries]
-
-    async def read_out(self, sid: str, after: bytes, count: int, block_ms: int) -> list[Entry]:
-        res = await self.redis.xread({keys.out(sid): after}, count=count, block=block_ms)
-        return [(eid, (fields or {}).get(FIELD, b"")) for _, entries in res or []
-                for eid, fields in entries]
 
     async def trim_out(self, sid: str, min_id: bytes) -> int:
         """Drop output entries older than ``min_id`` (played by the client already)."""

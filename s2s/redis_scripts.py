@@ -79,11 +79,22 @@ return 1
 """
 
 # A turn change (KEYS: sessions stream, turn key; ARGV: group, consumer, entry id, ttl
-# seconds).  nil when taken.
+# seconds, channel, sid).  nil when taken.  Published ("<turn> <sid>") where it is made,
+# so the work in flight for the old turn stops at once (s2s/turn_watch.py).
 INCR_IF_OWNER = _TAKEN + """
 if taken(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) then return false end
 local turn = redis.call('INCR', KEYS[2])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
+redis.call('PUBLISH', ARGV[5], turn .. ' ' .. ARGV[6])
+return turn
+"""
+
+# The same, unfenced (the gateway's: a typed message, a cancel).  KEYS: turn key; ARGV:
+# ttl seconds, channel, sid.
+ADVANCE_TURN = """
+local turn = redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('PUBLISH', ARGV[2], turn .. ' ' .. ARGV[3])
 return turn
 """
 

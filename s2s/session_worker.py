@@ -22,6 +22,7 @@ from .worker import Runtime
 
 log = logging.getLogger("s2s.worker")
 BATCH = 50          # audio entries read (and processed) per round trip
+SAVE_EVERY_S = 0.2  # the resume point of audio that said nothing is written this often
 MAX_MARKS = 8192    # resume points kept (a stage that never lets go must not grow forever)
 
 
@@ -41,6 +42,10 @@ class SessionRuntime(Runtime):
     emit it twice) and the last audio entry id processed under ``_seen_id``."""
 
     stage: SessionStage
+
+    def __init__(self, stage: SessionStage, settings: Settings):
+        super().__init__(stage, settings)
+        self._emitted: dict[bytes, int] = {}  # session entry -> outputs written by its owner
 
     async def _handle(self, entry_id: bytes, data: bytes) -> None:
         try:
@@ -81,25 +86,48 @@ class SessionRuntime(Runtime):
         # (audio id processed through, the stage's snapshot just after it): the points a
         # new owner could resume from, back to the one the written state points at
         marks: deque = deque([(position, self._snapshot_dict(sid, session))])
+        # read with the audio of every other session this worker owns, on one connection
+        # (s2s.bus_reader); Redis trouble is retried there, counted through _reader_down
+        audio = self.bus.follow_audio(sid, position, BATCH, self.settings.block_ms,
+                                      self._reader_down, self._redis_up)
+        try:
+            await self._follow_session(owner, entry_id, sid, session, audio, position,
+                                       seen_id, seen_at_open, marks)
+        finally:
+            audio.close()
+            self._emitted.pop(entry_id, None)
+
+    async def _follow_session(self, owner: Owner, entry_id: bytes, sid: str, session: Any,
+                              audio: Any, position: bytes, seen_id: str, seen_at_open: str,
+                              marks: deque) -> None:
         idle_since = time.monotonic()
         progressed = False
         beyond = 0  # audio entries processed past where the last owner got to
+        retry: list = []  # entries of a batch that Redis trouble interrupted: again first
+        unsaved_since: float | None = None  # processed audio whose resume point waits
+        emitted = self._emitted.setdefault(entry_id, 0)
         while not self.stopping.is_set():
-            try:
-                batch = await self.bus.read_audio(sid, position, BATCH, self.settings.block_ms)
-            except RedisError as e:
-                await self._redis_down(e, 0.5)
-                continue
-            if not batch:
-                if time.monotonic() - idle_since > self.settings.session_ttl_s:
-                    log.info("session idle too long: releasing", extra={"sid": sid})
-                    break
-                continue
-            idle_since = time.monotonic()
+            wait = self.settings.block_ms / 1000
+            if unsaved_since is not None:
+                wait = max(0.0, unsaved_since + SAVE_EVERY_S - time.monotonic())
+            batch, retry = retry or await audio.get(wait), []
             ended = False
             try:
-                for audio_id, data in batch:
-                    ended = await self._handle_audio(owner, sid, session, audio_id, data)
+                if not batch:
+                    if unsaved_since is not None:  # quiet now: write the point it got to
+                        await self._save(owner, sid, *self._resume_point(marks, seen_id))
+                        unsaved_since = None
+                    elif time.monotonic() - idle_since > self.settings.session_ttl_s:
+                        log.info("session idle too long: releasing", extra={"sid": sid})
+                        break
+                    continue
+                idle_since = time.monotonic()
+                for n, (audio_id, data) in enumerate(batch):
+                    try:
+                        ended = await self._handle_audio(owner, sid, session, audio_id, data)
+                    except RedisError:
+                        retry = batch[n:]
+                        raise
                     position = audio_id
                     if ended:
                         break
@@ -110,14 +138,21 @@ class SessionRuntime(Runtime):
                         beyond += 1
                 if _id(position) > _id(seen_id):
                     seen_id = position.decode()
-                # The resume point and the stage's state there, in one MULTI (one round
-                # trip): a new owner resumes from both or from neither.  An ended session
-                # drops its state: a reopened session starts anew (its client counts audio
-                # positions from its new connection).
+                # The resume point and the stage's state there, in one script: a new owner
+                # resumes from both or from neither.  An ended session drops its state: a
+                # reopened session starts anew (its client counts audio positions from its
+                # new connection).  Written at once when the session ended or said
+                # something (a new owner must not say it again), else at most every
+                # SAVE_EVERY_S (a new owner re-reads that much more audio, which said
+                # nothing): one script per audio message was most of Redis's work.
                 if ended:
                     await self._save(owner, sid, position, None)
-                else:
+                elif self._emitted[entry_id] != emitted or unsaved_since is not None and \
+                        time.monotonic() - unsaved_since >= SAVE_EVERY_S:
                     await self._save(owner, sid, *self._resume_point(marks, seen_id))
+                    emitted, unsaved_since = self._emitted[entry_id], None
+                elif unsaved_since is None:
+                    unsaved_since = time.monotonic()
                 if not progressed and beyond >= BATCH:
                     # A session lives long and changes owners on every worker restart
                     # (each takeover counts as a delivery): once this owner has got a
@@ -142,6 +177,12 @@ class SessionRuntime(Runtime):
             return  # shutting down: leave the session entry pending for another owner
         await self._ack(entry_id)
 
+    def _reader_down(self, error: Exception) -> None:
+        """The audio reader's Redis failure: counted and logged like any other (health
+        goes false while Redis is unreachable); the reader retries by itself."""
+        if self._count_redis_error(error) in ("down", "loading"):
+            self.redis_ok = False
+
     async def _save(self, owner: Owner, sid: str, position: bytes,
                     state_json: str | None) -> None:
         """The resume point and the stage's state there, in one script: a new owner
@@ -153,6 +194,7 @@ class SessionRuntime(Runtime):
     async def _emit_owned(self, owner: Owner, *frames) -> None:
         if await self.retrying(self.bus.emit_owned, owner, *frames) is None:
             raise OwnershipLost(owner.entry_id)
+        self._emitted[owner.entry_id] = self._emitted.get(owner.entry_id, 0) + 1
 
     def _resume_point(self, marks: deque, seen_id: str) -> tuple[bytes, str]:
         """Where a new owner should resume (audio id) and the state to write: the latest

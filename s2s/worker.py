@@ -50,10 +50,10 @@ from .config import Settings
 from .frames import STAGE_INPUTS, Frame, FrameError, Notice, decode
 from .redis_version import server_problem
 from .stage import SessionState, Stage
+from .turn_watch import TurnWatch
 
 log = logging.getLogger("s2s.worker")
 T = TypeVar("T")
-TURN_POLL_S = 0.05  # how often in-flight work checks whether its turn was superseded
 BURST_LOG_S = 30.0  # a Redis trouble that goes on is logged again after this long
 
 
@@ -68,6 +68,8 @@ class Runtime:
         self.concurrency = settings.concurrency or stage.concurrency
         self.bus = Bus(settings)
         stage.state = SessionState(self.bus, self.retrying)
+        # one subscription to turn changes for all the work in flight (s2s.turn_watch)
+        self.turns = TurnWatch(self.bus, self._count_redis_error)
         self.inflight: dict[bytes, asyncio.Task] = {}
         # entries read ahead, not started yet (stage.lookahead > 0): id -> (priority, data)
         self.waiting: dict[bytes, tuple[float, bytes]] = {}
@@ -119,6 +121,7 @@ class Runtime:
             except Exception:
                 pass
             server.close()
+            await self.turns.close()
             await self.bus.close()
             log.info("%s worker stopped", self.name)
 
@@ -382,11 +385,12 @@ class Runtime:
 
     async def run_item(self, frame: Frame, picked: float, *extra: Any) -> str:
         """Process one frame, emit its outputs, cancel it if its turn goes stale."""
+        # watched before the turn is read: a change published in between is not missed
+        watch = self.turns.watch(frame.sid, frame.turn)
         try:
             if frame.turn < await self.bus.current_turn(frame.sid):
                 return "stale"
             work = asyncio.create_task(self._produce(frame, picked, *extra))
-            watch = asyncio.create_task(self._watch_turn(frame))
             try:
                 done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
             except asyncio.CancelledError:
@@ -399,7 +403,6 @@ class Runtime:
             finally:
                 if not work.done() and watch.done():
                     work.cancel()
-                watch.cancel()
             if work in done:
                 work.result()
                 return "ok"
@@ -418,6 +421,8 @@ class Runtime:
             log.exception("processing failed", extra={"sid": frame.sid, "turn": frame.turn})
             await self._notify_error(frame, f"{self.name} failed: {e}")
             return "error"
+        finally:
+            self.turns.unwatch(frame.sid, watch)
 
     async def _notify_error(self, frame: Frame, message: str) -> None:
         """Tell the session (best effort): else its turn just never gets an answer."""
@@ -460,16 +465,6 @@ class Runtime:
             if failed:  # said here, when it went through, not at the next read
                 self._redis_up()
             return result
-
-    async def _watch_turn(self, frame: Frame) -> None:
-        """Returns once the frame's turn is superseded (never, for turnless frames)."""
-        while True:
-            await asyncio.sleep(TURN_POLL_S)
-            try:
-                if frame.turn < await self.bus.current_turn(frame.sid):
-                    return
-            except RedisError:  # passing: the work goes on; it raises on its own if it must
-                pass
 
     async def _ack(self, entry_id: bytes) -> None:
         """Acknowledge and delete the entry (Bus.ack).  Errors never end the task with an
