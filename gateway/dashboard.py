@@ -105,10 +105,12 @@ class Dashboard:
         series["in_flight"] = {s: [p.in_flight.get(s, 0.0) for p in points] for s in STAGES}
         series["workers"] = {s: [p.workers.get(s, 0) for p in points] for s in STAGES}
         sampling = self.task is not None and not self.task.done()
+        # rates over the time sampled, when the page has watched for less than the range
+        span_s = min(range_s, now - points[0].t + self.interval_s) if points else range_s
         return {"source": self.source_name, "sampling": sampling, "error": self.last_error,
                 "now": now, "interval_s": self.interval_s, "window_s": self.window_s,
                 "range_s": range_s, "max_range_s": self.max_range_s, "points": len(points),
-                "series": series, "summary": self.history.figures(points, range_s),
+                "series": series, "summary": self.history.figures(points, span_s),
                 "live": self.live()}
 
     def live(self) -> dict:

@@ -342,6 +342,10 @@ def test_page_agrees_with_the_bench(redis_url, workers, tmp_path):
                 assert cells[1] == "1" and "–" not in cells[5:9], (stage, cells)
                 assert level["server"]["stages"][stage]["processing_ms"]["count"] >= 1
             assert page.inner_text("#conn") == "Live"
+            print(f"page: turns {shown(page, 'turns'):.0f}, sessions opened {opened:.0f}, "
+                  f"v2v p50 {shown(page, 'v2v-p50')} p95 {shown(page, 'v2v-p95')} ms; bench: "
+                  f"gateway histogram {server}, client {client}, "
+                  f"answered {level['turns_answered']}/{level['turns_expected']}")
 
             # a gateway reading Prometheus instead shows the same figures
             deadline = time.monotonic() + 30
