@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from s2s.rtc import mono_int16, no_prefetch
+from s2s.rtc import hand_on_at_once, mono_int16
 
 from .errors import ProtocolError, auth_headers
 from .realtime import RATE, RealtimeConnection
@@ -137,7 +137,7 @@ class WebRTCConnection(RealtimeConnection):
         @pc.on("track")
         def on_track(track: Any) -> None:
             if track.kind == "audio" and conn.reader is None:
-                no_prefetch(transceiver.receiver)
+                hand_on_at_once(transceiver.receiver)
                 conn.reader = asyncio.create_task(conn._read_track(track))
 
         @pc.on("connectionstatechange")
@@ -267,7 +267,9 @@ class WebRTCConnection(RealtimeConnection):
             if self.up_resampler is None:
                 from s2s.audio import StreamResampler
 
-                self.up_resampler = StreamResampler(self.sample_rate, TRACK_RATE, dtype="int16")
+                # LQ: soxr's HQ stream holds ~20 ms blocks of 20 ms frames back
+                self.up_resampler = StreamResampler(self.sample_rate, TRACK_RATE, dtype="int16",
+                                                    quality="LQ")
             samples = self.up_resampler(np.asarray(samples, np.int16))
         self.mic.feed(np.asarray(samples, np.int16))
 

@@ -32,7 +32,7 @@ from starlette.responses import JSONResponse, Response
 
 from s2s import metrics
 from s2s.config import Settings
-from s2s.rtc import no_prefetch
+from s2s.rtc import hand_on_at_once
 
 from .auth import TICKET_SUBPROTOCOL, origin_allowed
 from .realtime_events import NATIVE_SR, Overflow
@@ -198,7 +198,7 @@ class WebRTCCalls:
             if remote.kind == "audio":
                 for transceiver in pc.getTransceivers():
                     if transceiver.receiver.track is remote:
-                        no_prefetch(transceiver.receiver)
+                        hand_on_at_once(transceiver.receiver)
                 call.spawn(MicPump(remote, NATIVE_SR, call.mic).run())
 
         @pc.on("connectionstatechange")

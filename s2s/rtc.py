@@ -29,19 +29,36 @@ def mono_int16(frame: Any) -> np.ndarray:
     return np.clip(np.round(samples), -32768, 32767).astype(np.int16)
 
 
-def no_prefetch(receiver: Any) -> bool:
-    """Let ``receiver`` (an aiortc RTCRtpReceiver of audio) decode each packet as soon as
-    the next one shows it complete, instead of holding 4 packets first (aiortc's audio
-    default: 80 ms of Opus at 20 ms a packet, measured as the last 80 ms of a call's
-    speech reaching the session only when more audio came).  Neither end plays what it
-    receives on a clock (the gateway feeds the VAD, the client measures), so that hold
-    smooths nothing and delays every turn.  aiortc has no setting for it: its private
-    jitter buffer is replaced; False (and the default kept) if aiortc changed."""
-    from aiortc.jitterbuffer import JitterBuffer
+def hand_on_at_once(receiver: Any) -> bool:
+    """Let ``receiver`` (an aiortc RTCRtpReceiver of audio) decode each packet as it
+    arrives.  aiortc's audio jitter buffer holds 4 packets before the first (80 ms of
+    Opus at 20 ms a packet: measured as the last 80 ms of a call's speech reaching the
+    session only once more audio came), and even without that hold it hands a packet on
+    only when the next one shows it complete (20 ms more).  An Opus packet is a whole
+    frame, and neither end plays what it receives on a clock (the gateway feeds the VAD,
+    the client measures), so holding smooths nothing and delays every turn.  aiortc has
+    no setting for it: its private jitter buffer is replaced; False (and the default
+    kept) if aiortc changed."""
+    from aiortc.jitterbuffer import JitterBuffer, JitterFrame
+
+    class AtOnce(JitterBuffer):
+        """Each packet on as it comes; one not newer than the last (late, or repeated) is
+        dropped, as a frame already played would be."""
+
+        def __init__(self) -> None:
+            super().__init__(capacity=16)
+            self.last: int | None = None
+
+        def add(self, packet: Any) -> tuple[bool, Any]:
+            seq = packet.sequence_number
+            if self.last is not None and not 0 < (seq - self.last) % 65536 < 32768:
+                return False, None
+            self.last = seq
+            return False, JitterFrame(data=packet._data, timestamp=packet.timestamp)
 
     buffer = getattr(receiver, JITTER_ATTR, None)
     if not isinstance(buffer, JitterBuffer) or getattr(buffer, "_is_video", False):
         log.warning("aiortc's audio jitter buffer was not found: its 80 ms hold stays")
         return False
-    setattr(receiver, JITTER_ATTR, JitterBuffer(capacity=buffer.capacity, prefetch=1))
+    setattr(receiver, JITTER_ATTR, AtOnce())
     return True
