@@ -108,12 +108,19 @@ def lookup_order(order_id: str) -> str:
     return f"Order {key} is {status}."
 
 
-EXAMPLES = {
-    "get_time": [{"request": "What time is it in Rome?", "arguments": {"city": "Rome"}}],
+EXAMPLES = {  # few-shot requests for a small model (not the eval's: bench/eval_set.py)
+    "get_time": [{"request": "What time is it in Rome?", "arguments": {"city": "Rome"}},
+                 {"request": "Tell me the current time in Berlin.",
+                  "arguments": {"city": "Berlin"}}],
     "convert_units": [{"request": "How many ounces are in 2 liters?",
-                       "arguments": {"value": 2, "from_unit": "liter", "to_unit": "ounce"}}],
-    "calculate": [{"request": "How much is 3 plus 4?", "arguments": {"expression": "3 + 4"}}],
-    "lookup_order": [{"request": "Has my order 55 arrived?", "arguments": {"order_id": "55"}}],
+                       "arguments": {"value": 2, "from_unit": "liter", "to_unit": "ounce"}},
+                      {"request": "Convert 10 kilograms to pounds.",
+                       "arguments": {"value": 10, "from_unit": "kilogram", "to_unit": "pound"}}],
+    "calculate": [{"request": "How much is 3 plus 4?", "arguments": {"expression": "3 + 4"}},
+                  {"request": "What is 9 times 6?", "arguments": {"expression": "9 * 6"}}],
+    "lookup_order": [{"request": "Has my order 55 arrived?", "arguments": {"order_id": "55"}},
+                     {"request": "Check the status of order 612.",
+                      "arguments": {"order_id": "612"}}],
 }
 READ_ONLY = {"get_time", "convert_units", "calculate", "lookup_order"}
 TOOLS = [get_time, convert_units, calculate, lookup_order]

@@ -252,11 +252,7 @@ class BatchEngine:
 
     def _choose(self, seq: Sequence, scores: torch.Tensor) -> int:
         if seq.matcher is not None:  # the grammar decides what may come: no penalties
-            seq.matcher.mask(scores)
-            token = int(torch.argmax(scores))
-            if not seq.matcher.accept(token):
-                raise RuntimeError(f"the grammar refused token {token}")
-            return token
+            return seq.matcher.choose(scores)
         reply = seq.reply
         if self.penalty != 1.0:  # as transformers' repetition_penalty: the whole conversation
             seen = torch.tensor(sorted(set(seq.ids)), device=scores.device)

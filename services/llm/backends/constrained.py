@@ -27,7 +27,8 @@ class JsonConstraints:
         self.lock = threading.Lock()
 
     def matcher(self, schema: dict) -> "Matcher":
-        key = json.dumps(schema, sort_keys=True)
+        # not sort_keys: the grammar writes properties in the schema's order
+        key = json.dumps(schema)
         with self.lock:
             grammar = self.compiled.get(key)
             if grammar is None:
@@ -47,13 +48,17 @@ class Matcher:
         self.matcher = xg.GrammarMatcher(grammar)
         self.bitmask = xg.allocate_token_bitmask(1, vocab_size)
 
-    def mask(self, scores: torch.Tensor) -> None:
-        """Forbid (in place) every token the grammar does not allow next."""
+    def choose(self, scores: torch.Tensor) -> int:
+        """The likeliest token the grammar allows next (greedy), accepted."""
         self.matcher.fill_next_token_bitmask(self.bitmask)
-        self.xg.apply_token_bitmask_inplace(scores[None], self.bitmask.to(scores.device))
-
-    def accept(self, token: int) -> bool:
-        return self.matcher.accept_token(token)
+        # a contiguous copy: the kernel reads rows by their stride, and a row of the
+        # batch's logits is a strided view
+        masked = scores.detach().float().contiguous().view(1, -1)
+        self.xg.apply_token_bitmask_inplace(masked, self.bitmask.to(scores.device))
+        token = int(torch.argmax(masked))
+        if not self.matcher.accept_token(token):
+            raise RuntimeError(f"the grammar refused token {token}")
+        return token
 
     @property
     def finished(self) -> bool:

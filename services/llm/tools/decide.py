@@ -4,16 +4,17 @@ grammar (xgrammar on transformers, vLLM's guided decoding), either ``{"name": "n
 (then it speaks, with its usual prompt) or ``{"name": TOOL, "arguments": {...}}`` with
 arguments valid against that tool's schema, whatever the model would have liked to write.
 
-A model this small follows examples better than instructions: the prompt lists the tools
-and shows a request for each (a tool's own ``examples``), and a few that need none.  Only
-the user's last message is shown, so the prompt's start is the same for every turn of
-every session with these tools (its keys/values stay in the prefix cache)."""
+A model this small follows examples better than instructions, and the nearest ones most:
+the prompt lists the tools, then shows the tools' own ``examples`` and a few requests that
+need none, ordered so that those most like the request (shared words) come last, just
+before it.  Only the user's last message is shown."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass
 
 import jsonschema
@@ -24,7 +25,9 @@ from .spec import Tool
 log = logging.getLogger("s2s.llm.tools")
 MAX_TOKENS = 96   # the decision's JSON, at most: a call cut short is no call
 NONE_EXAMPLES = ["Hi there, how are you?", "What is the largest ocean on Earth?",
-                 "Tell me a fun fact."]
+                 "Tell me a fun fact.", "Who painted the Mona Lisa?", "Thanks, that helps a lot.",
+                 "Can you recommend a good book?"]
+WORD = re.compile(r"[a-z0-9']+")
 
 
 @dataclass
@@ -74,20 +77,24 @@ def messages(toolset: ToolSet, request: str) -> list[dict]:
     out = [{"role": "system", "content": system}]
     shots: list[tuple[str, str]] = []
     for t in tools:
-        for ex in t.examples[:2]:
+        for ex in t.examples:
             if isinstance(ex, dict) and isinstance(ex.get("request"), str):
                 shots.append((ex["request"], json.dumps(
                     {"name": t.name, "arguments": ex.get("arguments", {})}, ensure_ascii=False)))
     if not toolset.must_call:
-        nones = [(q, '{"name": "none"}') for q in NONE_EXAMPLES]
-        # interleaved, so the model never sees a run of one answer
-        step = max(1, len(shots) // len(nones))
-        for i, none in enumerate(nones):
-            shots.insert(min(len(shots), (i + 1) * step + i), none)
+        shots += [(q, '{"name": "none"}') for q in NONE_EXAMPLES]
+    # a small model answers like the examples nearest to it: the ones most like this
+    # request come last (ties keep their order, so the prompt is stable)
+    shots.sort(key=lambda shot: _likeness(shot[0], request))
     for question, answer in shots:
         out += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     out.append({"role": "user", "content": request})
     return out
+
+
+def _likeness(a: str, b: str) -> float:
+    wa, wb = set(WORD.findall(a.lower())), set(WORD.findall(b.lower()))
+    return len(wa & wb) / max(1, len(wa | wb))
 
 
 async def decide(backend, toolset: ToolSet, request: str, sid: str, turn: int) -> list[Call]:
