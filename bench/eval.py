@@ -35,7 +35,8 @@ import numpy as np
 
 from s2s import config
 
-from .eval_set import CONVERSATIONS, JFK_TEXT, SR, Conversation, Voices, groups
+from . import eval_tools
+from .eval_set import CONVERSATIONS, DEFAULT_GROUPS, JFK_TEXT, SR, Conversation, Voices, groups
 from .wer import wer as _wer
 
 FRAME_MS = 20
@@ -88,7 +89,8 @@ def degenerate(reply: str) -> str:
 
 # --- one conversation -------------------------------------------------------------------------
 async def run_conversation(url: str, conv: Conversation, voices: Voices, *, api_key: str,
-                           turn_timeout: float, tail_s: float) -> dict[str, Any]:
+                           turn_timeout: float, tail_s: float,
+                           redis_url: str = "") -> dict[str, Any]:
     from s2s.client.protocol import Connection, Tracker
 
     kwargs: dict[str, Any] = {}
@@ -148,7 +150,12 @@ async def run_conversation(url: str, conv: Conversation, voices: Voices, *, api_
             await asyncio.wait_for(receiver, 5)
         except (asyncio.TimeoutError, Exception):
             receiver.cancel()
-    return score(conv, tracker, spans, audio_mono, piece_mono)
+    result = score(conv, tracker, spans, audio_mono, piece_mono)
+    if conv.group == "tools":  # the calls, from the conversation the LLM kept
+        entries = eval_tools.history(redis_url, conn.session_id)
+        for turn, scored in zip(conv.turns, result["turns"]):
+            scored.update(eval_tools.score_turn(turn, scored["reply"], entries))
+    return result
 
 
 def playback_end(tracker) -> float:
@@ -274,8 +281,12 @@ def format_table(summary: dict[str, dict], label: str = "") -> str:
 # --- command ---------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default="ws://127.0.0.1:8000/ws", help="the gateway's WebSocket")
-    parser.add_argument("--groups", default=",".join(groups()),
-                        help="comma-separated groups to run")
+    parser.add_argument("--groups", default=",".join(DEFAULT_GROUPS),
+                        help=f"comma-separated groups to run, of {','.join(groups())} (tools: "
+                             "a stack with the example tools attached, docs/tools.md)")
+    parser.add_argument("--redis-url", default=os.environ.get("S2S_REDIS_URL", ""),
+                        help="the stack's Redis, where the tools group reads the calls made "
+                             "(default: $S2S_REDIS_URL)")
     parser.add_argument("--ids", default="", help="comma-separated conversation ids only")
     parser.add_argument("--limit", type=int, default=0, help="at most this many per group")
     parser.add_argument("--out", default="eval.json", help="where the JSON report goes")
@@ -316,7 +327,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     for c in convs:
         try:
             r = await run_conversation(args.url, c, voices, api_key=args.api_key,
-                                       turn_timeout=args.turn_timeout, tail_s=args.tail)
+                                       turn_timeout=args.turn_timeout, tail_s=args.tail,
+                                       redis_url=args.redis_url)
         except Exception as e:  # a refused or broken session is a result, not a crash
             r = {"id": c.id, "group": c.group, "voice": c.voice, "turns": [],
                  "errors": [{"message": f"{type(e).__name__}: {e}"}]}
@@ -331,13 +343,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for t in r["turns"]:
             t.pop("audio", None)
     return {"label": args.label, "url": config.redacted_url(args.url), "summary": summarize(results),
-            "conversations": results}
+            "tools": eval_tools.summarize(results), "conversations": results}
 
 
 def main(args: argparse.Namespace) -> int:
     report = asyncio.run(run(args))
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(format_table(report["summary"], args.label))
+    if report.get("tools"):
+        print(eval_tools.format_summary(report["tools"]))
     print(f"eval: JSON in {args.out}", file=sys.stderr)
     return 0 if any(c["turns"] for c in report["conversations"]) else 1
 

@@ -33,6 +33,8 @@ class Turn:
     keywords: list[tuple[str, ...]] = field(default_factory=list)
     recording: str = ""               # a real recording (tests/data) instead of synthesis
     starts: list[float] = field(default_factory=list)  # a recording's pieces start here (s)
+    tool: str = ""                    # tools group: the tool it needs ("none": no call)
+    args: dict = field(default_factory=dict)  # ... and its arguments (bench/eval_tools.py)
 
     @property
     def text(self) -> str:
@@ -60,7 +62,12 @@ def _m(id: str, voice: str, first: str, second: str, *keywords: tuple[str, ...])
                                                                      keywords=list(keywords))])
 
 
+def _t(id: str, voice: str, text: str, tool: str = "none", **args) -> Conversation:
+    return Conversation(id, "tools", voice, [Turn([text], tool=tool, args=args)])
+
+
 P, E1, E2, E3 = "piper", "espeak:en-us", "espeak:en-gb", "espeak:en-us+f3"
+T, U, C, O = "get_time", "convert_units", "calculate", "lookup_order"
 
 CONVERSATIONS: list[Conversation] = [
     # --- short factual questions ------------------------------------------------------
@@ -121,11 +128,62 @@ CONVERSATIONS: list[Conversation] = [
     _m("job", E2, "I work as a nurse.", "What is my job?", ("nurse",)),
     _m("age", P, "I am thirty years old.", "How old am I?", ("thirty", "30")),
     _m("favorite-fruit", E3, "I really like bananas.", "Which fruit do I like?", ("banana",)),
+    # --- tools: requests for the example tools (examples/voice_tools), and ones for none ----
+    # (none of them is one of the tools' few-shot examples)
+    _t("time-tokyo", P, "What time is it in Tokyo?", T, city="Tokyo"),
+    _t("time-london", E1, "What's the time in London right now?", T, city="London"),
+    _t("time-new-york", E2, "Tell me the time in New York.", T, city="New York"),
+    _t("time-sydney", E3, "What time is it now in Sydney?", T, city="Sydney"),
+    _t("time-paris", P, "Could you tell me what time it is in Paris?", T, city="Paris"),
+    _t("time-madrid", E1, "What is the local time in Madrid?", T, city="Madrid"),
+    _t("conv-miles", P, "Convert five miles to kilometers.", U, value=5, from_unit="mile",
+       to_unit="kilometer"),
+    _t("conv-pounds", E2, "How many kilograms are in twenty pounds?", U, value=20,
+       from_unit="pound", to_unit="kilogram"),
+    _t("conv-feet", E3, "How many feet are in ten meters?", U, value=10, from_unit="meter",
+       to_unit="foot"),
+    _t("conv-celsius", E1, "Convert thirty degrees Celsius to Fahrenheit.", U, value=30,
+       from_unit="celsius", to_unit="fahrenheit"),
+    _t("conv-gallons", P, "How many liters are in three gallons?", U, value=3,
+       from_unit="gallon", to_unit="liter"),
+    _t("conv-inches", E2, "Convert twelve inches to centimeters.", U, value=12,
+       from_unit="inch", to_unit="centimeter"),
+    _t("calc-times", P, "What is twelve times seven?", C, expression=84),
+    _t("calc-divide", E1, "What is one hundred forty four divided by twelve?", C, expression=12),
+    _t("calc-plus", E3, "How much is fifty five plus twenty six?", C, expression=81),
+    _t("calc-minus", E2, "What is one thousand minus three hundred?", C, expression=700),
+    _t("calc-square", P, "Calculate nine times nine.", C, expression=81),
+    _t("calc-sum", E1, "What do you get when you add seventeen and twenty five?", C,
+       expression=42),
+    _t("order-4521", P, "Where is my order four five two one?", O, order_id="4521"),
+    _t("order-77", E1, "Can you check on order number seventy seven?", O, order_id="77"),
+    _t("order-1234", E2, "What is the status of my order one two three four?", O,
+       order_id="1234"),
+    _t("order-8810", E3, "Has my order eight eight one zero shipped yet?", O, order_id="8810"),
+    _t("order-305", P, "I want to know about order three oh five.", O, order_id="305"),
+    _t("time-berlin-2", E3, "What time is it in Chicago?", T, city="Chicago"),
+    _t("conv-kg", E1, "How many pounds is five kilograms?", U, value=5, from_unit="kilogram",
+       to_unit="pound"),
+    _t("none-hello", P, "Hello, how are you today?"),
+    _t("none-joke", E1, "Tell me a joke."),
+    _t("none-capital", E2, "What is the capital of Spain?"),
+    _t("none-thanks", E3, "Thank you, that was helpful."),
+    _t("none-hamlet", P, "Who wrote Hamlet?"),
+    _t("none-sky", E1, "Why is the sky blue?"),
+    _t("none-name", E2, "My name is Tom."),
+    _t("none-weekend", E3, "What should I do this weekend?"),
+    _t("none-dog", P, "I have a dog called Rex."),
+    _t("none-morning", E1, "Good morning!"),
 ]
 
 
 def groups() -> list[str]:
-    return ["factual", "dictation", "multiturn"]
+    """Every group; ``tools`` needs a stack with the example tools attached (docs/tools.md)
+    and is run on request (``--groups tools``)."""
+    return ["factual", "dictation", "multiturn", "tools"]
+
+
+DEFAULT_GROUPS = ["factual", "dictation", "multiturn"]
 
 
 # --- audio ------------------------------------------------------------------------------

@@ -69,11 +69,16 @@ def add_tool_calls(ctx: dict, turn: int, said: str, calls: list[dict]) -> dict:
     return {"history": history}
 
 
-def add_tool_result(ctx: dict, turn: int, call_id: str, name: str, output: str) -> dict:
+def add_tool_result(ctx: dict, turn: int, call_id: str, name: str, output: str,
+                    ms: float | None = None) -> dict:
+    """A call's result (``ms``: how long the call took, for the eval; not for the model)."""
     history = [m for m in ctx["history"] if not (m["role"] == "tool"
                                                  and m.get("tool_call_id") == call_id)]
-    history.append({"role": "tool", "tool_call_id": call_id, "name": name, "content": output,
-                    "turn": turn})
+    entry = {"role": "tool", "tool_call_id": call_id, "name": name, "content": output,
+             "turn": turn}
+    if ms is not None:
+        entry["ms"] = round(ms, 1)
+    history.append(entry)
     return {"history": history}
 
 

@@ -39,6 +39,7 @@ class Outcome:
     ok: bool
     output: str          # the tool's result, or why there is none
     ran: bool = True     # this worker ran it (False: found recorded)
+    ms: float | None = None  # how long it ran
 
 
 async def run(state, sid: str, turn: int, call: Call, tool: Tool, timeout_s: float) -> Outcome:
@@ -75,7 +76,8 @@ async def _run_and_record(state, sid: str, key: str, turn: int, call: Call, tool
         CALLS.labels("error").inc()
         if not isinstance(e, ToolError):
             log.exception("tool %s raised", call.name, extra={"sid": sid, "turn": turn})
-    CALL_SECONDS.observe(time.perf_counter() - started)
+    outcome.ms = (time.perf_counter() - started) * 1000
+    CALL_SECONDS.observe(outcome.ms / 1000)
     await state.save_own(sid, key, json.dumps({
         "status": "done" if outcome.ok else "failed", "turn": turn, "name": call.name,
         "output": outcome.output}))

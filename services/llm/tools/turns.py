@@ -121,7 +121,7 @@ class ToolTurns:
         for c, outcome in zip(mine, outcomes):
             await speaker.save(history.add_tool_result(
                 speaker.ctx, frame.turn, c.id, c.name,
-                outcome.output if outcome.ok else f"error: {outcome.output}"))
+                outcome.output if outcome.ok else f"error: {outcome.output}", outcome.ms))
             result.failed |= not outcome.ok
 
 
