@@ -222,9 +222,12 @@ class Runtime:
         if entry_id in self.inflight:
             return
         self.inflight[entry_id] = asyncio.create_task(self._handle(entry_id, data))
-        self.inflight[entry_id].add_done_callback(
-            lambda _t, eid=entry_id: self.inflight.pop(eid, None))
+        self.inflight[entry_id].add_done_callback(lambda _t, eid=entry_id: self._done(eid))
         metrics.IN_FLIGHT.labels(self.name).set(len(self.inflight))
+
+    def _done(self, entry_id: bytes) -> None:
+        self.inflight.pop(entry_id, None)
+        metrics.IN_FLIGHT.labels(self.name).set(len(self.inflight))  # an idle worker reads 0
 
     def _priority(self, data: bytes) -> float:
         """The stage's order key for an entry read ahead; an undecodable entry gets 0

@@ -354,6 +354,15 @@ def test_concurrency_limit_bounds_items_in_flight(workers, redis_url):
     assert sorted(f.message for f in _wait_out(redis_url, "c", n=4)) == ["0", "1", "2", "3"]
     assert most == 2  # two at once, never more
     assert elapsed >= 1.9  # so two rounds of 1 s, not one round of four
+    # and the gauge of the work in flight falls back to 0 once the worker is idle
+    metrics_url = _metrics_url(redis_url, "echo") + "/metrics"
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        text = _get(metrics_url)[1].decode()
+        if 's2s_stage_in_flight{stage="echo"} 0.0' in text:
+            break
+        time.sleep(0.1)
+    assert 's2s_stage_in_flight{stage="echo"} 0.0' in text
 
 
 def _metrics_url(url: str, stage: str, timeout: float = 5) -> str:
