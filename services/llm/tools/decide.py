@@ -27,6 +27,7 @@ MAX_TOKENS = 96   # the decision's JSON, at most: a call cut short is no call
 NONE_EXAMPLES = ["Hi there, how are you?", "What is the largest ocean on Earth?",
                  "Tell me a fun fact.", "Who painted the Mona Lisa?", "Thanks, that helps a lot.",
                  "Can you recommend a good book?"]
+MAX_SHOTS = 6     # the examples nearest the request: more only distract a small model
 WORD = re.compile(r"[a-z0-9']+")
 
 
@@ -86,6 +87,7 @@ def messages(toolset: ToolSet, request: str) -> list[dict]:
     # a small model answers like the examples nearest to it: the ones most like this
     # request come last (ties keep their order, so the prompt is stable)
     shots.sort(key=lambda shot: _likeness(shot[0], request))
+    shots = shots[-MAX_SHOTS:]
     for question, answer in shots:
         out += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     out.append({"role": "user", "content": request})
