@@ -169,13 +169,18 @@ class Sessions:
         self.tasks: list[asyncio.Task] = []
         self.received = 0
         self.replies = 0
+        self.refused: list[str] = []
         self.stop = asyncio.Event()
 
     async def open(self, rate_per_s: float = 25.0) -> None:
-        from s2s.client.protocol import Connection
+        from s2s.client.protocol import Connection, ProtocolError
 
         for i in range(self.n):
-            conn = await Connection.open(self.url, SR, timeout=30)
+            try:
+                conn = await Connection.open(self.url, SR, timeout=30)
+            except ProtocolError as e:  # counted, not fatal: the row says how many opened
+                self.refused.append(e.code or str(e)[:80])
+                continue
             self.conns.append(conn)
             self.tasks.append(asyncio.create_task(self._read(conn)))
             self.tasks.append(asyncio.create_task(self._send(conn, i)))
@@ -244,7 +249,8 @@ async def measure(stack: Stack, counts: list[int], hold_s: float, idle_s: float 
             await sessions.close()
             total = sum(c for c, _ in d.values())
             usec = sum(u for _, u in d.values())
-            row = {"sessions": n, "open_s": round(open_s, 1), "connections": conns,
+            n = max(len(sessions.conns), 1)
+            row = {"sessions": n, "refused": len(sessions.refused), "open_s": round(open_s, 1), "connections": conns,
                    "gateway_kib_per_session": round((rss - gw_rss0) / 1024 / n, 1),
                    "commands_per_session_s": round((total - idle_rate * window) / n / window, 1),
                    "redis_cpu_ms_per_session_s": round(usec / 1000 / n / window, 3),
@@ -302,7 +308,8 @@ def format_row(row: dict) -> str:
             f"{c.get('vad', '?'):>2} stt {c.get('stt', '?'):>2} llm {c.get('llm', '?'):>2} "
             f"tts {c.get('tts', '?'):>2} | gateway {row['gateway_kib_per_session']:>7} KiB/session"
             f" | {row['commands_per_session_s']:>6} cmds/session-s | Redis CPU "
-            f"{row['redis_cpu_ms_per_session_s']} ms/session-s | opened in {row['open_s']} s")
+            f"{row['redis_cpu_ms_per_session_s']} ms/session-s | opened in {row['open_s']} s"
+            + (f" ({row['refused']} refused)" if row.get("refused") else ""))
 
 
 async def run(args: argparse.Namespace) -> int:

@@ -32,6 +32,7 @@ from .config import Settings
 
 log = logging.getLogger("s2s.bus")
 
+POOL_WAIT_S = 30.0     # longest wait for a free pooled connection
 KICK_RETRY_S = 0.005   # a CLIENT UNBLOCK that found the reader not blocked yet is retried
 KICK_STALE_S = 0.2     # that long unanswered: the reader's connection id is stale (reconnect)
 
@@ -58,7 +59,10 @@ def connect(settings: Settings, single_connection: bool = False) -> aioredis.Red
         socket_timeout=read_timeout,
         socket_keepalive=True, socket_keepalive_options=_keepalive_options(),
         health_check_interval=10, max_connections=1 if single_connection else
-        max(settings.redis_pool_size, 2), timeout=read_timeout)
+        max(settings.redis_pool_size, 2),
+        # a wait for a free connection is the process's own backlog (a burst, a starved
+        # event loop), not Redis away (that fails the connection at once): slow, not failed
+        timeout=POOL_WAIT_S)
     return aioredis.Redis.from_pool(pool)
 
 
@@ -110,13 +114,17 @@ class StreamReader:
 
     def __init__(self, reading: aioredis.Redis, control: aioredis.Redis, count: int,
                  block_ms: int, backlog: int, on_error: Callable[[Exception], None],
-                 on_ok: Callable[[], None] = lambda: None, name: str = "streams"):
+                 on_ok: Callable[[], None] = lambda: None, name: str = "streams",
+                 gap_s: float = 0.0):
         """``reading``: a single-connection client for the XREAD (it blocks);
         ``control``: another client, for CLIENT UNBLOCK.  ``on_error`` counts and logs a
-        Redis failure of the reading task, ``on_ok`` is told when reads work again."""
+        Redis failure of the reading task, ``on_ok`` is told when reads work again.
+        ``gap_s``: after a read that found entries, wait this long before the next one,
+        so a stream written every 20 ms is read a few entries at a time, not one."""
         self.reading, self.control = reading, control
         self.count, self.block_ms, self.backlog = count, block_ms, backlog
         self.on_error, self.on_ok, self.name = on_error, on_ok, name
+        self.gap_s = gap_s
         self.follows: dict[str, list[Follow]] = {}
         self.task: asyncio.Task | None = None
         self.kicker: asyncio.Task | None = None
@@ -215,6 +223,8 @@ class StreamReader:
                 self.client_id = None
                 await asyncio.sleep(1.0)
                 continue
+            if res and self.gap_s:
+                await asyncio.sleep(self.gap_s)
             for key, entries in _by_key(res):
                 start = entry_order(positions[key]) if key in positions else None
                 for f in list(self.follows.get(key, ())):

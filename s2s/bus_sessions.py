@@ -19,6 +19,7 @@ from .redis_scripts import ADVANCE_TURN, EMIT_IF_OWNER, INCR_IF_OWNER, SAVE_IF_O
 #: the pub/sub channel every turn change is published on ("<turn> <sid>"): work in
 #: flight for a superseded turn is stopped at once (s2s.turn_watch), not polled for
 TURN_CHANNEL = "s2s:turns"
+AUDIO_GAP_S = 0.04  # the VAD's audio reads, at most this often while audio flows
 
 
 class Owner(NamedTuple):
@@ -51,13 +52,13 @@ class SessionKeys:
 
     # --- following session streams (one reading connection per kind: bus_reader) ------
     def _reader(self, kind: str, count: int, block_ms: int,
-                on_error: Callable[[Exception], None], on_ok: Callable[[], None]
-                ) -> StreamReader:
+                on_error: Callable[[Exception], None], on_ok: Callable[[], None],
+                gap_s: float = 0.0) -> StreamReader:
         reader = self.readers.get(kind)
         if reader is None:
             reader = self.readers[kind] = StreamReader(
                 connect(self.settings, single_connection=True), self.redis, count,
-                block_ms, 2 * count, on_error, on_ok, name=kind)
+                block_ms, 2 * count, on_error, on_ok, name=kind, gap_s=gap_s)
         return reader
 
     def follow_out(self, sid: str, after: bytes, count: int, block_ms: int,
@@ -70,8 +71,10 @@ class SessionKeys:
     def follow_audio(self, sid: str, after: bytes, count: int, block_ms: int,
                      on_error: Callable[[Exception], None],
                      on_ok: Callable[[], None] = lambda: None) -> Follow:
-        """The session's audio stream after ``after`` (see ``follow_out``)."""
-        return self._reader("audio", count, block_ms, on_error, on_ok).follow(
+        """The session's audio stream after ``after`` (see ``follow_out``), read at most
+        every AUDIO_GAP_S: a client's 20 ms messages reach the VAD a few at a time (one
+        XREAD each was a third of a speaking session's commands)."""
+        return self._reader("audio", count, block_ms, on_error, on_ok, AUDIO_GAP_S).follow(
             keys.audio(sid), after)
 
     async def emit_owned(self, owner: "Owner", *frames: Frame) -> list[bytes] | None:

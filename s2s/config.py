@@ -56,10 +56,10 @@ class Settings:
     dead_maxlen: int = opt(200, "Approximate most entries kept in the dead-letter stream "
                                 "`s2s:dead` (each may hold a whole utterance).")
     block_ms: int = opt(500, "How long one blocking stream read waits, in milliseconds.")
-    redis_pool_size: int = opt(16, "Most Redis connections a process opens for its commands "
-                                   "(a command waits for a free one beyond that), however many "
-                                   "sessions it serves; the session-stream readers and the turn "
-                                   "subscription hold one more each.")
+    redis_pool_size: int = opt(64, "Most Redis connections a process opens for its commands "
+                                   "(a command waits for a free one beyond that, up to 30 s), "
+                                   "however many sessions it serves; the session-stream readers "
+                                   "and the turn subscription hold one more each.")
     stream_maxlen: int = opt(10000, "Approximate MAXLEN of shared stage streams (XADD MAXLEN ~).")
     session_maxlen: int = opt(2000, "Approximate MAXLEN of per-session streams.")
     session_ttl_s: int = opt(3600, "TTL of per-session keys, refreshed on every write.")
