@@ -24,6 +24,8 @@ from av import AudioFrame
 from s2s.audio import StreamResampler
 from s2s.rtc import mono_int16
 
+from .limits import within
+
 log = logging.getLogger("s2s.gateway.webrtc")
 
 TRACK_RATE = 48000          # Opus's own clock: frames of this rate pass the encoder as is
@@ -78,6 +80,8 @@ class ReplyTrack(MediaStreamTrack):
         self._played: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._start: float | None = None
         self._pts = 0
+        self._silent = True             # the last frame sent carried no reply audio
+        self._pushed = asyncio.Event()
 
     def push(self, pcm: bytes, tag: str) -> None:
         """Queue reply audio of response ``tag`` (int16 mono at TRACK_RATE)."""
@@ -90,6 +94,7 @@ class ReplyTrack(MediaStreamTrack):
         self.chunks.append((tag, pcm))
         self.queued += len(pcm)
         self.idle.clear()
+        self._pushed.set()
 
     def clear(self) -> float:
         """Drop all queued audio now; returns the seconds dropped."""
@@ -130,12 +135,23 @@ class ReplyTrack(MediaStreamTrack):
             self._start = now
         else:
             wait = self._start + self._pts / TRACK_RATE - now
-            if wait > 0:
+            if wait > 0 and self._silent and not self.chunks:
+                # silence went out last: a reply's first frame leaves as soon as it is
+                # pushed, not at the next tick (10 ms sooner on average); the clock then
+                # runs from there
+                self._pushed.clear()
+                try:
+                    await within(wait, self._pushed.wait())
+                    self._start = self.clock() - self._pts / TRACK_RATE
+                except asyncio.TimeoutError:
+                    pass
+            elif wait > 0:
                 await asyncio.sleep(wait)
             elif wait < -0.2:  # the loop stalled: carry on from now, not in a burst
                 self._start = now - self._pts / TRACK_RATE
         want = FRAME_SAMPLES * 2
         pcm = self._take(want)
+        self._silent = not pcm
         if len(pcm) < want:
             pcm += bytes(want - len(pcm))
         frame = AudioFrame(format="s16", layout="mono", samples=FRAME_SAMPLES)
