@@ -83,7 +83,7 @@ def test_anything_else_is_a_clear_error_that_hides_the_key(url, why):
 
 def test_unknown_protocol_and_the_repr_of_a_result():
     with pytest.raises(GatewayURLError, match="unknown protocol"):
-        gateway_url("ws://h/ws", "webrtc")
+        gateway_url("ws://h/ws", "sip")  # (webrtc is one now: client/webrtc.py)
     found = gateway_url(f"http://h:1/#key={KEY}")
     assert KEY not in repr(found) and KEY not in str(found) and "***" in repr(found)
     assert repr(GatewayURL("ws://h/ws")) == "GatewayURL(url='ws://h/ws', key=None)"
