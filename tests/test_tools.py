@@ -23,7 +23,7 @@ from s2s.gateway.errors import Reject
 from s2s.services.llm import history
 from s2s.services.llm.tools import ToolError, ToolRegistry
 from s2s.services.llm.tools.decide import Call, call_id, valid
-from s2s.services.llm.tools.render import plain
+from s2s.services.llm.tools.render import ANSWER_EXAMPLES, plain
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVER = ROOT / "examples" / "voice_tools" / "server.py"
@@ -185,9 +185,11 @@ def test_history_keeps_calls_in_the_openai_chat_format():
     assert msgs[3]["tool_call_id"] == cid and "ms" not in msgs[3]
     assert history.open_calls(ctx) == {}
     # a chat template without tools reads the result inside the question
-    assert plain(msgs)[1] == {"role": "user", "content":
-                              "What time is it in Oslo?\n[get_time: It is 09:15 in Oslo.]"}
-    assert [m["role"] for m in plain(msgs)] == ["system", "user", "assistant"]
+    told = plain(msgs)[len(ANSWER_EXAMPLES) + 1:]  # after the system prompt and the examples
+    assert told[0] == {"role": "user", "content":
+                       "What time is it in Oslo?\n[get_time: It is 09:15 in Oslo.]"}
+    assert [m["role"] for m in told] == ["user", "assistant"]
+    assert plain(msgs[:2]) == msgs[:2]  # no tool in the conversation: no examples
     # the next turn keeps the call and its result
     nxt = history.start_turn(ctx, 4, "Thanks!", 6)
     assert [m["role"] for m in nxt["history"]] == ["user", "assistant", "tool", "assistant", "user"]
