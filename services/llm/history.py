@@ -82,6 +82,13 @@ def add_tool_result(ctx: dict, turn: int, call_id: str, name: str, output: str,
     return {"history": history}
 
 
+def unsaid(ctx: dict, turn: int) -> dict:
+    """The context without what this turn's reply said so far (a filler, "Let me
+    check."): the model's next round continues after the tool results, not after it."""
+    return {"history": [m for m in ctx["history"] if not (
+        m["role"] == "assistant" and m["turn"] == turn and not m.get("tool_calls"))]}
+
+
 def start_tool_turn(ctx: Any, turn: int, keep_turns: int) -> dict:
     """A turn that answers a client's tool results (added next): a re-run replaces it."""
     return {"history": _trim([m for m in _history(ctx) if m.get("turn", -1) < turn],

@@ -133,7 +133,8 @@ class LlmStage(Stage):
             for round_ in range(max(1, s.llm_tool_rounds) + 1):
                 offered = toolset if round_ < s.llm_tool_rounds else ToolSet()
                 spoken = SpokenPieces()
-                pieces = self.tools.pieces(history.messages(speaker.ctx, system_prompt),
+                context = history.unsaid(speaker.ctx, frame.turn)
+                pieces = self.tools.pieces(history.messages(context, system_prompt),
                                            offered, frame.sid, frame.turn,
                                            decide=decide and round_ == 0)
                 async for reply in self._reply(speaker, pieces, spoken):
