@@ -54,10 +54,17 @@ async def needs_vad_owner(bus: Bus, sid: str) -> bool:
         ended = False
     if not ended:
         return False
+    open_id = await bus.session_open_id(sid)
     deadline = time.monotonic() + RESUME_WAIT_S
     while time.monotonic() < deadline:
         pos = await bus.vad_position(sid)
         if pos is not None and entry_order(pos) >= entry_order(end_id):
+            break
+        state = await bus.session_entry_state(open_id) if open_id else "gone"
+        if state != "owned":  # no VAD worker holds the session: nobody to wait for
+            log.info("no VAD owner to release the ended session (its entry is %s)", state,
+                     extra={"sid": sid})
+            await bus.force_vad_release(sid, end_id)
             break
         await asyncio.sleep(0.05)
     else:

@@ -35,6 +35,10 @@ class Gateways:
         res = (await pipe.execute())[0]
         return res or None
 
+    async def session_open_id(self, sid: str) -> bytes | None:
+        """The session's entry in s2s:vad:sessions as its owner record has it."""
+        return await self.redis.hget(keys.session_gateway(sid), "open")
+
     async def drop_gateway_session(self, gateway_id: str, sid: str) -> None:
         await self.redis.srem(keys.gateway_sessions(gateway_id), sid)
 
