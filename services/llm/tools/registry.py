@@ -63,7 +63,8 @@ def client_tools(prefs: dict[str, str]) -> tuple[list[Tool], str]:
 class ToolRegistry:
     """The deployment's tools: Python callables and HTTP endpoints (``llm_tools``) and
     MCP servers (``llm_mcp_servers``).  ``start`` runs in the worker's event loop (MCP
-    connections live there); a source that fails to load fails the worker's start."""
+    connections live there), at the first turn; a source that fails to load fails that
+    turn (a stage error the client hears of) and is tried again at the next one."""
 
     def __init__(self, settings):
         self.settings = settings
@@ -77,7 +78,12 @@ class ToolRegistry:
         return bool(sources.specs(s.llm_tools) or mcp_client.specs(s.llm_mcp_servers))
 
     async def start(self) -> None:
-        if self._started is None:
+        failed = self._started is not None and self._started.done() and (
+            self._started.cancelled() or self._started.exception() is not None)
+        if self._started is None or failed:
+            if failed:
+                await self.close()
+                self.tools, self.servers = {}, []
             self._started = asyncio.ensure_future(self._load())
         await asyncio.shield(self._started)
 
