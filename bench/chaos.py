@@ -40,6 +40,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from s2s.launcher.proc import stop_processes
+
 from .stack import with_private_key
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,15 +181,7 @@ class Stack:
         self.redis.restart(down_s)
 
     def stop(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs.values():
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(self.procs.values(), grace_s=15)
         self.redis.stop()
 
 

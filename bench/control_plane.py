@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from s2s.launcher.proc import stop_processes
+
 ROOT = Path(__file__).resolve().parents[1]
 JFK = ROOT / "tests" / "data" / "jfk.wav"
 SR = 16000
@@ -130,15 +132,7 @@ class Stack:
         return psutil.Process(self.procs[name].pid).memory_info().rss
 
     def stop(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs.values():
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(self.procs.values(), grace_s=15)
         if self.server is not None:
             self.server.stop()
 

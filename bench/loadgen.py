@@ -37,6 +37,7 @@ import numpy as np
 
 from s2s.client.url import gateway_url, resolve_url_arg
 from s2s.config import redacted_url
+from s2s.histograms import histogram_quantile
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WAV = ROOT / "tests" / "data" / "jfk.wav"
@@ -168,21 +169,7 @@ def hist_delta(after: Hist, before: Hist) -> Hist:
 
 def hist_quantile(q: float, hist: Hist, group: str = "") -> float | None:
     """Prometheus' histogram_quantile on one group of cumulative buckets (seconds)."""
-    buckets = sorted((le, c) for (g, le), c in hist.items() if g == group)
-    if not buckets or buckets[-1][1] <= 0:
-        return None
-    total = buckets[-1][1]
-    rank = q * total
-    prev_le, prev_c = 0.0, 0.0
-    for le, c in buckets:
-        if c >= rank:
-            if math.isinf(le):
-                return prev_le  # above the highest finite bucket: its bound, as Prometheus
-            if c == prev_c:
-                return le
-            return prev_le + (le - prev_le) * (rank - prev_c) / (c - prev_c)
-        prev_le, prev_c = le, c
-    return prev_le
+    return histogram_quantile(q, sorted((le, c) for (g, le), c in hist.items() if g == group))
 
 
 def hist_count(hist: Hist, group: str = "") -> int:

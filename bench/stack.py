@@ -102,17 +102,9 @@ class Stack:
                 if p.poll() is not None]
 
     def stop(self) -> None:
-        import subprocess
+        from s2s.launcher.proc import stop_processes
 
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs.values():
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(self.procs.values(), grace_s=20)
         self.redis.stop()
 
     def __enter__(self) -> "Stack":

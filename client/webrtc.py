@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import fractions
 import time
 import json
 import urllib.error
@@ -23,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from s2s.rtc import hand_on_at_once, mono_int16
+from s2s.rtc import hand_on_at_once, int16_frame, mono_int16
 
 from .errors import ProtocolError, auth_headers
 from .realtime import RATE, RealtimeConnection
@@ -37,7 +36,6 @@ MIC_QUEUE = 500             # 10 s of microphone frames waiting for the encoder
 
 def _track_class():
     from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
-    from av import AudioFrame
 
     class MicTrack(MediaStreamTrack):
         """The microphone: 20 ms frames at 48 kHz, sent as they are given (the caller
@@ -64,11 +62,7 @@ def _track_class():
             if self.readyState != "live":
                 raise MediaStreamError
             pcm = await self.frames.get()
-            frame = AudioFrame(format="s16", layout="mono", samples=FRAME)
-            frame.planes[0].update(pcm)
-            frame.sample_rate = TRACK_RATE
-            frame.pts = self.pts
-            frame.time_base = fractions.Fraction(1, TRACK_RATE)
+            frame = int16_frame(pcm, TRACK_RATE, self.pts)
             self.pts += FRAME
             return frame
 

@@ -14,10 +14,11 @@ lines of the charts) or over the whole range the page shows (its headline figure
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable
+
+from s2s.histograms import histogram_quantile
 
 from .dashboard_source import Labels, Process, Series
 
@@ -79,19 +80,7 @@ def buckets(counts: Series, name: str, by: str | None = None,
 
 def quantile(q: float, cumulative: Buckets) -> float | None:
     """Prometheus's histogram_quantile over one group's cumulative buckets (seconds)."""
-    if not cumulative or cumulative[-1][1] <= 0:
-        return None
-    rank = q * cumulative[-1][1]
-    prev_le, prev_c = 0.0, 0.0
-    for le, c in cumulative:
-        if c >= rank:
-            if math.isinf(le):
-                return prev_le  # above the highest finite bucket: its bound, as Prometheus
-            if c == prev_c:
-                return le
-            return prev_le + (le - prev_le) * (rank - prev_c) / (c - prev_c)
-        prev_le, prev_c = le, c
-    return prev_le
+    return histogram_quantile(q, cumulative)
 
 
 def count(cumulative: Buckets) -> int:

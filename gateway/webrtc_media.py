@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import fractions
 import logging
 import time
 from typing import Callable
@@ -22,7 +21,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame
 
 from s2s.audio import StreamResampler
-from s2s.rtc import mono_int16
+from s2s.rtc import int16_frame, mono_int16
 
 from .limits import within
 
@@ -154,10 +153,6 @@ class ReplyTrack(MediaStreamTrack):
         self._silent = not pcm
         if len(pcm) < want:
             pcm += bytes(want - len(pcm))
-        frame = AudioFrame(format="s16", layout="mono", samples=FRAME_SAMPLES)
-        frame.planes[0].update(pcm)
-        frame.sample_rate = TRACK_RATE
-        frame.pts = self._pts
-        frame.time_base = fractions.Fraction(1, TRACK_RATE)
+        frame = int16_frame(pcm, TRACK_RATE, self._pts)
         self._pts += FRAME_SAMPLES
         return frame

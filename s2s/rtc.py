@@ -5,6 +5,7 @@ by the callers; nothing here needs it at import time."""
 
 from __future__ import annotations
 
+import fractions
 import logging
 from typing import Any
 
@@ -27,6 +28,19 @@ def mono_int16(frame: Any) -> np.ndarray:
     if frame.format.name.startswith(("flt", "dbl")):
         samples = samples * 32767.0
     return np.clip(np.round(samples), -32768, 32767).astype(np.int16)
+
+
+def int16_frame(pcm: bytes, rate: int, pts: int) -> Any:
+    """Mono 16-bit ``pcm`` as the ``av.AudioFrame`` a sending track returns, stamped
+    ``pts`` in samples."""
+    from av import AudioFrame
+
+    frame = AudioFrame(format="s16", layout="mono", samples=len(pcm) // 2)
+    frame.planes[0].update(pcm)
+    frame.sample_rate = rate
+    frame.pts = pts
+    frame.time_base = fractions.Fraction(1, rate)
+    return frame
 
 
 def hand_on_at_once(receiver: Any) -> bool:

@@ -54,31 +54,27 @@ const FATAL_CLOSE_CODES = new Set([1003, 1007, 1008, 1009]);
 const PING_EVERY_MS = 5000; // when the server has been quiet this long
 const DEAD_AFTER_MS = 15000; // nothing at all from the server: the link is dead
 
-export class Connection extends EventTarget {
-  constructor({ url = defaultUrl(), sampleRate = 16000, outputSampleRate = 24000,
-                readyTimeoutMs = 10000, minDelayMs = 500, maxDelayMs = 15000,
-                apiKey = storedKey() } = {}) {
+/**
+ * What every transport of the page shares: its state events, and reconnecting with
+ * exponential backoff (jittered) while the user wants a session.  A subclass provides
+ * open() (one attempt) and calls scheduleRetry() when an attempt or a session fails.
+ */
+export class RetryingSession extends EventTarget {
+  constructor({ url, apiKey, minDelayMs = 500, maxDelayMs = 15000 }) {
     super();
     this.url = url;
     this.apiKey = apiKey; // null: connect without credentials (a gateway with auth off)
-    this.opening = 0; // the current open() attempt (a stale ticket answer is ignored)
-    this.sampleRate = sampleRate;
-    this.outputSampleRate = outputSampleRate;
-    this.readyTimeoutMs = readyTimeoutMs;
     this.minDelayMs = minDelayMs;
     this.maxDelayMs = maxDelayMs;
-    this.ws = null;
+    this.opening = 0; // the current open() attempt (a stale ticket answer is ignored)
     this.sessionId = null;
     this.isReady = false;
+    this.everReady = false;
     this.wanted = false; // the user wants a session (Start pressed)
     this.attempt = 0; // failed attempts since the last ready
     this.retryTimer = null;
     this.readyTimer = null;
     this.lastError = null; // the last `error` event of the server
-    this.everReady = false;
-    this.heartbeat = null;
-    this.lastHeard = 0;
-    this.rttMs = null;
   }
 
   emit(type, detail) {
@@ -95,6 +91,40 @@ export class Connection extends EventTarget {
     this.attempt = 0;
     this.lastError = null;
     this.open();
+  }
+
+  scheduleRetry(reason, code) {
+    const base = Math.min(this.maxDelayMs, this.minDelayMs * 2 ** this.attempt);
+    const delayMs = Math.round(base * (0.8 + 0.4 * Math.random()));
+    this.attempt += 1;
+    this.setState("waiting", { attempt: this.attempt, delayMs, reason, code,
+                               retryAt: Date.now() + delayMs });
+    this.retryTimer = setTimeout(() => {
+      if (this.wanted) this.open();
+    }, delayMs);
+  }
+
+  /** Skips the wait and tries again now. */
+  retryNow() {
+    if (this.wanted && this.state === "waiting") {
+      clearTimeout(this.retryTimer);
+      this.open();
+    }
+  }
+}
+
+export class Connection extends RetryingSession {
+  constructor({ url = defaultUrl(), sampleRate = 16000, outputSampleRate = 24000,
+                readyTimeoutMs = 10000, minDelayMs = 500, maxDelayMs = 15000,
+                apiKey = storedKey() } = {}) {
+    super({ url, apiKey, minDelayMs, maxDelayMs });
+    this.sampleRate = sampleRate;
+    this.outputSampleRate = outputSampleRate;
+    this.readyTimeoutMs = readyTimeoutMs;
+    this.ws = null;
+    this.heartbeat = null;
+    this.lastHeard = 0;
+    this.rttMs = null;
   }
 
   /** Ends the session: sends bye and does not reconnect. */
@@ -252,24 +282,5 @@ export class Connection extends EventTarget {
         ws.send(JSON.stringify({ type: "ping", t: performance.now() }));
       }
     }, 1000);
-  }
-
-  scheduleRetry(reason, code) {
-    const base = Math.min(this.maxDelayMs, this.minDelayMs * 2 ** this.attempt);
-    const delayMs = Math.round(base * (0.8 + 0.4 * Math.random()));
-    this.attempt += 1;
-    this.setState("waiting", { attempt: this.attempt, delayMs, reason, code,
-                               retryAt: Date.now() + delayMs });
-    this.retryTimer = setTimeout(() => {
-      if (this.wanted) this.open();
-    }, delayMs);
-  }
-
-  /** Skips the wait and tries again now. */
-  retryNow() {
-    if (this.wanted && this.state === "waiting") {
-      clearTimeout(this.retryTimer);
-      this.open();
-    }
   }
 }

@@ -7,7 +7,7 @@
 //              media) before any call worked: the page goes on over the WebSocket
 //   rtcstats   {...}: what the browser measured of the call (getStats), every 250 ms
 
-import { defaultUrl, storedKey } from "./connection.js";
+import { RetryingSession, defaultUrl, storedKey } from "./connection.js";
 
 export function callsUrl(wsUrl = defaultUrl()) {
   const u = new URL(wsUrl);
@@ -26,30 +26,17 @@ const FATAL_STATUS = new Set([401, 403, 429]);
 // no such endpoint here (an older gateway, a static server): use the WebSocket
 const ABSENT_STATUS = new Set([404, 405, 501]);
 
-export class RtcConnection extends EventTarget {
+export class RtcConnection extends RetryingSession {
   constructor({ url = callsUrl(), apiKey = storedKey(), stream, connectTimeoutMs = 10000,
                 minDelayMs = 500, maxDelayMs = 15000 } = {}) {
-    super();
-    this.url = url;
-    this.apiKey = apiKey;
+    super({ url, apiKey, minDelayMs, maxDelayMs });
     this.stream = stream; // the microphone
     this.connectTimeoutMs = connectTimeoutMs;
-    this.minDelayMs = minDelayMs;
-    this.maxDelayMs = maxDelayMs;
     this.isRtc = true;
     this.pc = null;
     this.dc = null;
     this.audio = null;
-    this.opening = 0;
-    this.sessionId = null;
-    this.isReady = false;
-    this.everReady = false;
-    this.wanted = false;
-    this.attempt = 0;
-    this.retryTimer = null;
-    this.readyTimer = null;
     this.statsTimer = null;
-    this.lastError = null;
     this.resetTurns();
     this.measured = { packetsSent: 0, packetsReceived: 0, replySeconds: 0, audioEnergy: 0,
                       samplesDuration: 0, codec: null, loudIntervals: 0 };
@@ -61,22 +48,6 @@ export class RtcConnection extends EventTarget {
     this.itemSpan = new Map(); // user item id -> [start_s, end_s]
     this.responseTurn = new Map();
     this.pieces = new Map();
-  }
-
-  emit(type, detail) {
-    this.dispatchEvent(new CustomEvent(type, { detail }));
-  }
-
-  setState(state, extra = {}) {
-    this.state = state;
-    this.emit("state", { state, ...extra });
-  }
-
-  start() {
-    this.wanted = true;
-    this.attempt = 0;
-    this.lastError = null;
-    this.open();
   }
 
   stop() {
@@ -206,22 +177,6 @@ export class RtcConnection extends EventTarget {
     const wasReady = this.isReady;
     this.teardown();
     this.scheduleRetry(wasReady ? "the connection to the server was lost" : reason);
-  }
-
-  scheduleRetry(reason, code) {
-    const base = Math.min(this.maxDelayMs, this.minDelayMs * 2 ** this.attempt);
-    const delayMs = Math.round(base * (0.8 + 0.4 * Math.random()));
-    this.attempt += 1;
-    this.setState("waiting", { attempt: this.attempt, delayMs, reason, code,
-                               retryAt: Date.now() + delayMs });
-    this.retryTimer = setTimeout(() => { if (this.wanted) this.open(); }, delayMs);
-  }
-
-  retryNow() {
-    if (this.wanted && this.state === "waiting") {
-      clearTimeout(this.retryTimer);
-      this.open();
-    }
   }
 
   // ---------------------------------------------------------------- events in
