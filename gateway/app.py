@@ -25,6 +25,7 @@ from s2s.bus import REDIS_DOWN
 from s2s.cells import Cells
 from s2s.config import Settings
 
+from . import g711
 from .admission import Admission
 from .auth import AuthError, Authenticator, new_ticket, origin_allowed, ticket_key
 from .context import GatewayContext
@@ -58,6 +59,7 @@ def create_app(settings: Settings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
+        g711.prepare()
         cells.start()  # buses created on the server's event loop
         state["bus"] = cells.home.bus
         state["admission"] = Admission(settings, cells, state["sessions"])

@@ -86,3 +86,10 @@ def encode(pcm: bytes, law: str) -> bytes:
     """16-bit little-endian PCM to G.711 bytes."""
     _, table = _tables(law)
     return table[np.frombuffer(pcm, "<i2").view(np.uint16)].tobytes()
+
+
+def prepare() -> None:
+    """Build both laws' tables now (about 0.3 s): at the gateway's start, not inside the
+    first phone call's event loop, where every other session would wait for it."""
+    for law in ("ulaw", "alaw"):
+        _tables(law)
