@@ -18,7 +18,7 @@ up: $(STAMP)
 	$(VENV)/bin/s2s up $(ARGS)
 
 test: $(TEST_STAMP)
-	$(VENV)/bin/python -m pytest -q -rs $(ARGS)
+	$(VENV)/bin/python -m pytest -q -rs --durations=30 $(ARGS)
 
 bench: $(STAMP)
 	$(VENV)/bin/s2s bench $(ARGS)
