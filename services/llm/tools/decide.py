@@ -6,8 +6,8 @@ arguments valid against that tool's schema, whatever the model would have liked 
 
 A model this small follows examples better than instructions, and the nearest ones most:
 the prompt lists the tools, then shows the tools' own ``examples`` and a few requests that
-need none, ordered so that those most like the request (shared words) come last, just
-before it.  Only the user's last message is shown."""
+need none, then again the two most like the request (shared words), just before it.
+Only the user's last message is shown."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ MAX_TOKENS = 96   # the decision's JSON, at most: a call cut short is no call
 NONE_EXAMPLES = ["Hi there, how are you?", "What is the largest ocean on Earth?",
                  "Tell me a fun fact.", "Who painted the Mona Lisa?", "Thanks, that helps a lot.",
                  "Can you recommend a good book?"]
-MAX_SHOTS = 6     # the examples nearest the request: more only distract a small model
+NEAREST = 2       # examples most like the request, repeated just before it
 WORD = re.compile(r"[a-z0-9']+")
 
 
@@ -85,9 +85,11 @@ def messages(toolset: ToolSet, request: str) -> list[dict]:
     if not toolset.must_call:
         shots += [(q, '{"name": "none"}') for q in NONE_EXAMPLES]
     # a small model answers like the examples nearest to it: the ones most like this
-    # request come last (ties keep their order, so the prompt is stable)
-    shots.sort(key=lambda shot: _likeness(shot[0], request))
-    shots = shots[-MAX_SHOTS:]
+    # request are shown again just before it; every example before them comes in a fixed
+    # order, so that part of the prompt is the same for every request and its keys/values
+    # are reused (the prefix cache): only the last examples and the request are new
+    nearest = sorted(shots, key=lambda shot: _likeness(shot[0], request))[-NEAREST:]
+    shots = shots + nearest
     for question, answer in shots:
         out += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     out.append({"role": "user", "content": request})
