@@ -71,6 +71,7 @@ class ToolRegistry:
         self.tools: dict[str, Tool] = {}
         self.servers: list[mcp_client.McpServer] = []
         self._started: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # where the connections live
 
     @property
     def configured(self) -> bool:
@@ -78,6 +79,9 @@ class ToolRegistry:
         return bool(sources.specs(s.llm_tools) or mcp_client.specs(s.llm_mcp_servers))
 
     async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # another event loop (a restarted runtime): connect anew
+            self._started, self.tools, self.servers, self._loop = None, {}, [], loop
         failed = self._started is not None and self._started.done() and (
             self._started.cancelled() or self._started.exception() is not None)
         if self._started is None or failed:
