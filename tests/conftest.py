@@ -133,6 +133,9 @@ def workers(redis_url, tmp_path):
     w.stop_all()
 
 
+GATEWAY_START_S = 180.0
+
+
 @contextlib.contextmanager
 def gateway_process(redis_url: str, tmp: Path, env: dict | None = None):
     """`python -m s2s gateway` on a free port; yields (http URL, process) once it listens.
@@ -154,7 +157,9 @@ def gateway_process(redis_url: str, tmp: Path, env: dict | None = None):
             proc = subprocess.Popen([sys.executable, "-m", "s2s", "gateway", "--host",
                                      "127.0.0.1", "--port", str(port)], env=env, cwd=ROOT,
                                     stdout=log, stderr=subprocess.STDOUT)
-            deadline = time.monotonic() + 60
+            # a wait, not a timed check: next to four workers loading their models on 2
+            # cores, a gateway (aiortc, av and the rest to import) took over 60 s in CI
+            deadline = time.monotonic() + GATEWAY_START_S
             while proc.poll() is None and time.monotonic() < deadline:
                 with contextlib.suppress(psutil.Error):
                     if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port
@@ -167,7 +172,7 @@ def gateway_process(redis_url: str, tmp: Path, env: dict | None = None):
                     continue
                 if proc.poll() is not None:
                     raise RuntimeError(f"gateway exited {proc.returncode}:\n{text}")
-                raise TimeoutError("gateway did not listen in 60 s")
+                raise TimeoutError(f"gateway did not listen in {GATEWAY_START_S:g} s")
             break
         yield f"http://127.0.0.1:{port}", proc
     finally:
