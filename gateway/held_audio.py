@@ -65,18 +65,13 @@ class HeldAudio:
         return out
 
     def delivered(self, nbytes: int) -> None:
-        """The first ``nbytes`` of the held audio are in Redis now."""
+        """The first ``nbytes`` of the held audio are in Redis now: always whole pieces,
+        since ``frames`` merges whole pieces only."""
         self._count(nbytes, "delivered")
         while nbytes > 0 and self.pieces:
-            at, wall, pcm = self.pieces[0]
-            if len(pcm) <= nbytes:
-                self.pieces.popleft()
-                self.size -= len(pcm)
-                nbytes -= len(pcm)
-            else:  # a merged frame ends inside this piece: keep its rest
-                self.pieces[0] = (at, wall, pcm[nbytes:])
-                self.size -= nbytes
-                nbytes = 0
+            pcm = self.pieces.popleft()[2]
+            self.size -= len(pcm)
+            nbytes -= len(pcm)
 
     def _count(self, nbytes: int, outcome: str) -> None:
         HELD_AUDIO.labels(outcome).inc(nbytes / self.bytes_per_s)
