@@ -1,0 +1,72 @@
+"""Digits and spelled letters in a transcript, as the symbols that were said.
+
+``spoken_symbols`` reads a text the way a listener takes down a dictation: numerals
+digit by digit ("1,0001" -> 1 0 0 0 1), number words as digits ("nine oh two one" ->
+9 0 2 1, "twenty one" -> 2 1, "double four" -> 4 4) and single letters as letters
+("S-M-I-T-H" -> S M I T H); other words carry no symbol.  The letter O and the spoken
+"oh" sound the same, so both read as 0.
+"""
+
+from __future__ import annotations
+
+import re
+
+UNITS = {"zero": "0", "oh": "0", "o": "0", "nought": "0", "one": "1", "two": "2",
+         "three": "3", "four": "4", "five": "5", "six": "6", "seven": "7", "eight": "8",
+         "nine": "9"}
+TEENS = {"ten": "10", "eleven": "11", "twelve": "12", "thirteen": "13", "fourteen": "14",
+         "fifteen": "15", "sixteen": "16", "seventeen": "17", "eighteen": "18",
+         "nineteen": "19"}
+TENS = {"twenty": "2", "thirty": "3", "forty": "4", "fifty": "5", "sixty": "6",
+        "seventy": "7", "eighty": "8", "ninety": "9"}
+REPEATS = {"double": 2, "triple": 3}
+SCALES = {"hundred": 2, "thousand": 3}
+TOKEN = re.compile(r"\d+|[A-Za-z]+")
+
+
+def _number_word(w: str) -> bool:
+    return w in UNITS or w in TEENS or w in TENS
+
+
+def spoken_symbols(text: str) -> list[str]:
+    """The digits and letters ``text`` says, in order (digits '0'-'9', letters 'A'-'Z')."""
+    tokens = TOKEN.findall(text)
+    out: list[str] = []
+    i = 0
+    while i < len(tokens):
+        tok, low = tokens[i], tokens[i].lower()
+        nxt = tokens[i + 1].lower() if i + 1 < len(tokens) else ""
+        if tok.isdigit():
+            out.extend(tok)
+        elif low in UNITS:
+            out.append(UNITS[low])
+        elif low in TEENS:
+            out.extend(TEENS[low])
+        elif low in TENS:
+            if nxt in UNITS and UNITS[nxt] != "0":  # "twenty one": 21
+                out.extend(TENS[low] + UNITS[nxt])
+                i += 1
+            else:
+                out.extend(TENS[low] + "0")
+        elif low in REPEATS and (nxt in UNITS or (len(nxt) == 1 and nxt.isalpha())):
+            out.extend([UNITS.get(nxt, nxt.upper())] * REPEATS[low])
+            i += 1
+        elif low in SCALES and out and out[-1].isdigit():
+            # "three hundred": 300; "three hundred twenty": 320; "one hundred five": 105
+            follows = 2 if nxt in TENS or nxt in TEENS else 1 if nxt in UNITS else 0
+            out.extend("0" * max(0, SCALES[low] - follows))
+        elif len(tok) == 1:
+            out.append(tok.upper())
+        i += 1
+    return out
+
+
+def symbol_error_rate(reference: str, hypothesis: str) -> float:
+    """Edit distance between the symbols of the two texts, over the reference's count."""
+    ref, hyp = spoken_symbols(reference), spoken_symbols(hypothesis)
+    d = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, d[0] = d[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r != h))
+    return d[-1] / max(len(ref), 1)
