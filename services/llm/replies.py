@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import re
 
+from .chunker import Chunker
+from .speakable import speakable
+
 _SENTENCE = re.compile(r"(?<=[.!?…])\s+|(?<=[.!?…][\"')\]”’»])\s+")
 _WORDS = re.compile(r"[a-z0-9']+")
 SENTENCE_END = ".!?…"
@@ -75,3 +78,44 @@ class Repeats:
             if grams[g] >= PHRASE_TIMES and i >= len(self.all_words) - PHRASE + 1:
                 return True
         return False
+
+
+class SpokenText:
+    """One generation round's text pieces as the user hears them: speakable chunks for
+    TTS as they complete, the reply stopped where it loops (``cut``), and an unfinished
+    last sentence (the token cap) left unsaid.  The worker and the reply bench
+    (bench/eval_replies.py) both hear a reply through this."""
+
+    def __init__(self):
+        self.chunker, self.repeats = Chunker(), Repeats()
+        self.cut = ""            # "repeated": the reply looped and was stopped
+        self.unfinished = False  # the token cap cut the last sentence, left unsaid
+
+    def feed(self, piece: str) -> list[str]:
+        """The chunks this piece completes that may be spoken; once ``cut`` is set,
+        nothing more of this round is."""
+        out = []
+        for chunk in self.chunker.feed(piece):
+            said, repeated = self.repeats.check(speakable(chunk))
+            if said:
+                out.append(said)
+            if repeated:  # the model loops: what it says next is more of the same
+                self.cut = "repeated"
+                break
+        return out
+
+    def end(self, spoken_before: bool) -> str:
+        """What is left to say when the round's text ends (``spoken_before``: chunks of
+        this reply were said already)."""
+        said = "" if self.cut else speakable(self.chunker.flush())
+        if said and not ends_sentence(said):
+            # cut off by llm_max_tokens mid-sentence: the unfinished end is left unsaid
+            # (a lone short answer without a full stop, "Paris", is still an answer)
+            whole = last_sentences(said)
+            if whole or spoken_before:
+                said = whole
+                self.unfinished = True
+        if said:
+            said, looped = self.repeats.check(said)
+            self.cut = self.cut or ("repeated" if looped else "")
+        return said

@@ -21,9 +21,7 @@ from s2s.frames import Frame, ReplyText, ToolOutput, Transcript
 from s2s.stage import Stage
 
 from . import backends, history
-from .chunker import Chunker
-from .replies import Repeats, ends_sentence, last_sentences
-from .speakable import speakable
+from .replies import SpokenText
 from .speaker import Speaker
 from .tools import ToolRegistry, ToolSet
 from .tools.turns import APOLOGY, RoundResult, ToolTurns
@@ -164,34 +162,22 @@ class LlmStage(Stage):
                      spoken: "SpokenPieces") -> AsyncIterator[ReplyText]:
         """Speak the text pieces as they come (chunked for TTS, loops cut); a list of
         calls among them ends the text (``spoken.calls``)."""
-        chunker, repeats = Chunker(), Repeats()
+        text = SpokenText()
         try:
             async for piece in pieces:
                 if not isinstance(piece, str):
                     spoken.calls = piece
                     break
-                for chunk in chunker.feed(piece):
-                    said, repeated = repeats.check(speakable(chunk))
-                    if said:
-                        yield await speaker.say(said)
-                    if repeated:  # the model loops: what it says next is more of the same
-                        spoken.cut = "repeated"
-                        break
-                if spoken.cut:
+                for said in text.feed(piece):
+                    yield await speaker.say(said)
+                if text.cut:
                     break
         finally:
             await pieces.aclose()  # on cancellation too: stops the generation at once
-        said = "" if spoken.cut else speakable(chunker.flush())
-        if said and not ends_sentence(said):
-            # cut off by llm_max_tokens mid-sentence: the unfinished end is left unsaid
-            # (a lone short answer without a full stop, "Paris", is still an answer)
-            whole = last_sentences(said)
-            if whole or speaker.spoken:
-                said = whole
-                REPLY_CUT.labels("unfinished").inc()
-        if said:
-            said, looped = repeats.check(said)
-            spoken.cut = spoken.cut or ("repeated" if looped else "")
+        said = text.end(spoken_before=bool(speaker.spoken))
+        if text.unfinished:
+            REPLY_CUT.labels("unfinished").inc()
+        spoken.cut = text.cut
         if spoken.cut:
             REPLY_CUT.labels(spoken.cut).inc()
         if said:
