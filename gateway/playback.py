@@ -13,6 +13,13 @@ is held: its transcript, reply text, audio and notices wait, unprocessed, until
 measured then, when the client gets them).  If the user goes on instead, a newer
 turn arrives and the held frames are dropped: nothing of them was sent, so that is
 no barge-in (no ``interrupt``).
+
+A false interruption of the user: a reply went out (maybe still playing), and the user
+goes on with the same thought (``SpeechStarted.continues``: the VAD will send the whole
+thought again, and the LLM stage drops the reply to the fragment from the history).
+The newer turn stops that reply (``interrupt`` when it is still playing) and
+``turn_resumed`` tells the client which turn's reply answered too early, so a UI can
+take it back; the whole thought gets one reply, in the new turn.
 """
 
 from __future__ import annotations
@@ -22,12 +29,17 @@ import time
 from typing import Callable, Union
 
 import numpy as np
+from prometheus_client import Counter
 
 from s2s import metrics
 from s2s.frames import (Frame, Notice, ReplyAudio, ReplyText, SpeechStarted, ToolCall, Transcript,
                         TurnStatus)
 
 log = logging.getLogger("s2s.gateway")
+
+RESUMED = Counter("s2s_turns_resumed", "Replies that answered a fragment: the user went on with "
+                  "the same thought after a reply had gone out (turn_resumed; the whole thought "
+                  "is answered once, in the new turn).")
 
 Message = Union[dict, bytes]
 GAP_TIMEOUT_S = 10.0     # a missing piece this long while later ones wait: skip it
@@ -109,7 +121,8 @@ class Playback:
             self.dropped += 1
             return out
         if frame.turn > self.t.turn:
-            self._advance(frame.turn, out)
+            self._advance(frame.turn, out,
+                          resumes=isinstance(frame, SpeechStarted) and frame.continues)
         t = self.t
         if isinstance(frame, TurnStatus):
             if frame.status == "tentative":
@@ -182,10 +195,14 @@ class Playback:
         return out
 
     # --- internals ---------------------------------------------------------------------------
-    def _advance(self, turn: int, out: list[Message]) -> None:
+    def _advance(self, turn: int, out: list[Message], resumes: bool = False) -> None:
+        """``resumes``: the new turn's speech goes on with the old turn's thought."""
         if self.t.playing(self.clock()):
             out.append({"type": "interrupt", "turn": turn})
             metrics.INTERRUPTS.inc()
+        if resumes and self.t.reply_seen:  # something of the old reply went out
+            out.append({"type": "turn_resumed", "turn": turn, "replaced_turn": self.t.turn})
+            RESUMED.inc()
         self.t = TurnState(turn)
 
     def _observe(self, histogram, frame: Frame, now: float) -> float | None:

@@ -87,6 +87,11 @@ class Settings:
                                   "(the transcript's ending decides).", "vad")
     vad_turn_threshold: float = opt(0.5, "Probability from the end-of-turn model at or above "
                                          "which a pause ends the turn.", "vad")
+    vad_resume_min_speech_ms: int = opt(96, "Shortest speech that opens a turn when it goes on "
+                                            "with the last utterance's thought (within "
+                                            "vad_continue_ms): a reply that answered the "
+                                            "fragment stops this soon (at most "
+                                            "vad_min_speech_ms).", "vad")
     vad_speculate_ms: int = opt(120, "Silence after which the VAD already sends the utterance "
                                      "(speculative turn: STT, LLM and TTS start early; the gateway "
                                      "holds the reply until vad_min_silence_ms confirms the end). "
@@ -107,6 +112,11 @@ class Settings:
     stt_incremental: bool = opt(True, "A thought continued after a pause is decoded from its "
                                       "previous pause on, with the text before it as the "
                                       "prompt (else all of it again).", "stt")
+    stt_digits: bool = opt(True, "Whisper writes numbers as words (its numeral tokens "
+                                 "suppressed: tiny.en's own number formatting adds and drops "
+                                 "zeros in numbers dictated with pauses), and a dictated run of "
+                                 "digit words reaches the LLM as digits (\"nine oh two one\" -> "
+                                 "9021).", "stt")
 
     # --- llm ------------------------------------------------------------------------
     llm_backend: str = opt("transformers", "LLM backend: transformers, vllm or openai.", "llm")

@@ -28,6 +28,7 @@ Rate = Annotated[int, msgspec.Meta(ge=8000, le=48000)]
 OutRate = Annotated[int, msgspec.Meta(ge=0, le=48000)]  # 0: the voice's own rate
 # Finite and bounded: NaN/inf would poison latency histograms and audio positions.
 Num = Annotated[float, msgspec.Meta(ge=-1e12, le=1e12)]
+Prob = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 MAX_TEXT = 20_000  # characters: ~20 minutes of speech; a stage never gets a novel
 Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT)]
 Word = Annotated[str, msgspec.Meta(max_length=64)]
@@ -105,6 +106,9 @@ class SessionConfig(Frame, tag="config"):
 class SpeechStarted(Frame, tag="speech"):
     """The user started speaking; ``turn`` is the new turn (barge-in signal)."""
     at_s: Num = 0.0  # session audio position, seconds
+    # the speech goes on with the last utterance's thought (within vad_continue_ms): a
+    # reply to that utterance answered a fragment (the gateway says ``turn_resumed``)
+    continues: bool = False
 
 
 class Utterance(_Pcm, tag="utt"):
@@ -116,6 +120,9 @@ class Utterance(_Pcm, tag="utt"):
     # the end-of-turn model's verdict at this pause (None: no model ran; STT's text
     # heuristic decides); travels on as Transcript.complete
     complete: Union[bool, None] = None
+    # the model's probability behind that verdict (None: no model ran), for the LLM
+    # stage's hold (services/llm/turn_end.py); travels on as Transcript.turn_prob
+    turn_prob: Union[Prob, None] = None
     # sent at a short pause (vad_speculate_ms) before the end of turn is confirmed; a
     # TurnStatus "tentative" went to the session's out stream just before it
     speculative: bool = False
@@ -139,6 +146,7 @@ class Transcript(Frame, tag="transcript"):
     end_s: Num = 0.0
     complete: bool = True  # ends like a finished sentence (not mid-thought)
     out_sr: OutRate = 0
+    turn_prob: Union[Prob, None] = None  # the end-of-turn model's (Utterance.turn_prob)
 
 
 # --- LLM -> out / TTS ----------------------------------------------------------------

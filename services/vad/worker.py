@@ -143,6 +143,10 @@ class VadSession:
         self.neg_threshold = max(s.vad_threshold - NEG_OFFSET, 0.01)
         self.min_silence = int(s.vad_min_silence_ms * SR / 1000)
         self.min_speech = int(s.vad_min_speech_ms * SR / 1000)
+        # speech going on with a thought already sent (maybe answered: its reply must stop
+        # at once) opens its turn after less speech than a new one
+        self.resume_min_speech = min(int(s.vad_resume_min_speech_ms * SR / 1000),
+                                     self.min_speech)
         self.pad = int(s.vad_speech_pad_ms * SR / 1000)
         self.max_len = int(s.vad_max_utterance_s * SR)
         self.continue_len = int(s.vad_continue_ms * SR / 1000)
@@ -264,10 +268,11 @@ class VadSession:
                 # (the trailing pad must be heard: the utterance is cut with it)
                 self.speculated = True
                 events.append(("spec", self.thought, self.temp_end))
+        resumes = self.thought < self.start  # continues the last utterance's thought
         if self.triggered and not self.started and not self.temp_end \
-                and now - self.start >= self.min_speech:
+                and now - self.start >= (self.resume_min_speech if resumes else self.min_speech):
             self.started = True
-            events.append(("speech", self.start))
+            events.append(("speech", self.start, resumes))
             if self.answered_at is not None and self.start - self.answered_at <= EARLY_S * SR:
                 TURN_EARLY.inc()  # the model said "complete", and the user went on
             self.answered_at = None
@@ -369,13 +374,14 @@ class VadStage(SessionStage):
                 if kind == "speech":
                     session.turn = await self.state.advance_turn(session.sid)
                     yield SpeechStarted(sid=session.sid, turn=session.turn, at_s=event[1] / SR,
+                                        continues=event[2],
                                         marks={"speech_start": self._wall(session, recv,
                                                                           event[1])})
                 elif kind == "spec":
                     utt = await self._utterance(session, recv, event[1], event[2])
                     utt.speculative = True
                     decided = asyncio.get_running_loop().create_future()  # the verdict is
-                    decided.set_result((utt.complete, None))  # this pause's: not again
+                    decided.set_result((utt.complete, utt.turn_prob, None))  # not again
                     session.pending = (event[2], decided)
                     yield TurnStatus(sid=session.sid, turn=session.turn, status="tentative")
                     yield utt  # after the status: the gateway holds this turn's output
@@ -433,9 +439,9 @@ class VadStage(SessionStage):
         pcm = session.cut(start, end)
         pending, session.pending = session.pending, None
         if pending is not None and pending[0] == end:
-            complete, took = await pending[1]
+            complete, prob, took = await pending[1]
         else:  # a monologue cut at max length, or a pause shorter than the pad
-            complete, took = await self._decide(pcm)
+            complete, prob, took = await self._decide(pcm)
         if took is not None:
             TURN_DECISION.observe(took)
         TURN_VERDICTS.labels({True: "complete", False: "incomplete", None: "unknown"}[
@@ -443,23 +449,23 @@ class VadStage(SessionStage):
         session.answered_at = end if complete else None
         utt = Utterance(sid=session.sid, turn=session.turn, pcm=pcm, sr=SR, start_s=start / SR,
                         end_s=end / SR, out_sr=session.out_sr, complete=complete,
-                        marks={"speech_end": self._wall(session, recv, end)})
+                        turn_prob=prob, marks={"speech_end": self._wall(session, recv, end)})
         utt.stamp("vad_sent")
         return utt
 
-    async def _decide(self, pcm: bytes) -> tuple[bool | None, float | None]:
-        """The turn model's verdict on the thought so far and the seconds it took (None:
-        no model, or it failed: STT's text heuristic decides)."""
+    async def _decide(self, pcm: bytes) -> tuple[bool | None, float | None, float | None]:
+        """The turn model's verdict on the thought so far, its probability and the seconds
+        it took (None: no model, or it failed: STT's text heuristic decides)."""
         if self.turn_model is None:
-            return None, None
+            return None, None, None
         try:
             complete, prob, took = await self.run_blocking(
                 self.turn_model.decide, np.frombuffer(pcm, np.int16))
         except Exception as e:  # never lose the utterance over the turn model
             log.warning("end-of-turn model failed: %s", e)
-            return None, None
+            return None, None, None
         log.debug("end of turn: p=%.3f (%s) in %.0f ms", prob, complete, took * 1000)
-        return complete, took
+        return complete, min(max(prob, 0.0), 1.0), took
 
     @staticmethod
     def _wall(session: VadSession, recv: float, sample: int) -> float:

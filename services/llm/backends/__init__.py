@@ -58,6 +58,12 @@ class Backend:
         raise NotImplementedError
         yield  # pragma: no cover
 
+    async def end_of_turn(self, messages: list[dict[str, str]]) -> float | None:
+        """The model's probability that the user's turn ends after the last message (a
+        user message); None where the backend cannot tell (vllm, openai: the end-of-turn
+        model's audio and the transcript's ending decide, services/llm/turn_end.py)."""
+        return None
+
     def close(self) -> None:
         """Release engines and servers (tests, shutdown)."""
 

@@ -117,6 +117,41 @@ class TransformersBackend(Backend):
             seq.stop.set()  # cancelled or closed early: it leaves the batch after this step
             self.engine.wake()
 
+    async def end_of_turn(self, messages: list[dict]) -> float | None:
+        """P(the user's turn ends here): the probability of ``<|im_end|>`` right after the
+        last (user) message's text, the chat prompt left open there (LiveKit's turn
+        detector, on the model that answers).  One prefill in the generation loop, which
+        reuses the conversation's cached prefix and keeps the keys/values it computes:
+        the reply's own prefill then starts from them."""
+        ids = self.tokenizer.apply_chat_template(messages, tokenize=True,
+                                                 return_dict=True)["input_ids"]
+        end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        ends = [i for i, t in enumerate(ids) if t == end]
+        if not ends or not isinstance(end, int):
+            return None  # a chat template without <|im_end|>: the audio and text decide
+        probe = _EndProbe(end)
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+
+        def ended(error: BaseException | None) -> None:
+            def settle() -> None:
+                if not done.done():
+                    done.set_exception(error) if error else done.set_result(probe.p)
+            try:
+                loop.call_soon_threadsafe(settle)
+            except RuntimeError:
+                pass  # the event loop is gone (shutdown)
+
+        from .batch import Sequence
+
+        seq = Sequence(list(ids[:ends[-1]]), 1, 0.0, lambda text: None, ended, probe)
+        self.engine.submit(seq)
+        try:
+            return await done
+        finally:
+            seq.stop.set()  # superseded while waiting: the loop drops it
+            self.engine.wake()
+
     def _matcher(self, schema: dict):
         if self.constraints is None:
             from .constrained import JsonConstraints
@@ -129,6 +164,21 @@ class TransformersBackend(Backend):
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.close()
+
+
+class _EndProbe:
+    """Stands in for a grammar matcher in the generation loop: reads the probability of
+    ``<|im_end|>`` from the prompt's last logits and ends the sequence with it (its keys/
+    values are kept in the prefix cache, as a finished reply's are)."""
+
+    finished = True
+
+    def __init__(self, end_id: int):
+        self.end_id, self.p = end_id, None
+
+    def choose(self, scores) -> int:
+        self.p = float(scores.float().softmax(-1)[self.end_id])
+        return self.end_id
 
 
 def _steady_malloc() -> None:
