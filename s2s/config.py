@@ -138,6 +138,10 @@ class Settings:
     llm_no_repeat_ngram: int = opt(4, "transformers: a reply never repeats a run of this many "
                                       "of its own tokens (0: off). Every backend also stops a "
                                       "reply at a repeated sentence.", "llm")
+    llm_avoid_reply_ngram: int = opt(4, "A reply never says again a run of this many tokens "
+                                        "(vllm: words) of the session's earlier replies, so the "
+                                        "model cannot copy its history (0: off; transformers "
+                                        "and vllm; openai servers have no such knob).", "llm")
     llm_history_turns: int = opt(6, "User/assistant exchanges kept as context, at most: once "
                                     "over, the oldest are cut down to the last half at once "
                                     "(the prompt's start, whose keys/values are cached, then "

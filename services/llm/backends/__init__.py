@@ -68,6 +68,17 @@ class Backend:
         """Release engines and servers (tests, shutdown)."""
 
 
+def earlier_replies(messages: list[dict]) -> list[str]:
+    """What the assistant said earlier in the conversation (its messages' text), without
+    the tool answers' few-shot examples, which are not the session's (tools/render.py)."""
+    from ..tools.render import ANSWER_EXAMPLES
+
+    examples = {m["content"] for m in ANSWER_EXAMPLES if m["role"] == "assistant"}
+    return [m["content"] for m in messages if m.get("role") == "assistant"
+            and isinstance(m.get("content"), str) and m["content"].strip()
+            and m["content"] not in examples]
+
+
 def backend_class(name: str) -> type[Backend]:
     try:
         module, cls = REGISTRY[name].split(":")

@@ -51,9 +51,10 @@ class Sequence:
 
     def __init__(self, ids: list[int], max_tokens: int, temperature: float,
                  on_text: Callable[[str], None], on_end: Callable[[BaseException | None], None],
-                 matcher=None):
+                 matcher=None, avoid: "NgramBan | None" = None):
         self.ids = list(ids)          # prompt + generated tokens
         self.matcher = matcher        # constrained.Matcher: only tokens its grammar allows
+        self.avoid = avoid            # runs of the session's earlier replies not to say again
         self.prompt_len = len(ids)
         self.max_tokens = max_tokens
         self.temperature = temperature
@@ -259,6 +260,8 @@ class BatchEngine:
             picked = scores[seen]
             scores[seen] = torch.where(picked < 0, picked * self.penalty, picked / self.penalty)
         banned = repeated_ngram_ends(reply, self.ngram)
+        if seq.avoid is not None:
+            banned |= seq.avoid.after(reply)
         if banned:
             scores[list(banned)] = -float("inf")
         if seq.temperature > 0:
@@ -337,6 +340,28 @@ def repeated_ngram_ends(reply: list[int], n: int) -> set[int]:
         return set()
     tail = reply[len(reply) - n + 1:]
     return {reply[i + n - 1] for i in range(len(reply) - n + 1) if reply[i:i + n - 1] == tail}
+
+
+class NgramBan:
+    """Tokens that would say again a run of ``n`` tokens of some other texts (the
+    session's earlier replies): a small model copies its own history ("Boil water. Add
+    tea. Enjoy your dinner." to the spider, the tea and a speech alike), and a reply that
+    may not repeat any ``n`` tokens of them has to say something new."""
+
+    def __init__(self, texts_ids: list[list[int]], n: int):
+        self.n = n
+        self.next: dict[tuple[int, ...], set[int]] = {}
+        for ids in texts_ids if n > 0 else []:
+            for i in range(len(ids) - n + 1):
+                self.next.setdefault(tuple(ids[i:i + n - 1]), set()).add(ids[i + n - 1])
+
+    def __bool__(self) -> bool:
+        return bool(self.next)
+
+    def after(self, reply: list[int]) -> set[int]:
+        if not self.next or len(reply) < self.n - 1:
+            return set()
+        return set(self.next.get(tuple(reply[len(reply) - self.n + 1:]), ()))
 
 
 def _bucket(tokens: int) -> int:

@@ -10,7 +10,7 @@ import ctypes
 import threading
 from typing import AsyncIterator
 
-from . import Backend, BackendUnavailable
+from . import Backend, BackendUnavailable, earlier_replies
 from .model_files import resolve
 
 _END = object()
@@ -104,7 +104,8 @@ class TransformersBackend(Backend):
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                  tokenize=True, return_dict=True)["input_ids"]
         matcher = self._matcher(json_schema) if json_schema is not None else None
-        seq = Sequence(list(ids), max_tokens, temperature, put, ended, matcher)
+        seq = Sequence(list(ids), max_tokens, temperature, put, ended, matcher,
+                       self._earlier_runs(messages) if matcher is None else None)
         with self._lock:
             self.running += 1
         self.engine.submit(seq)
@@ -151,6 +152,19 @@ class TransformersBackend(Backend):
         finally:
             seq.stop.set()  # superseded while waiting: the loop drops it
             self.engine.wake()
+
+    def _earlier_runs(self, messages: list[dict]):
+        """The runs of llm_avoid_reply_ngram tokens of the conversation's earlier replies,
+        as the reply would say them: at its start, and after a space (mid-reply)."""
+        from .batch import NgramBan
+
+        n = self.settings.llm_avoid_reply_ngram
+        texts = earlier_replies(messages) if n > 0 else []
+        if not texts:
+            return None
+        encode = self.tokenizer.encode
+        return NgramBan([encode(t, add_special_tokens=False) for t in texts] +
+                        [encode(" " + t, add_special_tokens=False) for t in texts], n)
 
     def _matcher(self, schema: dict):
         if self.constraints is None:

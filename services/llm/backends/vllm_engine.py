@@ -7,7 +7,7 @@ import os
 import uuid
 from typing import AsyncIterator
 
-from . import Backend, BackendUnavailable
+from . import Backend, BackendUnavailable, earlier_replies
 from .model_files import resolve
 
 INSTALL_HINT = ("the vllm backend needs vLLM: install with scripts/install.sh --vllm "
@@ -70,6 +70,8 @@ class VllmBackend(Backend):
 
             extra = {"structured_outputs": StructuredOutputsParams(json=json_schema),
                      "temperature": 0.0}
+        elif runs := word_runs(earlier_replies(messages), self.settings.llm_avoid_reply_ngram):
+            extra = {"bad_words": runs}  # the session's earlier replies are not said again
         params = SamplingParams(**{"max_tokens": max_tokens, "temperature": temperature,
                                    "repetition_penalty": self.settings.llm_repetition_penalty
                                    if json_schema is None else 1.0,
@@ -88,3 +90,14 @@ class VllmBackend(Backend):
         if engine is not None:
             engine.shutdown()
             self.engine = None  # its __del__ shuts down again: let that happen now
+
+
+def word_runs(texts: list[str], n: int) -> list[str]:
+    """Every run of ``n`` words of the texts, for vLLM's ``bad_words`` (which bans the
+    last token of a run once the reply has said the ones before it)."""
+    runs: dict[str, None] = {}
+    for text in texts if n > 0 else []:
+        words = text.split()
+        for i in range(len(words) - n + 1):
+            runs[" ".join(words[i:i + n])] = None
+    return list(runs)
