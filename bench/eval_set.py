@@ -2,12 +2,15 @@
 pause, and what a good answer contains.  The audio is made at run time (and cached):
 the project's Piper voice, espeak-ng voices, and the real speech in tests/data.
 
-Three groups:
+Groups:
 - ``factual``: short questions; a reply must contain each keyword group (any spelling
   in a group counts: "8" or "eight").
 - ``dictation``: numbers and long thoughts with pauses of 0.5-1.2 s mid-sentence; the
   assistant must let the user finish (no reply audio before the last piece starts).
 - ``multiturn``: the second question depends on the first (keywords on the last turn).
+- ``tools``: requests for the example tools (bench/eval_tools.py), on request.
+The turn-taking groups (bench/eval_turns.py): ``statements``, ``sentence-first``,
+``resumed``, ``backchannel``, ``digits`` and ``long``.
 """
 
 from __future__ import annotations
@@ -35,6 +38,12 @@ class Turn:
     starts: list[float] = field(default_factory=list)  # a recording's pieces start here (s)
     tool: str = ""                    # tools group: the tool it needs ("none": no call)
     args: dict = field(default_factory=dict)  # ... and its arguments (bench/eval_tools.py)
+    span: tuple[float, float] | None = None  # the part (s) of the recording that is said
+    reference: str | None = None      # what a recording says (None: not transcribed, no WER)
+    cue: str = ""                     # said over the reply once cue_after_s of it was heard
+    cue_kind: str = ""                # "backchannel" (must not stop it) or "interruption"
+    cue_voice: str = ""               # (default: the conversation's voice)
+    cue_after_s: float = 0.8
 
     @property
     def text(self) -> str:
@@ -44,9 +53,10 @@ class Turn:
 @dataclass
 class Conversation:
     id: str
-    group: str                        # factual, dictation, multiturn
+    group: str                        # factual, dictation, multiturn, ... (groups())
     voice: str                        # piper, espeak:<voice>, recording
     turns: list[Turn]
+    subset: str = ""                  # a row of its own in the table ("statements:jfk")
 
 
 def _q(id: str, voice: str, text: str, *keywords: tuple[str, ...]) -> Conversation:
@@ -177,13 +187,24 @@ CONVERSATIONS: list[Conversation] = [
 ]
 
 
+def _turn_taking() -> list[Conversation]:
+    from .eval_turns import conversations
+
+    return conversations()
+
+
+CONVERSATIONS += _turn_taking()
+
+
 def groups() -> list[str]:
     """Every group; ``tools`` needs a stack with the example tools attached (docs/tools.md)
-    and is run on request (``--groups tools``)."""
-    return ["factual", "dictation", "multiturn", "tools"]
+    and ``long`` (sessions of 6+ turns, minutes each) is run on request too."""
+    return ["factual", "dictation", "multiturn", "statements", "sentence-first", "resumed",
+            "backchannel", "digits", "long", "tools"]
 
 
-DEFAULT_GROUPS = ["factual", "dictation", "multiturn"]
+DEFAULT_GROUPS = ["factual", "dictation", "multiturn", "statements", "sentence-first",
+                  "resumed", "backchannel", "digits"]
 
 
 # --- audio ------------------------------------------------------------------------------
@@ -236,7 +257,10 @@ class Voices:
         if turn.recording:
             from s2s.audio import read_audio
 
-            return read_audio(DATA / turn.recording, SR), list(turn.starts) or [0.0]
+            audio = read_audio(DATA / turn.recording, SR)
+            if turn.span:
+                audio = audio[int(turn.span[0] * SR):int(turn.span[1] * SR)]
+            return audio, list(turn.starts) or [0.0]
         parts, starts, pos = [], [], 0
         for i, piece in enumerate(turn.pieces):
             pcm = self.say(voice, piece)

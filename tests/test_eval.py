@@ -13,14 +13,17 @@ import numpy as np
 import pytest
 
 from s2s.bench import eval as ev
-from s2s.bench.eval_set import CONVERSATIONS, SR, Voices, espeak, groups
+from s2s.bench.eval_play import Cue, Playback, Played
+from s2s.bench.eval_score import score, summarize_group
+from s2s.bench.eval_set import CONVERSATIONS, SR, Conversation, Turn, Voices, espeak, groups
+from s2s.bench.eval_turns import VOICES
 
 LOSS = "I'm sorry for your loss. I'm sorry for any other losses. I'm sorry for your loss."
 
 
-def test_the_set_has_three_groups_of_spoken_conversations():
+def test_the_set_has_groups_of_spoken_conversations():
     by_group = {g: [c for c in CONVERSATIONS if c.group == g] for g in groups()}
-    assert len(CONVERSATIONS) >= 40 and all(len(v) >= 10 for v in by_group.values())
+    assert len(CONVERSATIONS) >= 40 and all(len(v) >= 3 for v in by_group.values())
     assert len({c.id for c in CONVERSATIONS}) == len(CONVERSATIONS)
     assert {c.voice.split(":")[0] for c in CONVERSATIONS} == {"piper", "espeak", "recording"}
     for c in by_group["factual"]:
@@ -30,6 +33,90 @@ def test_the_set_has_three_groups_of_spoken_conversations():
         assert t.recording or (len(t.pauses) == len(t.pieces) - 1 >= 1 and
                                all(0.5 <= p <= 1.2 for p in t.pauses))
     assert all(len(c.turns) == 2 for c in by_group["multiturn"])
+
+
+def test_the_turn_taking_groups():
+    by_group = {g: [c for c in CONVERSATIONS if c.group == g] for g in groups()}
+    statements = by_group["statements"]
+    assert {c.subset for c in statements} == {"jfk", "recorded", "synthetic"}
+    assert len({c.voice for c in statements if c.subset == "synthetic"}) >= 4
+    for c in by_group["sentence-first"]:  # a whole sentence, a pause, then more
+        t = c.turns[0]
+        assert t.pieces[0].endswith(".") and len(t.pieces) >= 2
+        assert all(0.5 <= p <= 1.2 for p in t.pauses)
+    for c in by_group["resumed"]:  # a pause long enough to be answered
+        assert all(1.5 <= p <= 2.5 for p in c.turns[0].pauses)
+    cues = [c.turns[0] for c in by_group["backchannel"]]
+    assert {t.cue_kind for t in cues} == {"backchannel", "interruption"}
+    assert {t.cue for t in cues} >= {"mm-hmm", "yeah", "okay", "right", "uh-huh", "wait",
+                                     "stop", "no"}
+    assert {c.voice for c in by_group["digits"]} == set(VOICES)  # every voice says digits
+    assert all(len(c.turns) >= 6 for c in by_group["long"])
+
+
+def test_playback_is_the_clients_queue():
+    """Audio arriving faster than real time queues up; an interrupt cuts what is queued
+    (and what of that turn still arrives); what was heard when follows."""
+    pb = Playback()
+    pb.add(1, 1.0, now=10.0)
+    pb.add(1, 1.0, now=10.1)          # arrives while the first second plays: back to back
+    assert pb.end() == 12.0 and pb.playing(11.5) == 1 and pb.playing(12.1) is None
+    assert pb.heard(9.0, 10.5) == 0.5
+    pb.stop(2, now=10.75)             # the user barged in
+    assert pb.end() == 10.75 and pb.cut[1] == 10.75 and pb.turn_end(1) == 10.75
+    pb.add(1, 0.5, now=10.8)          # still under way: dropped, never heard
+    assert pb.end() == 10.75
+    pb.add(2, 0.5, now=11.0)
+    assert pb.playing(11.2) == 2 and pb.turns_between(10.5, 11.1) == {1, 2}
+    assert pb.heard(0, 20, since_turn=2) == 0.5
+
+
+def test_turn_taking_scores():
+    from s2s.client.protocol import Tracker
+
+    conv = Conversation("r", "resumed", "piper", [Turn(["I want a book.", "a mystery"], [2.0])])
+    tracker, pb = Tracker(), Playback()
+    for msg in ({"type": "speech_started", "turn": 0},
+                {"type": "transcript", "turn": 0, "text": "I want a book.", "start_s": 0.1,
+                 "end_s": 1.2},
+                {"type": "reply_text", "turn": 0, "seq": 0, "text": "Sure, which kind?"},
+                {"type": "reply_done", "turn": 0},
+                {"type": "interrupt", "turn": 1},
+                {"type": "transcript", "turn": 1, "text": "I want a book, a mystery.",
+                 "start_s": 0.1, "end_s": 4.1},
+                {"type": "reply_text", "turn": 1, "seq": 0, "text": "Try a Christie novel."},
+                {"type": "reply_done", "turn": 1}):
+        tracker.handle(msg)
+    pb.add(0, 2.0, now=102.5)   # the reply to the first piece, heard from 102.5
+    pb.stop(1, now=103.35)      # the user went on at 103.2; it fell silent 150 ms later
+    pb.add(1, 1.0, now=105.0)
+    played = Played(tracker, pb, spans=[(0.0, 4.0, [0.0, 3.2])],
+                    piece_mono={0.0: 100.0, 3.2: 103.2}, end_mono={0: 104.0})
+    turn = score(conv, played)["turns"][0]
+    assert turn["early_heard_s"] == 0.7 and turn["early"]
+    assert turn["recovery_s"] == [0.15] and turn["answers"] == 1
+    assert turn["heard"] == "I want a book, a mystery." and turn["wer"] == 0
+    s = summarize_group([score(conv, played)])
+    assert s["early_heard_p95_s"] == 0.7 and s["recovery_p95_ms"] == 150
+    assert s["one_answer"] == 1.0 and s["echo_rate"] == 0.0
+
+    cue = Conversation("b", "backchannel", "piper", [Turn(["Tell me about Rome."], cue="wait",
+                                                          cue_kind="interruption")])
+    tracker, pb = Tracker(), Playback()
+    for msg in ({"type": "transcript", "turn": 0, "text": "Tell me about Rome.",
+                 "start_s": 0.1, "end_s": 1.5},
+                {"type": "reply_text", "turn": 0, "seq": 0, "text": "Rome was founded long ago."},
+                {"type": "reply_done", "turn": 0}):
+        tracker.handle(msg)
+    pb.add(0, 5.0, now=50.0)
+    pb.stop(1, now=51.1)
+    played = Played(tracker, pb, spans=[(0.0, 1.6, [0.0])], piece_mono={0.0: 47.0},
+                    cues={0: Cue("interruption", "wait", sent_at=50.9, over_turn=0)})
+    scored = score(cue, played)["turns"][0]["cue"]
+    assert scored["cut"] and scored["stop_s"] == 0.2
+    s = summarize_group([score(cue, played)])
+    assert s["interruptions_stopped"] == 1.0 and s["interruptions"] == 1
+    assert s["backchannel_cancels"] is None
 
 
 def test_scores():
@@ -48,10 +135,13 @@ def test_scores():
         {"answered": True, "wer": 0.0, "keyword_ok": True, "pauses": 0, "early": False,
          "degenerate": "", "round_trip_wer": 0.1, "voice_to_voice_ms": 900.0},
         {"answered": True, "wer": 0.5, "keyword_ok": False, "pauses": 0, "early": False,
-         "degenerate": "fragment", "round_trip_wer": None, "voice_to_voice_ms": 1100.0}]}])
+         "degenerate": "fragment", "round_trip_wer": None, "voice_to_voice_ms": 1100.0}],
+        "replies": {"replies": 2, "echoes": 1, "repeats": 0}}])
     assert summary["factual"]["keyword_accuracy"] == 0.5 and summary["factual"]["degenerate"] == 1
     assert summary["all"]["wer"] == 0.25 and summary["factual"]["v2v_p50_ms"] == 1100
     assert "| factual | 1 | 2/2 | 25% | 50% | - | 1 |" in ev.format_table(summary)
+    assert summary["factual"]["echo_rate"] == 0.5 and summary["factual"]["v2v_p95_ms"] == 1100
+    assert "| factual | 1 | 1100 / 1100 | - | - (0) |" in ev.format_turn_taking(summary)
 
 
 @pytest.mark.slow
