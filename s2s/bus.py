@@ -42,6 +42,7 @@ class Bus(StageStreams, SessionKeys, Gateways, Admission, WorkerRegistry, DeadLe
         self.settings = settings
         self.redis = client or connect(settings)
         self.readers: dict = {}  # the session-stream readers (bus_reader), made on first use
+        self.audio_ttl_set: dict[str, float] = {}  # audio stream -> when its TTL was last set
 
         # registered once per client; redis-py sends EVALSHA and loads on NOSCRIPT
         # (a Redis restarted empty has no scripts)

@@ -5,6 +5,7 @@ Every stream entry has one field, ``f``, holding one encoded frame."""
 
 from __future__ import annotations
 
+import time
 from typing import Iterable
 
 import redis.asyncio as aioredis
@@ -18,6 +19,13 @@ from .frames import (Audio, Frame, Notice, ReplyAudio, ReplyText, SessionConfig,
 from .redis_scripts import ACK_DEL, KEEP_ALIVE
 
 FIELD = b"f"
+# A session's audio stream gets its TTL again at most this often per writer (of the TTL):
+# its writer, the gateway, adds 50 entries a second while the session is open, and one
+# EXPIRE per entry was half of what a speaking session costs Redis.  The TTL set at the
+# last refresh outlives the next one, so an open session's stream never expires; a new
+# writer (another gateway after a resume) sets it at its first entry.
+AUDIO_TTL_REFRESH_SHARE = 0.1
+TTL_MEMORY = 8192  # streams remembered per process (older entries are forgotten first)
 Entry = tuple[bytes, bytes]  # (entry id, encoded frame)
 
 
@@ -63,23 +71,44 @@ class StageStreams:
 
     redis: aioredis.Redis
     settings: Settings
+    audio_ttl_set: dict[str, float]
     #: the Lua scripts this part runs (attribute: source), registered by ``Bus``
     SCRIPTS = {"_ack_del_script": ACK_DEL, "_keep_alive_script": KEEP_ALIVE}
 
     async def emit(self, *frames: Frame) -> list[bytes]:
-        """XADD each frame to its streams (bounded); refresh per-session TTLs."""
+        """XADD each frame to its streams (bounded); refresh per-session TTLs (a session's
+        audio stream only every AUDIO_TTL_REFRESH_SHARE of the TTL)."""
         s = self.settings
         pipe = self.redis.pipeline(transaction=False)
+        now = time.monotonic()
         for frame in frames:
             data = encode(frame)
+            if isinstance(frame, (SessionOpen, SessionEnd)):  # (re)opened or ended here: the
+                self.audio_ttl_set.pop(keys.audio(frame.sid), None)  # TTL was or will be reset
             for stream in routes(frame):
                 shared = "{" not in stream
                 pipe.xadd(stream, {FIELD: data},
                           maxlen=s.stream_maxlen if shared else s.session_maxlen, approximate=True)
-                if not shared:
+                if not shared and self._ttl_due(frame, stream, now):
                     pipe.expire(stream, s.session_ttl_s)
         results = await pipe.execute()
         return [r for r in results if isinstance(r, bytes)]
+
+    def _ttl_due(self, frame: Frame, stream: str, now: float) -> bool:
+        """Does this write set the stream's TTL?  Always, except for live audio whose
+        stream this process set recently.  Only ``Audio`` is spared: its writer owns the
+        open session, so nothing else ends the stream between two refreshes, whereas a
+        late write to a closed session's stream must set its TTL or the key would stay."""
+        if not isinstance(frame, Audio):
+            return True
+        last = self.audio_ttl_set.get(stream)
+        if last is not None and now - last < self.settings.session_ttl_s * AUDIO_TTL_REFRESH_SHARE:
+            return False
+        if last is None and len(self.audio_ttl_set) >= TTL_MEMORY:
+            del self.audio_ttl_set[next(iter(self.audio_ttl_set))]  # the oldest remembered
+        self.audio_ttl_set.pop(stream, None)  # re-inserted last: dict order is age order
+        self.audio_ttl_set[stream] = now
+        return True
 
     async def ensure_group(self, stream: str, group: str) -> None:
         """Create the group (and stream) if missing; safe to call any number of times."""

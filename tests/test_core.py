@@ -21,7 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from s2s import cli, config, keys
 from s2s.bus import FIELD, Bus, routes
-from s2s.frames import (SAMPLE_RATES, Audio, FrameError, Notice, ReplyAudio, ReplyText, SessionOpen,
+from s2s.frames import (SAMPLE_RATES, Audio, FrameError, Notice, ReplyAudio, ReplyText, SessionEnd,
+                        SessionOpen,
                         Transcript, Utterance, decode, encode)
 from s2s.launcher.redis_server import RedisServer, free_port
 
@@ -115,6 +116,29 @@ async def test_routes_bounds_and_session_ttl(settings):
         assert await bus.redis.xlen(keys.out("abc")) < 2 * settings.session_maxlen
         await bus.close_session("abc")
         assert 0 < await bus.redis.ttl(keys.out("abc")) <= settings.closed_ttl_s
+    finally:
+        await bus.close()
+
+
+async def test_live_audio_sets_its_streams_ttl_once_per_refresh_window(settings):
+    """The gateway's 50 audio entries a second do not each send an EXPIRE: the first sets
+    the TTL, later ones within a tenth of it don't; a session opened or ended again sets
+    it at its next entry, and every other frame still sets it on each write."""
+    bus = Bus(settings)
+    stream = keys.audio("ttl1")
+    pcm = b"\0\0" * 320
+    try:
+        await bus.emit(SessionOpen(sid="ttl1", in_sr=16000), Audio(sid="ttl1", pcm=pcm, sr=16000))
+        assert 0 < await bus.redis.ttl(stream) <= settings.session_ttl_s
+        await bus.redis.expire(stream, 50)  # had the next write refreshed it, this would go
+        await bus.emit(*[Audio(sid="ttl1", pcm=pcm, sr=16000) for _ in range(5)])
+        assert 0 < await bus.redis.ttl(stream) <= 50
+        await bus.emit(SessionEnd(sid="ttl1"))  # not live audio: sets the TTL
+        assert await bus.redis.ttl(stream) > 50
+        await bus.redis.expire(stream, 50)
+        await bus.emit(SessionOpen(sid="ttl1", in_sr=16000))  # reopened: the next entry sets it
+        await bus.emit(Audio(sid="ttl1", pcm=pcm, sr=16000))
+        assert await bus.redis.ttl(stream) > 50
     finally:
         await bus.close()
 
