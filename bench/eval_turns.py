@@ -69,7 +69,8 @@ LONG_QUESTIONS = [  # asked with a long reply in mind: the cue is said over that
     "Explain why the seasons change during the year.",
     "Tell me about the life of Albert Einstein.",
 ]
-BACKCHANNELS = ["mm-hmm", "yeah", "okay", "right", "uh-huh"]
+# "mm-hmm" spelled so that espeak-ng and Piper say it ("mm-hmm" they read as "em em hum")
+BACKCHANNELS = ["hmm-hmm", "yeah", "okay", "right", "uh-huh"]
 INTERRUPTIONS = ["wait", "stop", "no", "Sorry, can you tell me about Greece instead?"]
 
 LONG_SESSIONS = [  # 6+ turns each: later replies must neither echo nor repeat earlier ones
@@ -89,7 +90,9 @@ LONG_SESSIONS = [  # 6+ turns each: later replies must neither echo nor repeat e
 def conversations() -> list[Conversation]:
     out: list[Conversation] = []
     out.append(Conversation("statement-jfk", "statements", "recording",
-                            [Turn(["jfk"], recording="jfk.wav", reference=JFK)], "jfk"))
+                            [Turn(["jfk"], recording="jfk.wav", reference=JFK,
+                                  # its pauses (~1 s) are mid-thought: early audio counts
+                                  starts=[0.3, 3.3, 5.4, 8.2])], "jfk"))
     for i, span in enumerate(LECTURE_CUTS):
         out.append(Conversation(f"statement-lecture-{i}", "statements", "recording",
                                 [Turn(["lecture"], recording="lecture.wav", span=span)],
