@@ -78,9 +78,11 @@ class Settings:
     vad_speech_pad_ms: int = opt(100, "Audio kept before and after the speech in an utterance, ms.",
                                  "vad")
     vad_max_utterance_s: float = opt(20.0, "An utterance longer than this is cut and sent.", "vad")
-    vad_continue_ms: int = opt(1500, "Speech that resumes within this many ms after an utterance "
+    vad_continue_ms: int = opt(2500, "Speech that resumes within this many ms after an utterance "
                                      "continues it: the next utterance carries the audio from the "
-                                     "first piece on, so STT hears the whole thought.", "vad")
+                                     "first piece on, so STT hears the whole thought (and a reply "
+                                     "that answered the first piece is replaced: turn_resumed).",
+                               "vad")
     vad_turn_model: str = opt("", "End-of-turn model (smart-turn v3 .onnx) run at each pause to "
                                   "decide whether the user finished. Empty: the one "
                                   "scripts/install.sh extracts into <venv>/share/s2s; off: none "
@@ -146,19 +148,17 @@ class Settings:
                                     "over, the oldest are cut down to the last half at once "
                                     "(the prompt's start, whose keys/values are cached, then "
                                     "stays the same for several turns).", "llm")
-    llm_turn_hold_ms: int = opt(1500, "Max silence for an unfinished turn: one the end-of-turn "
-                                      "model (or, without it, the transcript's ending) calls "
-                                      "incomplete is answered only after this much silence since "
-                                      "the speech ended (ms), unless the user goes on (a user "
-                                      "resumes within ~1.2 s, and the VAD needs its min speech "
-                                      "to notice).", "llm")
-    llm_statement_hold_ms: int = opt(1200, "A finished turn that is not a question (\"I need to buy "
-                                          "milk.\") is answered only after this much silence since "
-                                          "the speech ended (ms): dictations and lists pause after "
-                                          "whole sentences, and the end-of-turn model cannot tell. "
+    llm_turn_hold_ms: int = opt(1500, "Longest wait for the user to go on (ms of silence since the "
+                                      "speech ended): a turn is held this long times the doubt of "
+                                      "the end-of-turn signals (the audio model, the LLM's own "
+                                      "end-of-turn probability, the words), none when they agree "
+                                      "it is done (services/llm/turn_end.py).", "llm")
+    llm_statement_hold_ms: int = opt(1200, "Without any end-of-turn probability (no audio model, and "
+                                          "a backend that gives none): a finished turn that is not "
+                                          "a question (\"I need to buy milk.\") is answered only "
+                                          "after this much silence since the speech ended (ms). "
                                           "Questions and requests (\"Tell me…\", \"Can you…\") "
-                                          "are answered at once (0: statements too).",
-                                     "llm")
+                                          "are answered at once.", "llm")
     llm_cpu_int8: bool = opt(True, "transformers on CPU: bf16 weights with int8 one-token steps "
                                    "(about 2x faster replies; off: plain fp32).", "llm")
     llm_max_batch: int = opt(8, "transformers: replies generated at once by one worker, their "
