@@ -120,6 +120,37 @@ async def test_the_audio_probability_travels_and_a_resumed_thought_starts_sooner
     assert resumed_at - resumed.at_s <= (s.vad_resume_min_speech_ms + 32 + 20) / 1000
 
 
+def test_the_endpointer_opens_a_resumed_thought_after_less_speech():
+    """VadSession.step on chunk probabilities (no model): a new thought opens its turn
+    after vad_min_speech_ms, speech going on with the last utterance's thought after
+    vad_resume_min_speech_ms, and says so (SpeechStarted.continues)."""
+    from s2s.frames import SessionOpen
+    from s2s.services.vad.worker import CHUNK, VadSession
+
+    s = config.load({"vad_speculate_ms": 0}, environ={})
+    session = VadSession(SessionOpen(sid="s", in_sr=SR), s)
+    chunks = iter(range(0, 10**9, CHUNK))
+
+    def run(prob: float, seconds: float) -> list[tuple[tuple, float]]:
+        events = []
+        for _ in range(int(seconds * SR / CHUNK)):
+            at = next(chunks)
+            events += [(e, (at + CHUNK) / SR) for e in session.step(at, prob)]
+        return events
+
+    run(0.0, 0.5)
+    (speech, opened_at), = run(0.9, 1.0)
+    (utt, _), = run(0.0, 0.6)                      # a pause longer than the min silence
+    (resumed, resumed_at), = run(0.9, 1.0)         # ... then the thought goes on
+    assert speech[0] == resumed[0] == "speech" and utt[0] == "utt"
+    assert speech[2] is False and resumed[2] is True
+    assert opened_at - speech[1] / SR >= s.vad_min_speech_ms / 1000
+    assert resumed_at - resumed[1] / SR <= (s.vad_resume_min_speech_ms + 32) / 1000
+    run(0.0, s.vad_continue_ms / 1000 + 0.5)       # a pause beyond the continuation window
+    (new, _), = run(0.9, 1.0)
+    assert new[2] is False
+
+
 # --- end to end: the user goes on while the early reply plays -------------------------------
 @pytest.fixture(scope="module")
 def stack(redis_server, tmp_path_factory):
