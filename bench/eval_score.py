@@ -134,8 +134,10 @@ def score(conv: Conversation, played: Played) -> dict[str, Any]:
             "pauses": len(starts) - 1,
             "early_heard_s": round(early_s, 3) if early_s is not None else None,
             "recovery_s": recovery,
-            # replies heard to their end (not cut by the user going on)
-            "answers": sum(1 for t in mine if t.done and t.reply.strip() and not t.interrupted),
+            # replies heard to their end, not cut short at the client (a reply the user
+            # heard out counts even if the server later replaced it: it was an answer)
+            "answers": sum(1 for t in mine if t.done and t.reply.strip() and
+                           t.turn not in playback.cut),
             "cue": cue_out,
             "digit_edits": digits})
     events = [{k: v for k, v in e.items() if k in ("type", "turn", "t", "text", "start_s",
