@@ -139,7 +139,7 @@ def wait_for(what: str, check, timeout: float, stack_info=None):
                 return result
         except Exception as e:  # not up yet
             last = e
-        time.sleep(2)
+        time.sleep(0.5)  # each check is one cheap request: the wait ends soon after the state
     logs = ""
     if stack_info:
         out = sh(*stack_info["base"], "logs", "--no-color", "--tail", "30",
