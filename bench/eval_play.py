@@ -94,6 +94,7 @@ class Cue:
     kind: str
     text: str
     sent_at: float | None = None   # monotonic: its first frame was sent
+    at_s: float | None = None      # ... and its session position (s)
     over_turn: int | None = None   # the reply being heard then
 
 
@@ -172,7 +173,7 @@ async def play_conversation(open_connection: Callable, conv: Conversation, voice
                 now = time.monotonic()
                 if cue and cue.sent_at is None and playback.playing(now) is not None and \
                         playback.heard(waited, now, first_turn) >= turn.cue_after_s:
-                    cue.sent_at, cue.over_turn = now, playback.playing(now)
+                    cue.sent_at, cue.over_turn, cue.at_s = now, playback.playing(now), pos / SR
                     await send(voices.say(turn.cue_voice or conv.voice, turn.cue))
                 if not tracker.outstanding() and tracker.turns and \
                         now >= max(playback.end(), waited) + tail_s:

@@ -82,6 +82,9 @@ def score(conv: Conversation, played: Played) -> dict[str, Any]:
     for i, (turn, (begin, end, starts)) in enumerate(zip(conv.turns, spans)):
         # the VAD may place a speech start a chunk or two before the audio's first sample
         limit = spans[i + 1][0] - 0.5 if i + 1 < len(spans) else float("inf")
+        cue = played.cues.get(i)
+        if cue and cue.at_s is not None:  # what was said over the reply is a turn of its own
+            limit = min(limit, cue.at_s - 0.5)
         mine = [t for t in server if t.start_s is not None and begin - 0.5 <= t.start_s < limit]
         heard: list = []
         for t in mine:  # a continuation re-hears the pieces before it: keep the later one
@@ -105,7 +108,6 @@ def score(conv: Conversation, played: Played) -> dict[str, Any]:
                 if over:  # the user resumed over a reply to what they had said so far
                     stop = max(playback.turn_end(n) or at for n in over)
                     recovery.append(round(max(0.0, stop - at), 3))
-        cue = played.cues.get(i)
         cue_out = None
         if cue:
             cut = playback.cut.get(cue.over_turn) if cue.over_turn is not None else None
