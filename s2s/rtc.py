@@ -32,11 +32,15 @@ def mono_int16(frame: Any) -> np.ndarray:
 
 def int16_frame(pcm: bytes, rate: int, pts: int) -> Any:
     """Mono 16-bit ``pcm`` as the ``av.AudioFrame`` a sending track returns, stamped
-    ``pts`` in samples."""
+    ``pts`` in samples: stereo, the one channel in both.  aiortc's Opus encoder codes
+    stereo, and a mono frame reaches it through ffmpeg's upmix, which puts the channel in
+    both at -3 dB (0.707): every call then heard the caller 3 dB quieter than it spoke
+    (measured: delivered/sent RMS 0.706 mono, 1.001 stereo)."""
     from av import AudioFrame
 
-    frame = AudioFrame(format="s16", layout="mono", samples=len(pcm) // 2)
-    frame.planes[0].update(pcm)
+    samples = np.frombuffer(pcm, "<i2")
+    frame = AudioFrame(format="s16", layout="stereo", samples=len(samples))
+    frame.planes[0].update(np.repeat(samples, 2).tobytes())
     frame.sample_rate = rate
     frame.pts = pts
     frame.time_base = fractions.Fraction(1, rate)
