@@ -81,13 +81,13 @@ async def resume_over_reply(url: str, first: np.ndarray, rest: np.ndarray,
                     and turn > out.first_turn and out.speech_end_at is not None:
                 done.set()
 
-    async def send(pcm: np.ndarray) -> float:
+    async def send(pcm: np.ndarray, resumed: bool = False) -> None:
         t0 = time.monotonic()
-        first_sent = time.time()
+        if resumed:  # before the first frame: the interrupt may come while it is sent
+            out.resumed_at = time.time()
         for i, at in enumerate(range(0, len(pcm), FRAME)):
             await conn.send_audio(pcm[at:at + FRAME])
             await asyncio.sleep(max(0.0, t0 + (i + 1) * FRAME / SR - time.monotonic()))
-        return first_sent
 
     async def silence_until(event: asyncio.Event, limit: float) -> bool:
         quiet = np.zeros(FRAME, np.int16)
@@ -104,7 +104,7 @@ async def resume_over_reply(url: str, first: np.ndarray, rest: np.ndarray,
             out.timed_out = True
             return out
         await silence_until(asyncio.Event(), after_s)  # some of the reply is heard
-        out.resumed_at = await send(rest)
+        await send(rest, resumed=True)
         out.speech_end_at = time.time()
         out.timed_out = not await silence_until(done, timeout_s)
         return out

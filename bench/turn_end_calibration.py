@@ -5,8 +5,7 @@ on; the end of a statement or question: done) it runs what the stack runs there,
 thought's audio up to that pause: smart-turn v3 (the VAD's probability), whisper tiny.en
 (the transcript, its text heuristic) and the reply model's P(<|im_end|>) (the
 transformers backend's ``end_of_turn``, timed), then reports precision and recall of
-"done" for each way to combine them and each threshold, and the holds the chosen one
-gives.
+"done" for the audio model, the LLM and both at thresholds, and the holds turn_end gives.
 
     .venv/bin/python -m s2s.bench.turn_end_calibration [--groups ...] [--json out.json]
 """
@@ -16,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import statistics
 import time
 from pathlib import Path
@@ -62,7 +62,7 @@ def samples(groups: list[str], voices: Voices):
                 audio[:min(end + PAD, len(audio))]
 
 
-async def measure(groups: list[str]) -> list[dict]:
+async def measure(groups: list[str], full: bool) -> list[dict]:
     settings = config.load(environ={})
     from s2s.services.llm.backends.hf import TransformersBackend
 
@@ -81,36 +81,43 @@ async def measure(groups: list[str]) -> list[dict]:
         t0 = time.perf_counter()
         llm_p = await llm.end_of_turn(messages)
         cold = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        await llm.end_of_turn(messages)  # the prompt's keys/values are cached now
-        warm = time.perf_counter() - t0
+        warm = plain_p = None
+        if full:
+            t0 = time.perf_counter()
+            await llm.end_of_turn(messages)  # the prompt's keys/values are cached now
+            warm = time.perf_counter() - t0
+            # LiveKit's detector reads the words without punctuation: is that better here?
+            plain_p = await llm.end_of_turn(messages[:1] + [{"role": "user",
+                                                             "content": plain(text)}])
         rows.append(dict(id=cid, group=group, label=label, pause=pause, text=text,
                          audio=round(audio_p, 4), llm=round(llm_p, 4), complete=complete,
+                         llm_plain=plain_p and round(plain_p, 4),
                          asks=asks(text), cold_ms=round(cold * 1000, 1),
-                         warm_ms=round(warm * 1000, 1)))
-        print(f"{group:14} {label:8} audio {audio_p:.2f} llm {llm_p:.2f} "
-              f"{'asks ' if rows[-1]['asks'] else ''}{cold * 1000:4.0f}/{warm * 1000:3.0f} ms "
+                         warm_ms=warm and round(warm * 1000, 1)))
+        print(f"{group:14} {label:8} audio {audio_p:.2f} llm {llm_p:.2f} ({plain_p}) "
+              f"{'asks ' if rows[-1]['asks'] else ''}{cold * 1000:4.0f}/{warm} ms "
               f"{text!r}", flush=True)
     llm.close()
     return rows
 
 
-COMBINATIONS = {
-    "min": lambda a, l: min(a, l),
-    "mean": lambda a, l: (a + l) / 2,
-    "geo": lambda a, l: (a * l) ** 0.5,
-    "audio": lambda a, l: a,
-    "llm": lambda a, l: l,
-}
+def plain(text: str) -> str:
+    return re.sub(r"[^\w\s'-]", "", text).lower().strip()
 
 
-def confidence(row: dict, how: str) -> float:
-    end = turn_end.TurnEnd(row["audio"], row["llm"], row["complete"], row["asks"])
+TEXTS = ("llm", "llm_plain")  # (llm_plain: with --full)
+
+
+def done_by(row: dict, audio_at: float | None, llm_at: float | None, text: str) -> bool:
+    """Called done: a question, or words that do not dangle and every model used at or
+    above its threshold (None: that model is not used)."""
+    end = turn_end.TurnEnd(row["audio"], row[text], row["complete"], row["asks"])
     if end.asks:
-        return 1.0
+        return True
     if end.dangles:
-        return 0.0
-    return COMBINATIONS[how](row["audio"], row["llm"])
+        return False
+    return (audio_at is None or row["audio"] >= audio_at) and \
+        (llm_at is None or row[text] >= llm_at)
 
 
 def report(rows: list[dict]) -> None:
@@ -118,16 +125,22 @@ def report(rows: list[dict]) -> None:
     print(f"\n{len(rows)} pauses, {len(judged)} without a question/request "
           f"({sum(r['label'] == 'done' for r in judged)} done, "
           f"{sum(r['label'] != 'done' for r in judged)} going on)")
-    print("\ncombination threshold  precision recall  (of 'done' = confidence >= threshold)")
-    for how in COMBINATIONS:
-        for thr in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8):
-            said = [r for r in judged if confidence(r, how) >= thr]
-            hits = sum(r["label"] == "done" for r in said)
-            done = sum(r["label"] == "done" for r in judged)
-            print(f"{how:11} {thr:9.1f} {hits / len(said) if said else 1:10.2f} "
-                  f"{hits / done if done else 1:6.2f}  ({len(said)} said done)")
+    print("\ntext      audio>=  llm>=  precision recall  (of 'done': both at or above)")
+    done = sum(r["label"] == "done" for r in judged)
+    for text in TEXTS:
+        if any(r[text] is None for r in judged):
+            continue
+        for audio_at in (None, 0.5):
+            for llm_at in (None, 0.02, 0.05, 0.1, 0.2, 0.3):
+                if audio_at is None and llm_at is None:
+                    continue
+                said = [r for r in judged if done_by(r, audio_at, llm_at, text)]
+                hits = sum(r["label"] == "done" for r in said)
+                print(f"{text:9} {audio_at or '-':>6} {llm_at or '-':>6} "
+                      f"{hits / len(said) if said else 1:10.2f} {hits / done if done else 1:6.2f}"
+                      f"  ({len(said)} said done)")
     s = config.load(environ={})
-    print(f"\nholds with turn_end (DONE {turn_end.DONE}, min), by group and label:")
+    print(f"\nholds with turn_end (LLM_DONE {turn_end.LLM_DONE}), by group and label:")
     by: dict[tuple, list] = {}
     for r in rows:
         end = turn_end.TurnEnd(r["audio"], r["llm"], r["complete"], r["asks"],
@@ -141,9 +154,10 @@ def report(rows: list[dict]) -> None:
               f" mean {statistics.mean(holds):5.0f} ms; hold shorter than the pause: "
               f"{sum(e for _, e in v)}")
     cold = [r["cold_ms"] for r in rows]
-    warm = [r["warm_ms"] for r in rows]
+    warm = [r["warm_ms"] for r in rows if r["warm_ms"] is not None]
     print(f"\nLLM end-of-turn probability: first {statistics.median(cold):.0f} ms p50 "
-          f"(max {max(cold):.0f}), prompt cached {statistics.median(warm):.0f} ms p50")
+          f"(max {max(cold):.0f})" + (f", prompt cached {statistics.median(warm):.0f} ms p50"
+                                      if warm else ""))
 
 
 def main() -> None:
@@ -151,11 +165,13 @@ def main() -> None:
     ap.add_argument("--groups", default=",".join(GROUPS))
     ap.add_argument("--json", help="write the measured rows here")
     ap.add_argument("--rows", help="report on rows measured before (a --json file)")
+    ap.add_argument("--full", action="store_true", help="also time a second (cached) probe "
+                    "and probe the words without punctuation")
     args = ap.parse_args()
     if args.rows:
         rows = json.loads(Path(args.rows).read_text())
     else:
-        rows = asyncio.run(measure(args.groups.split(",")))
+        rows = asyncio.run(measure(args.groups.split(","), args.full))
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
     report(rows)

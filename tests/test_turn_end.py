@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from s2s import config
-from s2s.services.llm.turn_end import DONE, TurnEnd
+from s2s.services.llm.turn_end import LLM_DONE, TurnEnd
 
 SR = 16000
 
@@ -26,13 +26,13 @@ def hold(audio, llm, complete=True, asks=False) -> float:
 
 def test_a_turn_both_models_call_done_is_answered_at_once():
     assert hold(0.95, 0.9) == 0
-    assert hold(DONE, DONE) == 0
+    assert hold(0.5, LLM_DONE) == 0
 
 
 def test_the_hold_grows_with_the_doubt_of_either_model():
-    holds = [hold(0.95, llm) for llm in (0.45, 0.3, 0.1, 0.0)]
+    holds = [hold(0.95, LLM_DONE * f) for f in (0.9, 0.6, 0.2, 0.0)]
     assert holds == sorted(holds) and 0 < holds[0] < holds[-1] == 1500
-    assert hold(0.2, 0.95) == hold(0.95, 0.2) > 0
+    assert hold(0.2, 0.95) > 0 and hold(0.95, LLM_DONE / 2) > 0
 
 
 def test_questions_are_answered_now_and_dangling_words_wait_longest():

@@ -17,13 +17,15 @@ whether the thought is done:
 The hold (counted from the end of speech) then scales with the uncertainty::
 
     asks                          -> 0
-    confidence c = min(audio, llm) over the probabilities present
-                   (0 when the words dangle; none present: the old fixed
-                   llm_statement_hold_ms for words that sound done)
-    hold = llm_turn_hold_ms * clip((DONE - c) / DONE, 0, 1)
+    each model's confidence: its probability over its own "done" threshold, at most 1
+        (audio: vad_turn_threshold; llm: LLM_DONE, SmolLM2-135M gives <|im_end|> far
+        less mass than smart-turn gives "complete")
+    c = min of the confidences present (0 when the words dangle; none present: the old
+        fixed llm_statement_hold_ms for words that sound done)
+    hold = llm_turn_hold_ms * (1 - c)
 
-so a turn both models call done (``c >= DONE``) is answered at once, and one they
-doubt waits longer the more they doubt it, up to ``llm_turn_hold_ms``.  ``min``
+so a turn both models call done is answered at once, and one they doubt waits longer
+the more they doubt it, up to ``llm_turn_hold_ms``.  ``min``
 because each model misses what the other hears: smart-turn hears a finished
 sentence's fall in a dictation paused after a whole sentence, the LLM reads the
 words without the voice; either doubting is reason to wait a little.  When the wait
@@ -37,9 +39,9 @@ from dataclasses import dataclass
 
 from prometheus_client import Histogram
 
-# c at or above this: the turn is done, answered without a hold (calibrated on the
-# eval's real and synthetic speech: bench/turn_end_calibration.md)
-DONE = 0.5
+# The LLM's P(<|im_end|>) at or above this: it calls the turn done (calibrated on the
+# eval's speech with bench/turn_end_calibration.py; the numbers are in docs/quality.md)
+LLM_DONE = 0.1
 
 HOLDS = Histogram("s2s_llm_turn_hold_seconds", "Silence the LLM stage waited for the user to "
                   "go on before answering, from the end-of-turn confidence.",
@@ -72,7 +74,8 @@ class TurnEnd:
             return 1.0
         if self.dangles:
             return 0.0
-        present = [p for p in (self.audio, self.llm) if p is not None]
+        present = [min(p / done, 1.0) for p, done in ((self.audio, self.audio_threshold),
+                                                        (self.llm, LLM_DONE)) if p is not None]
         return min(present) if present else None
 
     def hold_ms(self, turn_hold_ms: float, statement_hold_ms: float) -> float:
@@ -80,7 +83,7 @@ class TurnEnd:
         c = self.confidence
         if c is None:  # neither model: only the words, which cannot tell a pause
             return statement_hold_ms if self.complete else turn_hold_ms
-        return turn_hold_ms * min(max((DONE - c) / DONE, 0.0), 1.0)
+        return turn_hold_ms * (1.0 - c)
 
     def describe(self) -> str:
         def p(x: float | None) -> str:
