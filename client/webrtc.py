@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from s2s.rtc import hand_on_at_once, int16_frame, mono_int16
+from s2s.rtc import Resampler, hand_on_at_once, int16_frame, mono_int16
 
 from .errors import ProtocolError, auth_headers
 from .realtime import RATE, RealtimeConnection
@@ -194,12 +194,10 @@ class WebRTCConnection(RealtimeConnection):
         self.inbox.put_nowait(event)
 
     async def _read_track(self, track: Any) -> None:
-        from s2s.audio import StreamResampler
-
         _, MediaStreamError = _track_class()
-        # LQ: soxr's HQ stream holds ~21 ms of 48 -> 16 kHz output back, which the bench
-        # would count as reply latency (a browser plays the 48 kHz track as it comes)
-        down = StreamResampler(TRACK_RATE, RATE, dtype="int16", quality="LQ")
+        # what it holds back the bench would count as reply latency (a browser plays the
+        # 48 kHz track as it comes): soxr's stream held 0-19 ms, this ~1 ms
+        down = Resampler(TRACK_RATE, RATE)
         while True:
             try:
                 frame = await track.recv()
@@ -261,11 +259,7 @@ class WebRTCConnection(RealtimeConnection):
         samples = np.frombuffer(pcm, "<i2") if isinstance(pcm, (bytes, bytearray)) else pcm
         if self.sample_rate != TRACK_RATE:
             if self.up_resampler is None:
-                from s2s.audio import StreamResampler
-
-                # LQ: soxr's HQ stream holds ~20 ms blocks of 20 ms frames back
-                self.up_resampler = StreamResampler(self.sample_rate, TRACK_RATE, dtype="int16",
-                                                    quality="LQ")
+                self.up_resampler = Resampler(self.sample_rate, TRACK_RATE)
             samples = self.up_resampler(np.asarray(samples, np.int16))
         self.mic.feed(np.asarray(samples, np.int16))
 

@@ -1,7 +1,8 @@
 """The audio of a WebRTC call: the caller's microphone track in, the reply track out.
 
 ``MicPump`` reads the remote (Opus-decoded) track and hands 16-bit mono PCM at the
-session's rate to a sink, resampled with soxr (its low-latency quality).
+session's rate to a sink, resampled with libswresample (``s2s.rtc.Resampler``: each frame
+out whole, ~0.7 ms held).
 ``ReplyTrack`` is the outgoing track: reply PCM is queued and leaves in 20 ms frames
 paced on a real-time clock (aiortc encodes them to Opus), silence when there is none.
 ``clear()`` drops everything queued at once (barge-in); ``played(tag)`` says how much
@@ -20,8 +21,7 @@ import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame
 
-from s2s.audio import StreamResampler
-from s2s.rtc import int16_frame, mono_int16
+from s2s.rtc import Resampler, int16_frame, mono_int16
 
 from .limits import within
 
@@ -41,7 +41,7 @@ class MicPump:
     def __init__(self, track: MediaStreamTrack, rate: int, sink: Callable[[bytes], None]):
         self.track, self.rate, self.sink = track, rate, sink
         self.frames = 0
-        self._resampler: StreamResampler | None = None
+        self._resampler: Resampler | None = None
         self._in_rate = 0
 
     async def run(self) -> None:
@@ -53,11 +53,7 @@ class MicPump:
             self.frames += 1
             if frame.sample_rate != self._in_rate:
                 self._in_rate = frame.sample_rate
-                # LQ: soxr's HQ stream holds ~20 ms blocks back (measured on 20 ms frames
-                # 48 -> 24 kHz: every other call returns nothing), LQ ~0.5 ms; for the
-                # VAD and STT its 91% passband is plenty
-                self._resampler = StreamResampler(frame.sample_rate, self.rate, dtype="int16",
-                                                  quality="LQ")
+                self._resampler = Resampler(frame.sample_rate, self.rate)
             pcm = self._resampler(mono_int16(frame))
             if len(pcm):
                 self.sink(np.asarray(pcm, "<i2").tobytes())
