@@ -41,7 +41,7 @@ from prometheus_client import Histogram
 
 # The LLM's P(<|im_end|>) at or above this: it calls the turn done (calibrated on the
 # eval's speech with bench/turn_end_calibration.py; the numbers are in docs/quality.md)
-LLM_DONE = 0.1
+LLM_DONE = 0.02
 
 HOLDS = Histogram("s2s_llm_turn_hold_seconds", "Silence the LLM stage waited for the user to "
                   "go on before answering, from the end-of-turn confidence.",
