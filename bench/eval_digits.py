@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", metavar="ID", help="only these dictations")
     parser.add_argument("--whole", action="store_true",
                         help="decode every utterance whole (stt_incremental off)")
+    parser.add_argument("--before", action="store_true",
+                        help="also run with stt_digits off (whisper's own numerals, as before "
+                             "the fix): one column each")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="other settings of the STT stage, e.g. stt_beam_size=5")
     parser.add_argument("--cache", default="~/.cache/s2s/eval_set",
@@ -91,30 +94,41 @@ def main(argv: list[str] | None = None) -> int:
 
     environ = {config.env_name(k): v for k, v in (kv.split("=", 1) for kv in args.set)}
     overrides = {"stt_incremental": False} if args.whole else {}
-    stt = SttStage(config.load(overrides, environ=environ))
-    stt.setup()
+    runs = {"": overrides} if not args.before else \
+        {"before (stt_digits off)": {**overrides, "stt_digits": False},
+         "after (stt_digits on)": {**overrides, "stt_digits": True}}
+    stages = {}
+    for label, o in runs.items():
+        stages[label] = SttStage(config.load(o, environ=environ))
+        stages[label].setup()
     voices = Voices(Path(args.cache))
     chosen = [d for d in DIGIT_DICTATIONS if not args.only or d[0] in args.only]
-    total_e = total_n = 0
-    rows = []
+    counts = {label: {} for label in stages}  # label -> voice -> [edits, symbols]
     for voice in args.voices:
-        e_sum = n_sum = 0
         for did, pieces, pauses in chosen:
             pcm = dictation_audio(voices, voice, pieces, pauses)
-            stt.local.clear()
-            heard = transcribe(stt, pcm, SR)
             said = " ".join(pieces)
-            e, n = errors(said, heard)
-            e_sum, n_sum = e_sum + e, n_sum + n
-            if args.show or e:
-                print(f"{voice:18} {did:13} {e}/{n}  said: {''.join(spoken_symbols(said))}  "
-                      f"heard: {''.join(spoken_symbols(heard))}  {heard!r}", flush=True)
-        rows.append(f"| {voice} | {e_sum}/{n_sum} | {e_sum / max(n_sum, 1):.1%} |")
-        total_e, total_n = total_e + e_sum, total_n + n_sum
-    print(f"\nSTT: {stt.describe()}")
-    print("| voice | errors/symbols | digit error rate |\n|---|---|---|")
-    print("\n".join(rows))
-    print(f"| **all** | {total_e}/{total_n} | {total_e / max(total_n, 1):.1%} |")
+            for label, stt in stages.items():
+                stt.local.clear()
+                heard = transcribe(stt, pcm, SR)
+                e, n = errors(said, heard)
+                c = counts[label].setdefault(voice, [0, 0])
+                c[0], c[1] = c[0] + e, c[1] + n
+                if args.show or e:
+                    print(f"{label[:6]:6} {voice:16} {did:13} {e}/{n}  said: "
+                          f"{''.join(spoken_symbols(said))}  heard: "
+                          f"{''.join(spoken_symbols(heard))}  {heard!r}", flush=True)
+    for label, stt in stages.items():
+        print(f"\nSTT{' ' + label if label else ''}: {stt.describe()}")
+    print("| voice | " + " | ".join(f"{label or 'digit error rate'}" for label in stages) + " |")
+    print("|---|" + "---|" * len(stages))
+    for voice in [*args.voices, ""]:
+        cells = []
+        for label in stages:
+            e, n = (counts[label][voice] if voice else
+                    [sum(c[k] for c in counts[label].values()) for k in (0, 1)])
+            cells.append(f"{e / max(n, 1):.1%} ({e}/{n})")
+        print(f"| {voice or '**all**'} | " + " | ".join(cells) + " |")
     return 0
 
 

