@@ -178,6 +178,7 @@ def stack(redis_server, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # four workers and a gateway start on a shared 2-core machine
 def test_going_on_over_an_early_reply_stops_it_and_answers_the_whole_thought_once(stack):
     import redis
 
