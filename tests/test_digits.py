@@ -88,17 +88,19 @@ def test_the_issues_phone_number_is_heard_exactly(stt):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("did,voice", [
-    ("card", "en-us"), ("phone-uk", "en-gb"), ("account", "en-us+f3"),
-    ("confirmation", "en-us+m3"), ("pin", "en-gb")])
-def test_dictations_in_espeak_voices_are_heard_exactly(stt, did, voice):
-    said, text = heard(stt, did, espeak_voice(voice))
+@pytest.mark.parametrize("did", ["phone-uk", "pin", "account"])
+def test_piper_dictations_are_heard_exactly(stt, did):
+    said, text = heard(stt, did, piper_speech)
     assert digit_error_rate(said, text) == 0, text
 
 
 @pytest.mark.slow
-def test_a_spelled_name_keeps_its_letters(stt):
-    said, text = heard(stt, "name-smith", piper_speech)
+@pytest.mark.parametrize("did,voice", [
+    ("account", "en-us"), ("confirmation", "en-us"), ("phone-us", "en-gb"),
+    ("account", "en-gb")])
+def test_dictations_in_espeak_voices_are_heard_exactly(stt, did, voice):
+    """"confirmation": letters among the digits ("B seven K, four nine, Q two")."""
+    said, text = heard(stt, did, espeak_voice(voice))
     assert digit_error_rate(said, text) == 0, text
 
 
