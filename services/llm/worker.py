@@ -194,7 +194,10 @@ class LlmStage(Stage):
         the VAD still confirms a speculative pause.  A question or words that dangle
         need no model: they are answered now, or wait the longest, whatever it says."""
         s = self.settings
-        end = TurnEnd(frame.turn_prob, None, frame.complete, asks(text), s.vad_turn_threshold)
+        # a question or request counts as asked once it is finished ("What is the
+        # capital of," may go on)
+        end = TurnEnd(frame.turn_prob, None, frame.complete, frame.complete and asks(text),
+                      s.vad_turn_threshold)
         if end.asks or end.dangles:
             return end
         system_prompt = prefs.get("instructions") or s.llm_system_prompt
