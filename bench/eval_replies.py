@@ -193,7 +193,9 @@ async def run_all(path: ReplyPath, convs: list[Conversation], parallel: int) -> 
 
     async def one(conv: Conversation) -> tuple[str, list[dict]]:
         async with gate:
-            return conv.id, await run_conversation(path, conv)
+            turns = await run_conversation(path, conv)
+        print(f"  {conv.id}: {len(turns)} turns", file=sys.stderr, flush=True)
+        return conv.id, turns
 
     return dict(await asyncio.gather(*(one(c) for c in convs)))
 

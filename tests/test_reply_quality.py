@@ -1,5 +1,5 @@
-"""Replies that answer (issue 19): a reply never copies an earlier reply of the session,
-and a statement is answered, not echoed.  The model tests run the real LLM stage
+"""Replies that answer (issue 19): a reply never copies an earlier reply of the session.
+The model test run the real LLM stage
 (transformers, SmolLM2-135M) through a real Redis and the worker runtime."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 from s2s import config
 from s2s.bench.eval_replies import REPLY_SESSIONS, parse_variant
 from s2s.bench.eval_set import JFK_TEXT
-from s2s.bench.reply_metrics import echoes, repeats_earlier
+from s2s.bench.reply_metrics import repeats_earlier
 from s2s.services.llm.backends import earlier_replies
 from s2s.services.llm.backends.batch import NgramBan
 from s2s.services.llm.backends.vllm_engine import word_runs
@@ -52,3 +52,56 @@ def test_the_bench_sessions_are_long_and_varied():
     assert sum(t.text.endswith(".") for t in turns) >= 60  # statements, for echoes
     assert parse_variant("p:llm_system_prompt=Be brief, kind.;llm_history_turns=2") == \
         ("p", {"llm_system_prompt": "Be brief, kind.", "llm_history_turns": 2})
+
+
+# --- the real stage ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def stage():
+    # the default settings, as users get them, but no hold: these turns are whole
+    stage = LlmStage(config.load({"metrics_port": 0, "llm_turn_hold_ms": 0,
+                                  "llm_statement_hold_ms": 0}, environ={}))
+    stage.setup()
+    yield stage
+    stage.backend.close()
+
+
+@pytest.fixture
+async def runtime(stage, redis_url):
+    rt = Runtime(stage, config.load({"redis_url": redis_url, "metrics_port": 0}, environ={}))
+    yield rt
+    await rt.bus.close()
+
+
+async def converse(rt: Runtime, sid: str, texts: list[str], first_turn: int = 0) -> list[str]:
+    said = []
+    for turn, text in enumerate(texts, first_turn):
+        outcome, got, _ = await ask(rt, sid, turn, text)
+        assert outcome == "ok"
+        said.append(check_reply(got).strip())
+        await rt.bus.advance_turn(sid)
+    return said
+
+
+DINNER = "Boil water. Add tea. Enjoy your dinner."  # the issue's copied first answer
+
+
+@pytest.mark.slow
+async def test_the_issue_s_session_no_longer_copies_its_first_answer(runtime):
+    # the session as the issue heard it: its first answer stored, then the turns that
+    # each got that answer again
+    await runtime.stage.state.save("copy", {"history": [
+        {"role": "user", "content": "What should I cook for dinner tonight?", "turn": 0},
+        {"role": "assistant", "content": DINNER, "turn": 0}]})
+    await runtime.bus.advance_turn("copy")
+    texts = [JFK_TEXT, "How many legs does a spider have?", "How do I make a cup of tea?",
+             "Thanks, that helps.", "What is the capital of France?", "Good night."]
+    said = await converse(runtime, "copy", texts, first_turn=1)
+    earlier = [DINNER]
+    for text, reply in zip(texts, said):
+        assert reply and not repeats_earlier(reply, earlier), (text, reply, earlier)
+        earlier.append(reply)
+    # the facts survive: the ban leaves the question's own words and new answers free
+    assert "paris" in said[4].lower(), said[4]
+    stored = (await runtime.stage.state.load("copy"))["history"]
+    assert [m["content"] for m in stored if m["role"] == "assistant"][-len(said):] == said
+
