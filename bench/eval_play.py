@@ -50,9 +50,15 @@ class Playback:
         else:
             self.segments.append(Segment(turn, start, start + seconds))
 
-    def stop(self, below: int, now: float) -> None:
-        """Drop the queued audio of every turn below ``below`` (an ``interrupt``)."""
+    def stop(self, below: int, now: float, unfinished: set[int] = frozenset()) -> None:
+        """Drop the queued audio of every turn below ``below`` (an ``interrupt``).
+        ``unfinished``: turns whose reply was still under way (no ``reply_done``): one
+        heard in part is cut now even when its audio had run dry (synthesis slower than
+        real time): the rest of it never comes."""
         self.stop_below, self.stopped_at = max(self.stop_below, below), now
+        for s in self.segments:
+            if s.turn < below and s.turn in unfinished:
+                self.cut.setdefault(s.turn, now)
         kept = []
         for s in self.segments:
             if s.turn < below and s.end > now:
@@ -132,7 +138,8 @@ async def play_conversation(open_connection: Callable, conv: Conversation, voice
                 if turn is not None and rate:
                     playback.add(turn, len(msg) / 2 / rate, now)
             elif msg.get("type") in STOPS and isinstance(msg.get("turn"), int):
-                playback.stop(msg["turn"], now)
+                playback.stop(msg["turn"], now,
+                              {n for n, t in tracker.turns.items() if not t.done})
                 if msg["type"] == "turn_resumed":  # as an interrupt: older replies are over
                     for old in tracker.turns.values():
                         if old.turn < msg["turn"] and (old.reply or old.audio):

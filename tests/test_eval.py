@@ -71,6 +71,14 @@ def test_playback_is_the_clients_queue():
     pb.add(2, 0.5, now=11.0)
     assert pb.playing(11.2) == 2 and pb.turns_between(10.5, 11.1) == {1, 2}
     assert pb.heard(0, 20, since_turn=2) == 0.5
+    dry = Playback()                  # the reply's audio ran dry, then the user interrupted
+    dry.add(3, 0.5, now=1.0)
+    dry.stop(4, now=2.0, unfinished={3})
+    assert dry.cut[3] == 2.0
+    done = Playback()                 # heard out to its end: an interrupt cuts nothing
+    done.add(3, 0.5, now=1.0)
+    done.stop(4, now=2.0, unfinished=set())
+    assert 3 not in done.cut
 
 
 def test_turn_taking_scores():
