@@ -303,8 +303,8 @@ def local_lags(ref: np.ndarray, got: np.ndarray, rate: int, lag: int, reach: int
 
 
 async def test_call_delivers_the_sent_audio(gw):
-    """Real speech sent on a call reaches the session's audio stream as it was sent: one
-    constant delay (Opus's 6.5 ms look-ahead and the resamplers'), no 20 ms frame lost,
+    """Real speech sent on a call reaches the session's audio stream as it was sent: at
+    the same place in session time (Opus's 6.5 ms look-ahead dropped), no 20 ms frame lost,
     repeated or reordered, at its own level (a mono frame upmixed by aiortc's encoder
     made it 3 dB quieter), and within Opus's own distortion."""
     import soundfile
@@ -335,7 +335,7 @@ async def test_call_delivers_the_sent_audio(gw):
     assert len(ref) - 0.06 * session_rate <= len(got) <= len(ref) + 0.02 * session_rate
     whole = np.correlate(got, ref[: len(got) // 2], mode="valid")  # the delay, whole call
     lag = int(np.argmax(whole))
-    assert 0 <= lag <= 0.02 * session_rate, lag / session_rate
+    assert lag <= session_rate // 2000, lag / session_rate  # Opus's look-ahead taken off
     # searched 2 frames either way: a lost or repeated 20 ms frame shows as a jump of a
     # frame; Opus's own phase changes move a noisy window's best match by a few samples
     windows = local_lags(ref, got, session_rate, lag, reach=session_rate // 25)
