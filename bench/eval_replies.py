@@ -270,11 +270,14 @@ async def run_variant(base: config.Settings, overrides: dict, convs: list[Conver
 def table(results: dict[str, dict]) -> str:
     rows = ["| variant | replies | echo rate | repeat rate | keyword acc (sessions) | "
             "keyword acc (eval set) | empty | s |", "|---|---|---|---|---|---|---|---|"]
+    def share(x: float | None) -> str:
+        return "-" if x is None else f"{x:.1%}"
+
     for label, r in results.items():
         s = r["scores"]
-        rows.append(f"| {label} | {s['replies']} | {s['echo_rate']:.1%} | "
-                    f"{s['repeat_rate']:.1%} | {s['keyword_accuracy']:.1%} "
-                    f"({s['keyword_turns']}) | {s['eval_set_keyword_accuracy']:.1%} "
+        rows.append(f"| {label} | {s['replies']} | {share(s['echo_rate'])} | "
+                    f"{share(s['repeat_rate'])} | {share(s['keyword_accuracy'])} "
+                    f"({s['keyword_turns']}) | {share(s['eval_set_keyword_accuracy'])} "
                     f"({s['eval_set_keyword_turns']}) | {s['empty_replies']} | {r['seconds']} |")
     return "\n".join(rows)
 
@@ -309,10 +312,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.show:
             print("\n".join(flagged(results[label]["sessions"]) +
                             flagged(results[label]["eval_set"])), file=sys.stderr)
-    print(table(results))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
+    print(table(results))
     return 0
 
 

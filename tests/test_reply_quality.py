@@ -102,6 +102,8 @@ async def test_the_issue_s_session_no_longer_copies_its_first_answer(runtime):
         earlier.append(reply)
     # the facts survive: the ban leaves the question's own words and new answers free
     assert "paris" in said[4].lower(), said[4]
-    stored = (await runtime.stage.state.load("copy"))["history"]
-    assert [m["content"] for m in stored if m["role"] == "assistant"][-len(said):] == said
+    # what was spoken is what the session remembers (its last exchanges: older ones trimmed)
+    stored = [m["content"] for m in (await runtime.stage.state.load("copy"))["history"]
+              if m["role"] == "assistant"]
+    assert stored and stored == said[-len(stored):]
 
