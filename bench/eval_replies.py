@@ -201,7 +201,7 @@ async def run_all(path: ReplyPath, convs: list[Conversation], parallel: int) -> 
 
 
 def scores(sessions: dict[str, list[dict]], eval_set: dict[str, list[dict]]) -> dict:
-    totals = {"replies": 0, "echoes": 0, "repeats": 0}
+    totals = {"replies": 0, "statements": 0, "echoes": 0, "repeats": 0}
     for turns in sessions.values():
         for k, v in session_rates([(t["user"], t["reply"]) for t in turns]).items():
             totals[k] += v
@@ -211,7 +211,8 @@ def scores(sessions: dict[str, list[dict]], eval_set: dict[str, list[dict]]) -> 
               if t["keyword_ok"] is not None]
     n = max(1, totals["replies"])
     return {"sessions": len(sessions), "replies": totals["replies"],
-            "echo_rate": round(totals["echoes"] / n, 3),
+            "statements": totals["statements"],  # replies to statements: echoes are of those
+            "echo_rate": round(totals["echoes"] / max(1, totals["statements"]), 3),
             "repeat_rate": round(totals["repeats"] / n, 3),
             "keyword_accuracy": round(sum(kw) / len(kw), 3) if kw else None,
             "keyword_turns": len(kw),

@@ -1,7 +1,9 @@
 """Does a reply answer?  Two failures of a small model, scored the same way by every bench.
 
-- **echo**: the reply's first sentence repeats most of what the user just said
-  ("The horizon seems extremely distant." answered with itself);
+- **echo**: the reply to a statement repeats most of it in its first sentence ("The
+  horizon seems extremely distant." answered with itself).  Questions are not scored: a
+  good answer restates them ("What is the capital of Germany?" -> "The capital of
+  Germany is Berlin.");
 - **repeat**: the reply is (nearly) one the assistant already gave earlier in the session
   ("Boil water. Add tea. Enjoy your dinner." said to three different questions).
 
@@ -17,6 +19,8 @@ from difflib import SequenceMatcher
 ECHO_SHARE = 0.6      # of the user's words, in order, found in the reply's first sentence
 REPEAT_SIMILARITY = 0.8  # word-sequence similarity of two replies that say the same
 MIN_WORDS = 3         # shorter texts ("Yes.", "Okay.") may recur without being a copy
+QUESTION_OPENERS = frozenset("""what why how who whom whose where when which is are do does did
+    can could would will should may shall tell give show explain describe list name""".split())
 
 
 def words(text: str) -> list[str]:
@@ -36,10 +40,16 @@ def shared_share(source: list[str], other: list[str]) -> float:
     return sum(b.size for b in blocks) / len(source)
 
 
+def is_question(text: str) -> bool:
+    """A question or request: its answer may restate it."""
+    said = words(text)
+    return text.strip().endswith("?") or bool(said and said[0] in QUESTION_OPENERS)
+
+
 def echoes(user: str, reply: str) -> bool:
-    """Does the reply's first sentence repeat most of the user's words?"""
+    """Does the reply's first sentence repeat most of the user's statement's words?"""
     said = words(user)
-    if len(said) < MIN_WORDS:
+    if len(said) < MIN_WORDS or is_question(user):
         return False
     return shared_share(said, words(first_sentence(reply))) >= ECHO_SHARE
 
@@ -58,14 +68,15 @@ def repeats_earlier(reply: str, earlier: list[str]) -> bool:
 
 
 def session_rates(turns: list[tuple[str, str]]) -> dict[str, int]:
-    """Counts over one session's (user text, reply) turns, in order: replies, echoes,
-    repeats of an earlier reply of the same session."""
-    counts = {"replies": 0, "echoes": 0, "repeats": 0}
+    """Counts over one session's (user text, reply) turns, in order: replies, replies to
+    statements (what the echo share is of), echoes, repeats of an earlier reply."""
+    counts = {"replies": 0, "statements": 0, "echoes": 0, "repeats": 0}
     earlier: list[str] = []
     for user, reply in turns:
         if not reply.strip():
             continue
         counts["replies"] += 1
+        counts["statements"] += not is_question(user)
         counts["echoes"] += echoes(user, reply)
         counts["repeats"] += repeats_earlier(reply, earlier)
         earlier.append(reply)

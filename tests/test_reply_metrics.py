@@ -9,6 +9,9 @@ def test_echo_of_the_users_statement():
     assert not echoes("The horizon seems extremely distant.",
                       "It does. Distances at sea are hard to judge.")
     assert not echoes("Hi.", "Hi.")  # too short to be a copy
+    # an answer restates its question: not an echo
+    assert not echoes("What is the capital of Germany?", "The capital of Germany is Berlin.")
+    assert not echoes("tell me the capital of Germany", "The capital of Germany is Berlin.")
 
 
 def test_repeat_of_an_earlier_reply():
@@ -23,4 +26,4 @@ def test_session_rates_count_in_order():
              ("How many legs does a spider have?", "Boil water. Add tea. Enjoy your dinner."),
              ("I like the sea.", "I like the sea."),
              ("Hello?", "")]
-    assert session_rates(turns) == {"replies": 3, "echoes": 1, "repeats": 1}
+    assert session_rates(turns) == {"replies": 3, "statements": 1, "echoes": 1, "repeats": 1}
