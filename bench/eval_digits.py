@@ -27,7 +27,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from s2s.services.stt.spoken_numbers import spoken_symbols, symbol_error_rate  # noqa: E402
+from s2s.services.stt.spoken_numbers import spoken_symbols  # noqa: E402
+
+from .wer import wer  # noqa: E402
 
 # (id, pieces spoken with pauses between them, the pauses in seconds)
 DIGIT_DICTATIONS: list[tuple[str, list[str], list[float]]] = [
@@ -53,13 +55,13 @@ VOICES = ["piper", "espeak:en-us", "espeak:en-gb", "espeak:en-us+f3", "espeak:en
 def digit_error_rate(reference: str, hypothesis: str) -> float:
     """Edit distance over the digit/letter sequence of ``reference`` (what was said,
     words or numerals), divided by its length."""
-    return symbol_error_rate(reference, hypothesis)
+    return wer(reference, hypothesis, spoken_symbols)
 
 
 def errors(reference: str, hypothesis: str) -> tuple[int, int]:
     """(edits, symbols said): summed over dictations for a pooled rate."""
     n = len(spoken_symbols(reference))
-    return round(symbol_error_rate(reference, hypothesis) * max(n, 1)), n
+    return round(digit_error_rate(reference, hypothesis) * max(n, 1)), n
 
 
 def dictation_audio(voices, voice: str, pieces: list[str], pauses: list[float]):

@@ -61,17 +61,6 @@ def spoken_symbols(text: str) -> list[str]:
     return out
 
 
-def symbol_error_rate(reference: str, hypothesis: str) -> float:
-    """Edit distance between the symbols of the two texts, over the reference's count."""
-    ref, hyp = spoken_symbols(reference), spoken_symbols(hypothesis)
-    d = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, d[0] = d[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r != h))
-    return d[-1] / max(len(ref), 1)
-
-
 # --- a dictation's digits, written as digits ---------------------------------------------
 DIGIT_WORDS = {w: d for w, d in UNITS.items() if w != "o"}  # "o" alone is the letter
 WORD = re.compile(r"[A-Za-z]+")
