@@ -219,7 +219,9 @@ async def test_two_cells_place_resume_and_fail_apart(two_cells):
         assert await redis["a"].exists(keys.audio(sids["b"])) == 0
 
         # cell a's Redis dies while a session of cell b speaks: b's session is answered
-        two_turns = np.concatenate([jfk, np.zeros(SR * 2, np.int16), jfk])
+        # two turns: a pause past the continuation window (a shorter one goes on the thought)
+        gap = int(SR * (settings.vad_continue_ms / 1000 + 0.5))
+        two_turns = np.concatenate([jfk, np.zeros(gap, np.int16), jfk])
         speaking = asyncio.create_task(talk(ws2, two_turns, SR, realtime=False,
                                             session_id=sids["b"], reply_timeout_s=150))
         await asyncio.sleep(1.0)
