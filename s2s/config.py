@@ -89,11 +89,14 @@ class Settings:
                                   "(the transcript's ending decides).", "vad")
     vad_turn_threshold: float = opt(0.5, "Probability from the end-of-turn model at or above "
                                          "which a pause ends the turn.", "vad")
-    vad_resume_min_speech_ms: int = opt(96, "Shortest speech that opens a turn when it goes on "
-                                            "with the last utterance's thought (within "
-                                            "vad_continue_ms): a reply that answered the "
-                                            "fragment stops this soon (at most "
-                                            "vad_min_speech_ms).", "vad")
+    vad_resume_min_speech_ms: int = opt(128, "Shortest speech that opens a turn when it goes "
+                                             "on with the last utterance's thought (within "
+                                             "vad_continue_ms) after a pause the end-of-turn "
+                                             "model called done: a reply that answered the "
+                                             "fragment stops this soon (at most "
+                                             "vad_min_speech_ms; 96 let the ~100 ms sound "
+                                             "after jfk.wav's last word restart the turn).",
+                                        "vad")
     vad_speculate_ms: int = opt(120, "Silence after which the VAD already sends the utterance "
                                      "(speculative turn: STT, LLM and TTS start early; the gateway "
                                      "holds the reply until vad_min_silence_ms confirms the end). "

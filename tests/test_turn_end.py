@@ -114,16 +114,19 @@ async def test_the_audio_probability_travels_and_a_resumed_thought_starts_sooner
     starts = [(o, at) for o, at in outputs if isinstance(o, SpeechStarted)]
     (new, new_at), (resumed, resumed_at) = starts
     assert not new.continues and resumed.continues
-    # decided after vad_resume_min_speech_ms of speech instead of vad_min_speech_ms (audio
-    # positions: a chunk of 32 ms and a 20 ms frame of slack, no wall clock)
+    # decided after vad_resume_min_speech_ms of speech instead of vad_min_speech_ms when
+    # the pause was called done (a reply may be heard), else after the usual min speech
+    # (audio positions: a chunk of 32 ms and a 20 ms frame of slack, no wall clock)
     assert new_at - new.at_s >= s.vad_min_speech_ms / 1000
-    assert resumed_at - resumed.at_s <= (s.vad_resume_min_speech_ms + 32 + 20) / 1000
+    quick = s.vad_resume_min_speech_ms if first.complete else s.vad_min_speech_ms
+    assert resumed_at - resumed.at_s <= (quick + 32 + 20) / 1000
 
 
 def test_the_endpointer_opens_a_resumed_thought_after_less_speech():
     """VadSession.step on chunk probabilities (no model): a new thought opens its turn
-    after vad_min_speech_ms, speech going on with the last utterance's thought after
-    vad_resume_min_speech_ms, and says so (SpeechStarted.continues)."""
+    after vad_min_speech_ms; speech going on with the last utterance's thought says so
+    (SpeechStarted.continues), and opens it after vad_resume_min_speech_ms when that
+    pause was called done (the stage sets answered_at), else after the usual min speech."""
     from s2s.frames import SessionOpen
     from s2s.services.vad.worker import CHUNK, VadSession
 
@@ -141,10 +144,14 @@ def test_the_endpointer_opens_a_resumed_thought_after_less_speech():
     run(0.0, 0.5)
     (speech, opened_at), = run(0.9, 1.0)
     (utt, _), = run(0.0, 0.6)                      # a pause longer than the min silence
-    (resumed, resumed_at), = run(0.9, 1.0)         # ... then the thought goes on
-    assert speech[0] == resumed[0] == "speech" and utt[0] == "utt"
-    assert speech[2] is False and resumed[2] is True
+    (going_on, going_on_at), = run(0.9, 1.0)       # ... the thought goes on (not called done)
+    (utt, _), = run(0.0, 0.6)
+    session.answered_at = utt[2]                   # this pause was called done
+    (resumed, resumed_at), = run(0.9, 1.0)         # ... and the thought goes on again
+    assert speech[0] == going_on[0] == resumed[0] == "speech" and utt[0] == "utt"
+    assert speech[2] is False and going_on[2] is True and resumed[2] is True
     assert opened_at - speech[1] / SR >= s.vad_min_speech_ms / 1000
+    assert going_on_at - going_on[1] / SR >= s.vad_min_speech_ms / 1000
     assert resumed_at - resumed[1] / SR <= (s.vad_resume_min_speech_ms + 32) / 1000
     run(0.0, s.vad_continue_ms / 1000 + 0.5)       # a pause beyond the continuation window
     (new, _), = run(0.9, 1.0)

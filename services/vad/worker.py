@@ -269,8 +269,11 @@ class VadSession:
                 self.speculated = True
                 events.append(("spec", self.thought, self.temp_end))
         resumes = self.thought < self.start  # continues the last utterance's thought
+        # sooner only where a reply may be heard already: the last pause was called done
+        # (inside a thought still going on, a breath or a click must not restart the turn)
+        quick = resumes and self.answered_at is not None
         if self.triggered and not self.started and not self.temp_end \
-                and now - self.start >= (self.resume_min_speech if resumes else self.min_speech):
+                and now - self.start >= (self.resume_min_speech if quick else self.min_speech):
             self.started = True
             events.append(("speech", self.start, resumes))
             if self.answered_at is not None and self.start - self.answered_at <= EARLY_S * SR:
