@@ -16,11 +16,11 @@ from __future__ import annotations
 import re
 from difflib import SequenceMatcher
 
+from s2s.services.llm.replies import asks  # what the LLM stage answers at once
+
 ECHO_SHARE = 0.6      # of the user's words, in order, found in the reply's first sentence
 REPEAT_SIMILARITY = 0.8  # word-sequence similarity of two replies that say the same
 MIN_WORDS = 3         # shorter texts ("Yes.", "Okay.") may recur without being a copy
-QUESTION_OPENERS = frozenset("""what why how who whom whose where when which is are do does did
-    can could would will should may shall tell give show explain describe list name""".split())
 
 
 def words(text: str) -> list[str]:
@@ -40,16 +40,10 @@ def shared_share(source: list[str], other: list[str]) -> float:
     return sum(b.size for b in blocks) / len(source)
 
 
-def is_question(text: str) -> bool:
-    """A question or request: its answer may restate it."""
-    said = words(text)
-    return text.strip().endswith("?") or bool(said and said[0] in QUESTION_OPENERS)
-
-
 def echoes(user: str, reply: str) -> bool:
     """Does the reply's first sentence repeat most of the user's statement's words?"""
     said = words(user)
-    if len(said) < MIN_WORDS or is_question(user):
+    if len(said) < MIN_WORDS or asks(user):
         return False
     return shared_share(said, words(first_sentence(reply))) >= ECHO_SHARE
 
@@ -76,7 +70,7 @@ def session_rates(turns: list[tuple[str, str]]) -> dict[str, int]:
         if not reply.strip():
             continue
         counts["replies"] += 1
-        counts["statements"] += not is_question(user)
+        counts["statements"] += not asks(user)
         counts["echoes"] += echoes(user, reply)
         counts["repeats"] += repeats_earlier(reply, earlier)
         earlier.append(reply)

@@ -25,7 +25,7 @@ import numpy as np
 from s2s import config
 from s2s.bench.eval_set import CONVERSATIONS, SR, Voices
 from s2s.services.llm import turn_end
-from s2s.services.llm.worker import asks
+from s2s.services.llm.replies import asks
 from s2s.services.stt.worker import Whisper, turn_complete
 from s2s.services.vad.turn import TurnModel
 

@@ -119,3 +119,21 @@ class SpokenText:
             said, looped = self.repeats.check(said)
             self.cut = self.cut or ("repeated" if looped else "")
         return said
+
+
+# A finished turn opening like this asks for an answer ("Tell me a fun fact.", "Can you…"):
+# answered at once, like a question; other statements may be a dictation that goes on.
+REQUEST_OPENERS = frozenset("""tell give show explain describe list recommend suggest name
+    define translate summarize summarise compare help find say can could would what why how
+    who whom whose where when which is are do does did""".split())
+
+
+def asks(text: str) -> bool:
+    """Does a finished turn ask for an answer now: a question or a request in any of its
+    sentences ("What is the capital of France? Answer in one sentence." asks)?"""
+    for sentence in re.split(r"(?<=[.!?])\s+", text.strip()):
+        stripped = sentence.strip().rstrip(" \"'”’)")
+        first = stripped.split(maxsplit=1)[0].strip(",.!?\"'“”").lower() if stripped else ""
+        if stripped.endswith("?") or first in REQUEST_OPENERS:
+            return True
+    return False

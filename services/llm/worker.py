@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import re
 import time
 from typing import AsyncIterator
 
@@ -22,7 +21,7 @@ from s2s.frames import Frame, ReplyText, ToolOutput, Transcript
 from s2s.stage import Stage
 
 from . import backends, history
-from .replies import SpokenText
+from .replies import SpokenText, asks
 from .speaker import Speaker
 from .tools import ToolRegistry, ToolSet
 from .tools.turns import APOLOGY, RoundResult, ToolTurns
@@ -36,24 +35,6 @@ REPLY_CUT = Counter("s2s_llm_reply_cut", "Replies shortened for the ear, by reas
                     "sentence said again stopped the reply; unfinished: the token cap cut the "
                     "last sentence, which was left unsaid).", ["reason"])
 HELD_TURNS = 32  # turns one worker may hold (waiting for the user to go on) beside its model slots
-
-
-# A finished turn opening like this asks for an answer ("Tell me a fun fact.", "Can you…"):
-# answered at once, like a question; other statements may be a dictation that goes on.
-REQUEST_OPENERS = frozenset("""tell give show explain describe list recommend suggest name
-    define translate summarize summarise compare help find say can could would what why how
-    who whom whose where when which is are do does did""".split())
-
-
-def asks(text: str) -> bool:
-    """Does a finished turn ask for an answer now: a question or a request in any of its
-    sentences ("What is the capital of France? Answer in one sentence." asks)?"""
-    for sentence in re.split(r"(?<=[.!?])\s+", text.strip()):
-        stripped = sentence.strip().rstrip(" \"'”’)")
-        first = stripped.split(maxsplit=1)[0].strip(",.!?\"'“”").lower() if stripped else ""
-        if stripped.endswith("?") or first in REQUEST_OPENERS:
-            return True
-    return False
 
 
 class LlmStage(Stage):
