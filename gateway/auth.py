@@ -89,13 +89,18 @@ def verify_token(secret: str, token: str, now: float | None = None) -> Principal
     if not secret:
         raise AuthError("signed tokens are not accepted here (no token secret)")
     want = hmac.new(secret.encode(), f"{parts[0]}.{parts[1]}".encode(), hashlib.sha256).digest()
+    # The signature is checked before the payload is parsed: a forged token costs one HMAC,
+    # never a JSON parse of whatever an anonymous caller sent.
     try:
         sig = _unb64(parts[2])
-        payload = json.loads(_unb64(parts[1]))
-    except (ValueError, UnicodeDecodeError):
+    except ValueError:
         raise AuthError("malformed token") from None
     if not hmac.compare_digest(sig, want):
         raise AuthError("bad token signature")
+    try:
+        payload = json.loads(_unb64(parts[1]))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise AuthError("malformed token") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("sub"), str) \
             or not isinstance(payload.get("exp"), (int, float)):
         raise AuthError("malformed token")

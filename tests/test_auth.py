@@ -116,6 +116,15 @@ async def test_deeply_nested_token_is_unauthorized_not_a_crash(gw):
     assert await refused(ws) == ("unauthorized", 1008)
 
 
+def test_forged_token_is_refused_before_its_payload_is_read():
+    """The signature is checked first: a forged token whose payload is not even JSON is a bad
+    signature, so an anonymous caller never gets the JSON parser to run on what it sent."""
+    from gateway.auth import AuthError, verify_token
+    body = base64.urlsafe_b64encode(b"{" * 100_000).decode().rstrip("=")
+    with pytest.raises(AuthError, match="bad token signature"):
+        verify_token("secret", f"s2s1.{body}.AAAA")
+
+
 async def test_expired_token_message(gw):
     ws = await connect(gw, headers=bearer(_expired()))
     got, code = await closed_with(ws)
