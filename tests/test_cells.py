@@ -280,35 +280,6 @@ def test_compose_cells_overlay_is_consistent():
         assert stages == set(STAGES), (name, stages)
 
 
-# --- the Redis capacity bench (docs/scaling.md) --------------------------------------------
-@pytest.mark.skipif(not __import__("shutil").which("gcc"), reason="no gcc: the C load engine "
-                    "of bench/redis_capacity.py cannot be built")
-def test_redis_capacity_c_engine_sends_the_session_mix(tmp_path):
-    """A short run of the C load: it builds, Redis sees every part of the session model (the
-    fenced VAD writes, the stages' group reads and ACK_DEL, the gateway's reads), and no
-    command fails. Numbers are not checked: speed belongs to the bench's table."""
-    import json as json_
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
-    out = subprocess.run([sys.executable, "-m", "s2s.bench.redis_capacity", "--engine", "c",
-                          "--sessions", "6", "--duration", "3", "--utterance-every", "1",
-                          "--json"], capture_output=True, text=True, timeout=180, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-2000:]
-    result = json_.loads(out.stdout.strip().splitlines()[-1])
-    row = result["rows"][0]
-    assert row["sessions"] == 6 and row["errors"] == 0, row
-    assert row["frames_per_s"] > 0, row
-    calls = row["calls"]
-    for command in ("xadd", "expire", "xread", "evalsha", "xreadgroup", "xack", "xdel",
-                    "xpending", "set", "get", "zadd", "hget", "xtrim"):
-        assert calls.get(command, 0) > 0, (command, calls)
-    # every utterance read by STT was acknowledged and deleted (ACK_DEL found its id)
-    assert calls["xdel"] == calls["xack"], calls
-
-
 def test_k8s_cell_overlay_is_a_whole_stack_on_its_own_redis():
     """deploy/k8s-cells/b builds (kubectl kustomize, when kubectl is here) into the whole
     stack in namespace s2s-b, every scaler reading that namespace's Redis."""
