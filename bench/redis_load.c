@@ -412,7 +412,6 @@ static worker_t *W;
 static int NW;
 static reader_t *R;
 static int NR;
-static char KEEP_ARGS[1 << 16];
 
 static void timers(double now) {
     for (int i = 0; i < NR; i++)
@@ -444,21 +443,21 @@ static void timers(double now) {
         }
         if (now >= w->next_keep) {  /* the keep-alive over what it holds */
             w->next_keep += 1 / P_keep;
-            size_t at = 0;
-            int n = 0;
+            int first = 0, n = w->nheld;
             if (w->stage == 3) {
                 /* the VAD's read of new sessions (its blocking read times out twice a second) */
                 cmd(w->c, "XREADGROUP GROUP vad %s COUNT 1 STREAMS s2s:vad:sessions >", w->name);
                 dirty = 1;
-                for (int s = w->audio->first; s < w->audio->first + w->audio->n; s++, n++)
-                    at += snprintf(KEEP_ARGS + at, sizeof KEEP_ARGS - at, " %s", S[s].entry);
-            } else {
-                for (int j = 0; j < w->nheld; j++, n++)
-                    at += snprintf(KEEP_ARGS + at, sizeof KEEP_ARGS - at, " %s", w->held[j].eid);
+                first = w->audio->first;
+                n = w->audio->n;
             }
             if (n) {
-                cmd(w->c, "EVALSHA %s 1 %s %s %s 0%s", SHA_KEEP, STREAM[w->stage], GROUP[w->stage],
-                    w->name, KEEP_ARGS);
+                words_begin(w->c, 7 + n);
+                word(w->c, "EVALSHA"); word(w->c, SHA_KEEP); word(w->c, "1");
+                word(w->c, STREAM[w->stage]); word(w->c, GROUP[w->stage]); word(w->c, w->name);
+                word(w->c, "0");
+                for (int j = 0; j < n; j++)
+                    word(w->c, w->stage == 3 ? S[first + j].entry : w->held[j].eid);
                 dirty = 1;
             }
         }
