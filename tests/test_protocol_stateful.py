@@ -250,12 +250,15 @@ def test_any_order_of_client_messages(redis_url, workers, tmp_path):
     with gateway_process(redis_url, tmp_path, {"S2S_PRINCIPAL_MAX_SESSIONS": "0"}) \
             as (http, proc):
         Protocol.url, Protocol.http, Protocol.proc = http.replace("http", "ws") + "/ws", http, proc
+        # 12 runs of up to 30 steps (each step ~3 round trips through the gateway, Redis
+        # and the worker): every rule comes up many times over; test_fuzz.py throws hostile
+        # input at the gateway by the thousand
         run_state_machine_as_test(Protocol, settings=settings(
-            max_examples=20, stateful_step_count=30, deadline=None,
+            max_examples=12, stateful_step_count=30, deadline=None,
             suppress_health_check=list(HealthCheck)))
         assert proc.poll() is None
     print(RAN)
-    assert RAN["machines"] >= 20 and RAN["checks"] >= 200, RAN
+    assert RAN["machines"] >= 12 and RAN["checks"] >= 120, RAN
     log = (tmp_path / "gateway.log").read_text(errors="replace")
     lines = log.splitlines()
     bad = [i for i, line in enumerate(lines) if "session failed" in line or "Traceback" in line]
