@@ -159,7 +159,9 @@ def runner(opts: argparse.Namespace) -> int:
             print(f"gpu_bench: {step} (box {box:.0f} s)…", file=sys.stderr, flush=True)
             log.write(f"\n===== {step} =====\n")
             log.flush()
-            results.append(run_step(step_args(opts), step, box, log))
+            # the step stops starting new sizes near its end: what it measured is kept
+            ends = ["--ends-at", f"{time.time() + box - 5:.0f}"]
+            results.append(run_step(step_args(opts) + ends, step, box, log))
             r = results[-1]
             print(f"gpu_bench: {step} {r.status} in {r.seconds:.0f} s {r.why}", file=sys.stderr,
                   flush=True)
@@ -199,6 +201,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--ramp", type=float, default=5.0, help="sessions arrive within this many s")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--step", default="", help=argparse.SUPPRESS)  # a child's one step
+    ap.add_argument("--ends-at", type=float, default=0.0, help=argparse.SUPPRESS)  # its box's end
     opts = ap.parse_args(argv)
     Path(opts.work).mkdir(parents=True, exist_ok=True)
     return opts

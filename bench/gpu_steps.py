@@ -40,6 +40,11 @@ def settings(opts, **overrides):
     return config.load({"device": opts.device, **overrides}, environ={})
 
 
+def time_left(opts) -> float:
+    """Seconds until the step's box ends (the runner kills it then); inf when run alone."""
+    return opts.ends_at - time.time() if opts.ends_at else float("inf")
+
+
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms"
 
@@ -207,6 +212,7 @@ def step_llm(opts):
     from s2s.services.llm.backends import create
 
     path, weights = llm_model(opts)
+    random = weights.startswith("RANDOM")
     batches = [1, 2] if opts.quick else [1, 8, 32]
     tokens = 16 if opts.quick else 64
     s = settings(opts, llm_backend="transformers", llm_model=path, llm_max_tokens=tokens,
@@ -221,12 +227,16 @@ def step_llm(opts):
 
     async def all_sizes() -> None:  # one event loop for the engine's callbacks
         for n in batches:
+            if time_left(opts) < 30:
+                rows.append((f"{n} replies at once", "not run", "the step's box was spent"))
+                continue
             m = await measure(backend, tokenizer, s, n, 1 if opts.quick else 3)
             data["batches"][n] = m
-            rows.append((f"{n} replies at once, ≤ {tokens} tokens each",
+            rows.append((f"{n} {'reply' if n == 1 else 'replies'} at once, ≤ {tokens} tokens each",
                          f"TTFT {m['ttft_ms']:.0f} ms, {m['tok_s']:.0f} tok/s total, "
                          f"{m['tok_s_session']:.0f} tok/s per reply",
-                         f"first speakable chunk p95 {m['chunk_p95_ms']:.0f} ms"))
+                         f"first speakable chunk p95 {m['chunk_p95_ms']:.0f} ms"
+                         + (" (random text: not representative)" if random else "")))
     try:
         asyncio.run(all_sizes())
     finally:
@@ -356,12 +366,16 @@ def step_sessions(opts):
         rows.append(("LLM worker", stage.describe(), f"weights: {weights}"))
         asyncio.run(llm_sessions(stage, s, 1, 1, 0, 0, opts.seed))  # warm-up, not counted
         for n in levels:
+            if time_left(opts) < 60:  # a level takes ~20-60 s: keep what was measured
+                rows.append((f"{n} sessions", "not run", "the step's box was spent"))
+                continue
             r = asyncio.run(llm_sessions(stage, s, n, turns, opts.ramp, gap, opts.seed + n))
             p50, p95, end95 = pct(r["first"], .5), pct(r["first"], .95), pct(r["done"], .95)
             data["levels"].append({"sessions": n, "turns": len(r["first"]), "first_p50_ms":
                                    p50 * 1000, "first_p95_ms": p95 * 1000,
                                    "reply_p95_ms": end95 * 1000})
-            rows.append((f"{n} sessions × {turns} turns (arrivals over {opts.ramp:g} s)",
+            rows.append((f"{n} session{'s' if n > 1 else ''} × {turns} turns (arrivals over "
+                         f"{opts.ramp:g} s)",
                          f"first chunk p50 {ms(p50)}, p95 {ms(p95)}",
                          f"whole reply p95 {ms(end95)}; {len(r['first'])} turns answered"))
     why = ("the LLM stage's share of voice-to-voice (transcript in -> first speakable chunk "
