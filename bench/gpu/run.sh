@@ -24,7 +24,7 @@ cat .whl/MANIFEST.md
 uname -a; "$PY" --version
 
 # the tree as it travelled (always current); the wheel prepare.sh built is the fallback
-SITE=/tmp/site
+SITE=${S2S_GPU_SITE:-/tmp/site}
 timeout 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$SITE" $(ls .whl/wheels/*.whl | grep -v '/s2s-') || { echo "run.sh: install failed"; exit 3; }
 timeout 120 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile \
