@@ -76,7 +76,7 @@ used() { echo $((TREE + $(bytes "$W"))); }
 
 # 4. optional groups, in order of use, each in only if the whole still fits
 declare -A GROUP_WHY=(
-  [stt]="faster-whisper float16: CTranslate2 $(ver ctranslate2)'s wheel also needs CUDA 12's libcublas.so.12, which the CUDA 13 image lacks (the env step checks)"
+  [stt]="faster-whisper float16: CTranslate2 $(ver ctranslate2)'s wheel also needs CUDA 12's libcublas.so.12, which the CUDA 13 image (torch cu130) is not known to hold (the env step checks)"
   [tts-cuda]="Piper on CUDA: onnxruntime-gpu 1.31.1 (built for CUDA 13), Piper and the joe voice"
   [llm-weights]="the real SmolLM2-135M weights (the GGUF the LLM backend converts); without them the LLM runs with random weights of the same architecture"
 )
@@ -114,7 +114,8 @@ for g in stt tts-cuda llm-weights; do
         echo "| $g | $(mib "$size") | no: $(mib $(( $(used) + size ))) with it, over 64 MiB | ${GROUP_WHY[$g]} |" >> "$MANIFEST"
     fi
 done
-echo "| vllm | not downloaded | no | its CUDA wheel alone is far over 64 MiB and pins its own torch: the LLM is measured through the project's transformers backend instead |" >> "$MANIFEST"
+# sized once by hand (2026-12-07): vllm-0.34.0-cp38-abi3-manylinux_2_28_x86_64.whl
+echo "| vllm | 228 MiB (0.34.0, not downloaded here) | no | its wheel alone is over 64 MiB and requires torch 2.14 (the image has 2.11): the LLM is measured through the project's transformers backend instead |" >> "$MANIFEST"
 
 TOTAL=$(used)
 echo "Sent by the device tool: tree $(mib "$TREE") + .whl $(mib $((TOTAL - TREE))) = $(mib "$TOTAL") of 64 MiB" >> "$MANIFEST"
