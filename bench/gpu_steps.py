@@ -212,7 +212,7 @@ def step_llm(opts):
     from s2s.services.llm.backends import create
 
     path, weights = llm_model(opts)
-    random = weights.startswith("RANDOM")
+    random_weights = weights.startswith("RANDOM")
     batches = [1, 2] if opts.quick else [1, 8, 32]
     tokens = 16 if opts.quick else 64
     s = settings(opts, llm_backend="transformers", llm_model=path, llm_max_tokens=tokens,
@@ -232,11 +232,12 @@ def step_llm(opts):
                 continue
             m = await measure(backend, tokenizer, s, n, 1 if opts.quick else 3)
             data["batches"][n] = m
-            rows.append((f"{n} {'reply' if n == 1 else 'replies'} at once, ≤ {tokens} tokens each",
+            replies = "reply" if n == 1 else "replies"
+            rows.append((f"{n} {replies} at once, ≤ {tokens} tokens each",
                          f"TTFT {m['ttft_ms']:.0f} ms, {m['tok_s']:.0f} tok/s total, "
                          f"{m['tok_s_session']:.0f} tok/s per reply",
                          f"first speakable chunk p95 {m['chunk_p95_ms']:.0f} ms"
-                         + (" (random text: not representative)" if random else "")))
+                         + (" (random text: not representative)" if random_weights else "")))
     try:
         asyncio.run(all_sizes())
     finally:
@@ -275,7 +276,8 @@ def step_tts(opts):
         data["texts"][name] = {"first_ms": first * 1000, "total_ms": total * 1000,
                                "audio_s": audio}
         rows.append((f"{name} reply ({len(SENTENCES[name])} chars, median of {runs})",
-                     f"first audio {ms(first)}, RTF {total / audio:.3f}", f"{audio:.1f} s of audio"))
+                     f"first audio {ms(first)}, RTF {total / audio:.3f}",
+                     f"{audio:.1f} s of audio"))
     return "ok", "", rows, data
 
 
@@ -351,7 +353,8 @@ def step_sessions(opts):
     from s2s.services.llm.worker import LlmStage
 
     path, weights = llm_model(opts)
-    levels = [int(x) for x in (opts.levels or ("1,2" if opts.quick else "1,8,32,64,128")).split(",")]
+    levels = [int(x) for x in
+              (opts.levels or ("1,2" if opts.quick else "1,8,32,64,128")).split(",")]
     turns, gap = (2, 0.5) if opts.quick else (3, 1.0)
     rows, data = [], {"weights": weights, "levels": []}
     with RedisServer(binary=opts.redis_server) as server:
