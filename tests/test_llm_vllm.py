@@ -30,13 +30,16 @@ def vllm_env(tmp: Path) -> dict:
             "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
-# --- vllm: the scenarios run in `python tests/test_llm_vllm.py REDIS_URL OUT.json` ---------
+# --- vllm: the scenarios run in `python tests/test_llm_vllm.py REDIS_URL OUT.json SERVE_URL` ---
 @pytest.fixture(scope="module")
-def vllm_results(redis_server, tmp_path_factory):
+def vllm_results(redis_server, vllm_server, tmp_path_factory):
+    # `vllm serve` (for the openai backend below) boots while this engine does: their
+    # starts overlap, and the scenarios here run once it is up, on an otherwise idle machine
     tmp = tmp_path_factory.mktemp("vllm")
     out = tmp / "results.json"
-    proc = subprocess.run([sys.executable, __file__, redis_server.url, str(out)],
-                          env=vllm_env(tmp), capture_output=True, text=True, timeout=280)
+    proc = subprocess.run([sys.executable, __file__, redis_server.url, str(out),
+                           vllm_server.url], env=vllm_env(tmp), capture_output=True, text=True,
+                          timeout=460)
     if proc.returncode:
         pytest.fail(f"vllm scenarios failed ({proc.returncode}):\n{proc.stdout[-3000:]}"
                     f"\n{proc.stderr[-6000:]}")
@@ -63,7 +66,7 @@ def test_vllm_batches_concurrent_sessions(vllm_results):
     assert max(first for first, _, _ in windows) < min(last for _, last, _ in windows), windows
 
 
-async def _vllm_main(redis_url: str, out: str) -> None:
+async def _vllm_main(redis_url: str, out: str, serve_url: str) -> None:
     from s2s.worker import Runtime
     from s2s.services.llm.worker import LlmStage
     from test_llm import (llm_settings, scenario_barge_in, scenario_context, scenario_paris)
@@ -72,6 +75,7 @@ async def _vllm_main(redis_url: str, out: str) -> None:
     redis.Redis.from_url(redis_url).flushall()
     stage = LlmStage(llm_settings(redis_url, "vllm"))
     stage.setup()
+    await asyncio.to_thread(serving, serve_url, 240)  # its start would slow these scenarios
     rt = Runtime(stage, stage.settings)
     try:
         results = {"paris": await scenario_paris(rt), "context": await scenario_context(rt),
@@ -105,10 +109,24 @@ async def tokens_per_s(backend, sessions: int, max_tokens: int = 64
 
 
 # --- openai: the backend in this process, against `vllm serve` ---------------------------
-@pytest.fixture(scope="module")
-def vllm_server(tmp_path_factory):
+def serving(url: str, timeout: float) -> bool:
+    """Until `vllm serve` at ``url`` lists its model (False: not in ``timeout`` s)."""
     import httpx
 
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/models", timeout=1).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tmp_path_factory):
+    """`vllm serve` started (not yet ready: vllm_serve_url waits for it)."""
     from s2s.launcher.redis_server import free_port
     from s2s.services.llm.backends.model_files import resolve
     from test_llm import llm_settings
@@ -120,20 +138,9 @@ def vllm_server(tmp_path_factory):
                              "--model", model, "--enforce-eager", "--max-model-len", "2048",
                              "--host", "127.0.0.1", "--port", str(port)],
                             env=vllm_env(tmp), stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/v1"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{url}/models", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("vllm serve did not start:\n" +
-                            (tmp / "server.log").read_text(errors="replace")[-4000:])
-            time.sleep(0.5)
-        yield url
+        yield type("Serve", (), {"url": f"http://127.0.0.1:{port}/v1", "proc": proc,
+                                 "log": tmp / "server.log"})
     finally:
         proc.terminate()
         try:
@@ -144,13 +151,23 @@ def vllm_server(tmp_path_factory):
         log.close()
 
 
-async def test_openai_backend_against_vllm_serve(vllm_server, redis_url):
+@pytest.fixture(scope="module")
+def vllm_serve_url(vllm_server):
+    deadline = time.monotonic() + 240
+    while not serving(vllm_server.url, 1):
+        if vllm_server.proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail("vllm serve did not start:\n" +
+                        vllm_server.log.read_text(errors="replace")[-4000:])
+    return vllm_server.url
+
+
+async def test_openai_backend_against_vllm_serve(vllm_serve_url, redis_url):
     from s2s.worker import Runtime
     from s2s.services.llm.worker import LlmStage
     from test_llm import assert_scenarios, llm_settings, scenario_barge_in, scenario_context, \
         scenario_paris
 
-    stage = LlmStage(llm_settings(redis_url, "openai", llm_openai_base_url=vllm_server))
+    stage = LlmStage(llm_settings(redis_url, "openai", llm_openai_base_url=vllm_serve_url))
     stage.setup()  # model name: the first the server lists
     rt = Runtime(stage, stage.settings)
     try:
@@ -165,4 +182,4 @@ async def test_openai_backend_against_vllm_serve(vllm_server, redis_url):
 
 if __name__ == "__main__":  # the vllm scenarios, run by the vllm_results fixture
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
-    asyncio.run(_vllm_main(sys.argv[1], sys.argv[2]))
+    asyncio.run(_vllm_main(sys.argv[1], sys.argv[2], sys.argv[3]))
