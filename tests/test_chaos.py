@@ -53,6 +53,7 @@ def test_reduced_chaos_run(tmp_path):
                               "--json-out", "", "--plot", ""])
     report = asyncio.run(chaos.run(args))
     rows, hit = report["rows"], report["rows"]["all hit"]
+    print(f"\n{chaos.format_table(rows)}\nwall {report['wall_s']} s")
     assert report["kills"] == 4, report["faults"]
     assert hit["turns"] >= 1
     # every reply that came was heard exactly once, whole (the gateway's part: replay,
