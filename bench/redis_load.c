@@ -17,8 +17,8 @@
  *   STT, LLM and TTS workers (each one per --per-stage): a command connection, a reading
  *     connection (XREADGROUP BLOCK 500 COUNT <free slots>) and a pub/sub connection
  *     subscribed to s2s:turns (every turn change reaches every subscriber).
- * Per session, every 20 ms tick: the gateway's Audio XADD (its TTL a tenth of the session
- * TTL apart); every SAVE ticks the VAD's fenced resume point (SAVE_IF_OWNER); per cycle
+ * Per session, every 20 ms tick: the gateway's Audio XADD (one per client message: every
+ * tick for 20 ms messages; its TTL a tenth of the session TTL apart); every SAVE ticks the VAD's fenced resume point (SAVE_IF_OWNER); per cycle
  * (the profile's window) its speech emits to the output and utterances to s2s:stt
  * (EMIT_IF_OWNER), turn changes (INCR_IF_OWNER: INCR, EXPIRE, PUBLISH), the gateway's trims
  * of played output and checks of the VAD's position.  Twice a second the gateway's
@@ -225,7 +225,7 @@ static const char *GROUP[4] = {"stt", "llm", "tts", "vad"};
 /* params (DIR/params: "name value" lines) */
 static double P_start, P_duration, P_cycle, P_gap, P_own, P_hold[3];
 static int P_save, P_utt, P_emits, P_trans, P_texts, P_chunks, P_trims, P_vadpos, P_ttl_ticks,
-    P_touch_ticks, P_register_ticks, P_bytes_ticks, P_gwconns, P_slots, P_keys;
+    P_touch_ticks, P_register_ticks, P_bytes_ticks, P_gwconns, P_slots, P_keys, P_audio_ticks = 1;
 static double P_beat, P_claim, P_keep, P_check, P_keda;
 static char SHA_SAVE[128], SHA_EMIT[128], SHA_ACKDEL[128], SHA_KEEP[128], SHA_INCR[128],
     SHA_BEAT[128];
@@ -534,7 +534,7 @@ static void params(const char *dir) {
         I("vadpos_checks", P_vadpos) I("audio_ttl_ticks", P_ttl_ticks)
         I("touch_ticks", P_touch_ticks) I("register_ticks", P_register_ticks)
         I("bytes_ticks", P_bytes_ticks) I("gw_conns", P_gwconns) I("slots", P_slots)
-        I("session_keys", P_keys)
+        I("session_keys", P_keys) I("audio_ticks", P_audio_ticks)
         T("sha_save", SHA_SAVE) T("sha_emit", SHA_EMIT) T("sha_ackdel", SHA_ACKDEL)
         T("sha_keep", SHA_KEEP) T("sha_incr", SHA_INCR) T("sha_beat", SHA_BEAT)
     }
@@ -714,7 +714,8 @@ int main(int argc, char **argv) {
             conn_t *gc = GW[s->gw].c[i % P_gwconns];
             conn_t *vc = W[s->vad].c;
             /* the gateway: the audio frame, its TTL now and then; trims and VAD checks */
-            cmdb(gc, &audio, "XADD s2s:audio:{%s} MAXLEN ~ 2000 * f %%b", s->sid);
+            if ((k + s->phase) % P_audio_ticks == 0)  /* a client message: 20 ms or longer */
+                cmdb(gc, &audio, "XADD s2s:audio:{%s} MAXLEN ~ 2000 * f %%b", s->sid);
             if ((k + s->phase) % P_ttl_ticks == 0 || k == 0)
                 cmd(gc, "EXPIRE s2s:audio:{%s} 3600", s->sid);
             if (fires(pos, P_trims, T))

@@ -60,7 +60,7 @@ class Model:
     trims: int = 5                   # the gateway's XTRIM of played output (a turn's start)
     vadpos_checks: int = 7           # the gateway's check_vad GET of the VAD's position
     # per session, per second
-    save_every_frames: int = 11      # SAVE_IF_OWNER: session_worker.SAVE_EVERY_S 0.2 s
+    save_every_s: float = 0.22       # SAVE_IF_OWNER: session_worker.SAVE_EVERY_S 0.2 s + a read
     touch_per_s: float = 2.0         # GATEWAY_TOUCH: failover, gateway_lease_s / 4
     register_per_s: float = 1.0      # admission.TICK_S: ZADD psess, EXPIRE x2
     bytes_every_s: float = 5.0       # admission.BYTES_EVERY_S: MEMORY USAGE per session key
@@ -128,7 +128,7 @@ def rates(m: Model, fleet: Fleet, idle: bool = True) -> dict[str, float]:
     _add(out, n * m.trims / cyc, xtrim=1)
     _add(out, n * m.vadpos_checks / cyc, get=1)
     # --- per session: its VAD owner (fenced: each script's XPENDING checks the owner)
-    _add(out, n / (m.frame_s * m.save_every_frames), evalsha=1, xpending=1, set=2)
+    _add(out, n / m.save_every_s, evalsha=1, xpending=1, set=2)
     _add(out, n * m.speech_emits / cyc, evalsha=1, xpending=1, xadd=1, expire=1)
     _add(out, n * m.utterances / cyc, evalsha=1, xpending=1, xadd=1)        # -> s2s:stt
     _add(out, n * m.utterances / cyc, evalsha=1, xpending=1, incr=1, expire=1, publish=1)
