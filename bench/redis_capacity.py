@@ -193,7 +193,8 @@ def fleet_of(n: int, args) -> Fleet:
 def write_params(d: str, model: Model, args, shas: dict, start: float, dur: float) -> None:
     """DIR/params of the C load: the model's rates in ticks and seconds, the scripts."""
     tick = FRAME_S  # the load's clock; the client's messages are model.frame_s apart
-    p = {"audio_ticks": max(1, round(model.frame_s / tick)),"start": f"{start:.3f}", "duration": f"{dur:.3f}", "cycle_s": model.cycle_s,
+    p = {"audio_ticks": max(1, round(model.frame_s / tick)), "start": f"{start:.3f}",
+         "duration": f"{dur:.3f}", "cycle_s": model.cycle_s,
          "audio_gap_s": model.audio_gap_s, "reader_own_s": model.reader_own_s,
          "hold_stt": model.hold_s[0], "hold_llm": model.hold_s[1], "hold_tts": model.hold_s[2],
          "heartbeat_per_s": model.heartbeat_per_s, "claim_every_s": model.claim_every_s,
