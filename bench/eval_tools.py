@@ -10,6 +10,7 @@ time (each tool entry of the history carries ``ms``)."""
 from __future__ import annotations
 
 import ast
+import asyncio
 import json
 import operator
 import re
@@ -173,3 +174,135 @@ def format_summary(s: dict) -> str:
         f"{pct(s['no_call_when_none_needed'])} | {pct(s['answer_carries_result'])} | "
         f"{s['v2v_p50_ms_with_tool']} / {s['v2v_p50_ms_without']} ms | {s['tool_p50_ms']} ms | "
         f"{s['added_by_round_trip_ms']} ms |"])
+
+
+# --- the stages alone: ``python -m s2s.bench.eval_tools`` -------------------------------
+# The tools group's audio through the real STT stage (with and without its tool bias) and
+# the real LLM stage with the example tools, without a gateway or VAD: WER, the right
+# call, the answer, and where a tool turn's time goes (decision, tool, answer), in a
+# minute or two instead of a stack's eval.  A tool turn's first answer chunk against a
+# turn that calls none is the round trip's added time at the LLM stage.
+
+async def stages(bias_modes: list[bool], tools_spec: str, cache_dir: str, only: str = ""
+                 ) -> dict:
+    import os
+    import time
+    from pathlib import Path
+
+    from s2s import config, frames, keys
+    from s2s.frames import ReplyText, Transcript, Utterance
+    from s2s.launcher.redis_server import RedisServer
+    from s2s.services.llm.worker import LlmStage
+    from s2s.services.stt.worker import SttStage
+    from s2s.stage import SessionState
+    from s2s.worker import Runtime
+
+    from .eval_set import CONVERSATIONS, Voices
+    from .eval_score import wer
+
+    convs = [c for c in CONVERSATIONS if c.group == "tools" and only in c.id]
+    voices = Voices(Path(cache_dir))
+    audio = {c.id: voices.turn_audio(c.voice, c.turns[0])[0] for c in convs}
+    out: dict = {}
+    with RedisServer() as server:
+        base = {"redis_url": server.url, "metrics_port": 0}
+        mcp = tools_spec.startswith(("stdio:", "http"))
+        tools = {"llm_mcp_servers" if mcp else "llm_tools": tools_spec}
+        llm = LlmStage(config.load({**base, **tools, "llm_tool_filler_ms": 0}, environ={}))
+        await asyncio.to_thread(llm.setup)
+        rt = Runtime(llm, llm.settings)
+        for bias in bias_modes:
+            stt = SttStage(config.load({**base, **tools, "stt_tool_bias": bias}, environ={}))
+            await asyncio.to_thread(stt.setup)
+            stt.state = SessionState(rt.bus)
+            rows = []
+            for c in convs:
+                sid = f"{c.id}-{int(bias)}-{os.getpid()}"
+                pcm = audio[c.id]
+                utt = Utterance(sid=sid, turn=1, pcm=pcm.tobytes(), sr=16000, start_s=0.0,
+                                end_s=len(pcm) / 16000, complete=True)
+                heard = [f async for f in stt.process(utt) if isinstance(f, Transcript)]
+                text = heard[0].text if heard else ""
+                await rt.bus.redis.set(keys.turn(sid), 1)
+                started = time.time()
+                await rt.run_item(Transcript(sid=sid, turn=1, text=text, complete=True,
+                                             marks={"speech_end": started}, out_sr=24000),
+                                  started)
+                replies = [f for _, fl in await rt.bus.redis.xrange(keys.out(sid))
+                           if isinstance(f := frames.decode(fl[b"f"]), ReplyText)]
+                said = " ".join(r.text for r in replies if r.text)
+                marks = replies[0].marks if replies else {}
+                entries = history(server.url, sid) or []
+                row = score_turn(c.turns[0], said, entries)
+                row.update(id=c.id, voice=c.voice, heard=text, said=said,
+                           wer=wer(c.turns[0].pieces[0], text),
+                           first_ms=round((marks.get("llm_first", started) - started) * 1000),
+                           parts_ms={k: round((v - started) * 1000) for k, v in marks.items()
+                                     if k.startswith("tool_")})
+                rows.append(row)
+                print(json.dumps(row, default=str), flush=True)
+            out["bias" if bias else "plain"] = {"rows": rows, "summary": stage_summary(rows)}
+            print(format_stage_summary(("bias" if bias else "plain"), out["bias" if bias
+                                                                         else "plain"]["summary"]))
+        await rt.bus.close()
+        await llm.tools.registry.close()
+    return out
+
+
+def stage_summary(rows: list[dict]) -> dict:
+    need = [r for r in rows if r["tool_expected"] != "none"]
+    none = [r for r in rows if r["tool_expected"] == "none"]
+    exact = [r for r in need if r["wer"] == 0]
+    called = [r for r in need if r.get("tool_called") not in ("none", None)]
+    plain = [r for r in rows if r.get("tool_called") == "none"]
+
+    def p50(values):
+        values = sorted(values)
+        return values[len(values) // 2] if values else None
+
+    parts = {}
+    for key in ("tool_decided", "tool_done"):
+        parts[key] = p50([r["parts_ms"][key] for r in called if key in r["parts_ms"]])
+    return {"wer": round(statistics.mean(r["wer"] for r in rows), 3),
+            "wer_need_tool": round(statistics.mean(r["wer"] for r in need), 3),
+            "heard_exactly": f"{len(exact)}/{len(need)}",
+            "right_tool_and_args": round(sum(r["tool_ok"] for r in need) / len(need), 3),
+            "right_when_heard_exactly": f"{sum(r['tool_ok'] for r in exact)}/{len(exact)}",
+            "right_tool": round(sum(r["name_ok"] for r in need) / len(need), 3),
+            "no_call_when_none_needed": round(sum(r["tool_ok"] for r in none) / len(none), 3)
+            if none else None,
+            "answer_carries_result": round(sum(r["result_said"] for r in need) / len(need), 3),
+            "first_ms_p50_with_tool": p50([r["first_ms"] for r in called]),
+            "first_ms_p50_without": p50([r["first_ms"] for r in plain]),
+            "tool_ms_p50": p50([r["tool_ms"] for r in called if r.get("tool_ms") is not None]),
+            "parts_ms_p50": parts}
+
+
+def format_stage_summary(label: str, s: dict) -> str:
+    return f"[{label}] " + ", ".join(f"{k}={v}" for k, v in s.items())
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import asyncio as aio
+    import sys
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(description="The tools group through the STT and LLM "
+                                     "stages alone (no gateway, no VAD).")
+    parser.add_argument("--bias", choices=["on", "off", "both"], default="both",
+                        help="the STT stage's tool bias (stt_tool_bias)")
+    parser.add_argument("--tools", default=f"stdio:{sys.executable} examples/voice_tools/server.py",
+                        help="an S2S_LLM_MCP_SERVERS entry or an S2S_LLM_TOOLS entry")
+    parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "s2s" / "eval-audio"))
+    parser.add_argument("--only", default="", help="only requests whose id contains this")
+    parser.add_argument("--json", help="write the rows and summaries here")
+    args = parser.parse_args(argv)
+    modes = {"on": [True], "off": [False], "both": [False, True]}[args.bias]
+    out = aio.run(stages(modes, args.tools, args.cache_dir, args.only))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

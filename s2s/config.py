@@ -122,6 +122,10 @@ class Settings:
                                  "prompt (whisper copies a prompt of digits into the next group: "
                                  "added zeros), and a dictated run of digit words reaches the "
                                  "LLM as digits (\"nine oh two one\" -> 9021).", "stt")
+    stt_tool_bias: bool = opt(False, "Bias whisper toward the session's tools: their names, "
+                                     "descriptions and schema enums (the deployment's and the "
+                                     "client's) as the previous-text prompt of an utterance "
+                                     "decoded whole (docs/tools.md).", "stt")
 
     # --- llm ------------------------------------------------------------------------
     llm_backend: str = opt("transformers", "LLM backend: transformers, vllm or openai.", "llm")
@@ -190,6 +194,10 @@ class Settings:
                                        "filler (0: never).", "llm")
     llm_tool_rounds: int = opt(1, "Rounds of tool calls in one reply before the assistant must "
                                   "answer (the bundled model makes one call per round).", "llm")
+    llm_tool_none_bias: float = opt(1.5, "The constrained tool decision (a model without a tool "
+                                         "protocol) leans this much (logits) away from \"none\": "
+                                         "a small model's prior for speaking is strong (0: as "
+                                         "the model likes; docs/tools.md).", "llm")
 
     # --- tts ------------------------------------------------------------------------
     tts_voice: str = opt("", "Piper voice .onnx file (its .onnx.json beside it). Empty: the "

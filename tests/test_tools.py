@@ -193,3 +193,45 @@ def test_history_keeps_calls_in_the_openai_chat_format():
     # the next turn keeps the call and its result
     nxt = history.start_turn(ctx, 4, "Thanks!", 6)
     assert [m["role"] for m in nxt["history"]] == ["user", "assistant", "tool", "assistant", "user"]
+
+
+def test_spoken_numbers_reach_the_decision_as_digits():
+    from s2s.services.llm.tools.numbers import write_numbers
+
+    assert write_numbers("What is one hundred forty four divided by twelve?") == \
+        "What is 144 divided by 12?"
+    assert write_numbers("How much is fifty five plus twenty-six?") == "How much is 55 plus 26?"
+    assert write_numbers("one thousand minus three hundred and five") == "1000 minus 305"
+    assert write_numbers("Has my order eight eight one zero shipped?") == \
+        "Has my order 8810 shipped?"
+    assert write_numbers("I have one dog, two cats.") == "I have 1 dog, 2 cats."
+    assert write_numbers("twelve seven") == "12 7"
+    assert write_numbers("Hello, how are you?") == "Hello, how are you?"
+
+
+async def test_stt_bias_is_built_from_what_the_tools_say_of_themselves():
+    """Names, descriptions and the values a schema enumerates (the example converter's
+    units), never more than whisper's prompt keeps; no tools, no bias."""
+    from s2s.services.stt.tool_bias import MAX_WORDS, ToolBias, bias_text
+
+    text = await ToolBias(config.load({"llm_tools": "examples.voice_tools.tools:TOOLS"},
+                                      environ={})).prompt({})
+    assert text.endswith("celsius, fahrenheit.") and "kilometer" in text
+    assert "Lookup order: The status of a customer's order" in text
+    assert len(text.split()) <= MAX_WORDS
+    # a session's own (client) tools join the deployment's
+    client = [{"name": "get_weather", "description": "The weather in a city.",
+               "parameters": {"type": "object", "properties": {
+                   "sky": {"type": "string", "enum": ["sunny", "cloudy"]}}}}]
+    bias = ToolBias(config.load({}, environ={}))
+    assert await bias.prompt({}) == ""
+    assert await bias.prompt({"tools": json.dumps(client)}) == \
+        "Get weather: The weather in a city. sunny, cloudy."
+    assert bias_text([]) == ""
+
+
+def test_a_leaning_word_is_found_among_the_tokens_that_begin_it():
+    from s2s.services.llm.backends import prefix_tokens
+
+    vocab = {"n": 0, "no": 1, "none": 2, '"n': 3, "nothing": 4, "Ġnone": 5, "get": 6}
+    assert prefix_tokens(vocab, "none") == [0, 1, 2, 3]

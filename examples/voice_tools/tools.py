@@ -9,7 +9,10 @@ import ast
 import datetime as dt
 import operator
 import time
+from typing import Annotated, Literal
 from zoneinfo import ZoneInfo
+
+from pydantic import Field
 
 CITIES = {"tokyo": "Asia/Tokyo", "paris": "Europe/Paris", "london": "Europe/London",
           "new york": "America/New_York", "berlin": "Europe/Berlin", "sydney": "Australia/Sydney",
@@ -58,7 +61,14 @@ def get_time(city: str) -> str:
     return f"It is {now.strftime('%H:%M')} in {city.strip().title()}."
 
 
-def convert_units(value: float, from_unit: str, to_unit: str) -> str:
+# the units convert_units knows, as its schema's enum: a caller (a small model under a
+# grammar) can only name one of them, and a speech recognizer can be told to expect them
+Unit = Literal["meter", "kilometer", "centimeter", "mile", "yard", "foot", "inch", "gram",
+               "kilogram", "pound", "ounce", "liter", "milliliter", "gallon", "cup", "celsius",
+               "fahrenheit"]
+
+
+def convert_units(value: float, from_unit: Unit, to_unit: Unit) -> str:
     """Convert a value from one unit to another (length, mass, volume, temperature)."""
     a, b = _unit(from_unit), _unit(to_unit)
     if {a, b} <= {"celsius", "fahrenheit"}:
@@ -75,7 +85,12 @@ _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
         ast.USub: operator.neg, ast.UAdd: operator.pos}
 
 
-def calculate(expression: str) -> str:
+# arithmetic only, as the schema's pattern: a caller under a grammar cannot write
+# "20 * 100 = 200" or words
+Expression = Annotated[str, Field(pattern=r"^[-(0-9][0-9.+*/%() -]*$")]
+
+
+def calculate(expression: Expression) -> str:
     """Evaluate an arithmetic expression (numbers, + - * / % ** and parentheses)."""
     text = expression.replace("x", "*").replace("×", "*").replace("÷", "/").replace("^", "**")
 

@@ -49,6 +49,7 @@ from s2s.stage import Stage
 from .batching import Job, MicroBatcher, group_by_prompt, group_similar
 from .incremental import Thought, advance, join, prefix_of, same_thought, words
 from .spoken_numbers import write_digits
+from .tool_bias import ToolBias
 
 log = logging.getLogger("s2s.stt")
 
@@ -335,6 +336,7 @@ class SttStage(Stage):
                                else settings.stt_cpu_batch_size)
         self.batcher: MicroBatcher | None = None
         self.local: dict[str, Thought] = {}  # the thoughts, when there is no Redis (tests, bench)
+        self.bias = ToolBias(settings) if settings.stt_tool_bias else None
 
     def setup(self) -> None:
         s = self.settings
@@ -382,7 +384,7 @@ class SttStage(Stage):
             DECODES.labels("miss").inc()  # same thought, other audio: decode it whole
         if heard is None:
             known = None
-            heard = await self.heard(audio)
+            heard = await self.heard(audio, await self._bias(frame.sid))
             if heard is None:
                 return
             DECODES.labels("whole").inc()
@@ -416,7 +418,7 @@ class SttStage(Stage):
         skips what it takes for a repetition of the prompt), or a repetition loop.  False:
         superseded."""
         base = known.base * SR // frame.sr
-        prompt = known.base_text
+        prompt = known.base_text or await self._bias(frame.sid)
         if self.settings.stt_digits and dictated_digits(prompt) >= 3:
             # whisper copies a prompt of digits into the next group: after "1 0 0 0 1",
             # "nine oh two one" came out as "0 0 1" (and "9,0002" after "1,0001"); each
@@ -435,6 +437,18 @@ class SttStage(Stage):
         return heard, Thought(frame.start_s, frame.sr, len(frame.pcm) // 2,
                               zlib.crc32(frame.pcm), heard.text, known.base, known.base_text,
                               part.avg_logprob, heard.language)
+
+    async def _bias(self, sid: str) -> str:
+        """The session's tool bias (tool_bias.py), or "" without one."""
+        if self.bias is None:
+            return ""
+        state = getattr(self, "state", None)
+        try:
+            prefs = await state.prefs(sid) if state is not None else {}
+        except Exception as e:  # the bias only helps: without the prefs, the deployment's
+            log.warning("could not read the session's prefs (%s)", e)
+            prefs = {}
+        return await self.bias.prompt(prefs)
 
     async def _recall(self, sid: str) -> Thought | None:
         state = getattr(self, "state", None)

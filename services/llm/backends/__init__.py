@@ -5,6 +5,7 @@
     async for piece in backend.stream(messages, max_tokens=80, temperature=0.0):
         ...                             # text pieces as they are generated
     backend.stream(..., json_schema=schema)  # a reply that is JSON valid against schema
+    backend.stream(..., json_schema=schema, bias={"none": -1.5})  # ... leaning away from a word
 
 Closing the ``stream`` generator early (``aclose()``, or cancelling the task
 that iterates it) stops the generation at the engine, so a superseded turn
@@ -52,9 +53,12 @@ class Backend:
     native_tools = False
 
     async def stream(self, messages: list[dict[str, str]], max_tokens: int,
-                     temperature: float, json_schema: dict | None = None) -> AsyncIterator[str]:
+                     temperature: float, json_schema: dict | None = None,
+                     bias: dict[str, float] | None = None) -> AsyncIterator[str]:
         """Text pieces of the reply; with ``json_schema`` the reply is JSON valid against
-        it (grammar-constrained decoding, greedy)."""
+        it (grammar-constrained decoding, greedy).  ``bias`` (with ``json_schema``): added
+        to the logits of the tokens that begin each word (``prefix_tokens``), wherever the
+        grammar allows them: a constrained choice between words leans that way."""
         raise NotImplementedError
         yield  # pragma: no cover
 
@@ -77,6 +81,14 @@ def earlier_replies(messages: list[dict]) -> list[str]:
     return [m["content"] for m in messages if m.get("role") == "assistant"
             and isinstance(m.get("content"), str) and m["content"].strip()
             and m["content"] not in examples]
+
+
+def prefix_tokens(vocab: dict[str, int], word: str) -> list[int]:
+    """The ids of the tokens that can begin ``word`` in JSON: non-empty prefixes of it,
+    alone or after the string's opening quote (a tokenizer's ``Ġ`` or ``▁`` marks a
+    space: such tokens begin the word only after one)."""
+    return sorted(i for t, i in vocab.items()
+                  if (s := t[1:] if t.startswith('"') else t) and word.startswith(s))
 
 
 def backend_class(name: str) -> type[Backend]:

@@ -26,7 +26,7 @@ class JsonConstraints:
         self.compiled: dict[str, object] = {}
         self.lock = threading.Lock()
 
-    def matcher(self, schema: dict) -> "Matcher":
+    def matcher(self, schema: dict, bias: dict[int, float] | None = None) -> "Matcher":
         # not sort_keys: the grammar writes properties in the schema's order
         key = json.dumps(schema)
         with self.lock:
@@ -37,14 +37,16 @@ class JsonConstraints:
                 if len(self.compiled) >= self.CACHE:
                     self.compiled.pop(next(iter(self.compiled)))
                 self.compiled[key] = grammar
-        return Matcher(self.xg, grammar, self.info.vocab_size)
+        return Matcher(self.xg, grammar, self.info.vocab_size, bias)
 
 
 class Matcher:
     """One sequence's place in its grammar."""
 
-    def __init__(self, xg, grammar, vocab_size: int):
+    def __init__(self, xg, grammar, vocab_size: int, bias: dict[int, float] | None = None):
         self.xg = xg
+        self.bias = (torch.tensor(list(bias), dtype=torch.long),
+                     torch.tensor(list(bias.values()))) if bias else None
         self.matcher = xg.GrammarMatcher(grammar)
         self.bitmask = xg.allocate_token_bitmask(1, vocab_size)
 
@@ -55,6 +57,9 @@ class Matcher:
         # batch's logits is a strided view
         masked = scores.detach().float().contiguous().view(1, -1)
         self.xg.apply_token_bitmask_inplace(masked, self.bitmask.to(scores.device))
+        if self.bias is not None:  # a token the grammar forbids stays at -inf
+            ids, values = self.bias
+            masked[0, ids.to(masked.device)] += values.to(masked.device)
         token = int(torch.argmax(masked))
         if not self.matcher.accept_token(token):
             raise RuntimeError(f"the grammar refused token {token}")

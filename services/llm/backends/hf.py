@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import threading
 from typing import AsyncIterator
 
-from . import Backend, BackendUnavailable, earlier_replies
+from . import Backend, BackendUnavailable, earlier_replies, prefix_tokens
 from .model_files import resolve
 
 _END = object()
@@ -84,7 +85,8 @@ class TransformersBackend(Backend):
                 f"replies batched, prefix cache {self.settings.llm_prefix_cache_mb} MB)")
 
     async def stream(self, messages, max_tokens, temperature,
-                     json_schema: dict | None = None) -> AsyncIterator[str]:
+                     json_schema: dict | None = None,
+                     bias: dict[str, float] | None = None) -> AsyncIterator[str]:
         from .batch import Sequence
 
         loop = asyncio.get_running_loop()
@@ -103,7 +105,7 @@ class TransformersBackend(Backend):
 
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                  tokenize=True, return_dict=True)["input_ids"]
-        matcher = self._matcher(json_schema) if json_schema is not None else None
+        matcher = self._matcher(json_schema, bias) if json_schema is not None else None
         seq = Sequence(list(ids), max_tokens, temperature, put, ended, matcher,
                        self._earlier_runs(messages) if matcher is None else None)
         with self._lock:
@@ -166,13 +168,21 @@ class TransformersBackend(Backend):
         return NgramBan([encode(t, add_special_tokens=False) for t in texts] +
                         [encode(" " + t, add_special_tokens=False) for t in texts], n)
 
-    def _matcher(self, schema: dict):
+    def _matcher(self, schema: dict, bias: dict[str, float] | None = None):
         if self.constraints is None:
             from .constrained import JsonConstraints
 
             self.constraints = JsonConstraints(self.tokenizer, self.model.config.vocab_size,
                                                self.stop_ids)
-        return self.constraints.matcher(schema)
+        ids: dict[int, float] = {}
+        for word, value in (bias or {}).items():
+            for i in self._prefix_ids(word):
+                ids[i] = ids.get(i, 0.0) + value
+        return self.constraints.matcher(schema, ids)
+
+    @functools.lru_cache(maxsize=64)
+    def _prefix_ids(self, word: str) -> tuple[int, ...]:
+        return tuple(prefix_tokens(self.tokenizer.get_vocab(), word))
 
     def close(self) -> None:
         engine = getattr(self, "engine", None)

@@ -38,7 +38,9 @@ class OpenAIBackend(Backend):
         return f"openai-compatible {self.base} model {self.model}"
 
     async def stream(self, messages, max_tokens, temperature,
-                     json_schema: dict | None = None) -> AsyncIterator[str]:
+                     json_schema: dict | None = None,
+                     bias: dict[str, float] | None = None) -> AsyncIterator[str]:
+        # bias: the server's model chooses its tools itself (stream_tools), unled
         extra = {"response_format": {"type": "json_schema", "json_schema": {
             "name": "reply", "schema": json_schema, "strict": True}}} if json_schema else {}
         async for piece in self._chat(messages, max_tokens, temperature, extra):

@@ -7,7 +7,7 @@ import os
 import uuid
 from typing import AsyncIterator
 
-from . import Backend, BackendUnavailable, earlier_replies
+from . import Backend, BackendUnavailable, earlier_replies, prefix_tokens
 from .model_files import resolve
 
 INSTALL_HINT = ("the vllm backend needs vLLM: install with scripts/install.sh --vllm "
@@ -58,7 +58,8 @@ class VllmBackend(Backend):
         return f"vllm {vllm.__version__} {self.path} on {self.device}"
 
     async def stream(self, messages, max_tokens, temperature,
-                     json_schema: dict | None = None) -> AsyncIterator[str]:
+                     json_schema: dict | None = None,
+                     bias: dict[str, float] | None = None) -> AsyncIterator[str]:
         SamplingParams, RequestOutputKind = self._sampling
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                  tokenize=True, return_dict=False)
@@ -70,6 +71,10 @@ class VllmBackend(Backend):
 
             extra = {"structured_outputs": StructuredOutputsParams(json=json_schema),
                      "temperature": 0.0}
+            if bias:  # as the transformers backend leans (prefix_tokens)
+                vocab = self.tokenizer.get_vocab()
+                extra["logit_bias"] = {i: v for word, v in bias.items()
+                                       for i in prefix_tokens(vocab, word)}
         elif runs := word_runs(earlier_replies(messages), self.settings.llm_avoid_reply_ngram):
             extra = {"bad_words": runs}  # the session's earlier replies are not said again
         params = SamplingParams(**{"max_tokens": max_tokens, "temperature": temperature,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import jsonschema
 
+from .numbers import write_numbers
 from .registry import ToolSet
 from .spec import Tool
 
@@ -68,10 +69,23 @@ def _signature(t: Tool) -> str:
     return f"{t.name}({', '.join(t.parameters.get('properties', {}))})"
 
 
+def _line(t: Tool) -> str:
+    """A tool for the prompt, short and by example: its signature, its description's
+    first line, the values its schema allows (enums), and its first example request."""
+    values: list[str] = []
+    for prop in t.parameters.get("properties", {}).values():
+        values += [str(v) for v in prop.get("enum", []) if str(v) not in values]
+    line = f"- {_signature(t)}: {t.description.splitlines()[0] if t.description else ''}"
+    if values:
+        line += f" One of: {', '.join(values)}."
+    example = next((ex["request"] for ex in t.examples
+                    if isinstance(ex, dict) and isinstance(ex.get("request"), str)), "")
+    return line + (f' Example: "{example}"' if example else "")
+
+
 def messages(toolset: ToolSet, request: str) -> list[dict]:
     tools = toolset.offered()
-    lines = "\n".join(f"- {_signature(t)}: {t.description.splitlines()[0] if t.description else ''}"
-                      for t in tools)
+    lines = "\n".join(_line(t) for t in tools)
     system = ("Pick the tool that answers the user's request, with its arguments taken from "
               "the request. Pick \"none\" for anything else (greetings, chat, general "
               f"questions).\nTools:\n{lines}\n- none: no tool")
@@ -101,14 +115,19 @@ def _likeness(a: str, b: str) -> float:
     return len(wa & wb) / max(1, len(wa | wb))
 
 
-async def decide(backend, toolset: ToolSet, request: str, sid: str, turn: int) -> list[Call]:
-    """The calls the model makes for ``request`` (empty: it speaks)."""
+async def decide(backend, toolset: ToolSet, request: str, sid: str, turn: int,
+                 none_bias: float = 0.0) -> list[Call]:
+    """The calls the model makes for ``request`` (empty: it speaks).  ``none_bias``: how
+    far (logits) the choice leans away from "none" (settings.llm_tool_none_bias)."""
     tools = toolset.offered()
     if not tools:
         return []
     rules = schema(tools, toolset.must_call)
+    request = write_numbers(request)
     text = ""
-    stream = backend.stream(messages(toolset, request), MAX_TOKENS, 0.0, json_schema=rules)
+    lean = {"none": -none_bias} if none_bias and not toolset.must_call else None
+    stream = backend.stream(messages(toolset, request), MAX_TOKENS, 0.0, json_schema=rules,
+                            bias=lean)
     try:
         async for piece in stream:
             text += piece

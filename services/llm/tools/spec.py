@@ -70,7 +70,8 @@ def from_callable(fn: Callable, source: str = "config") -> Tool:
 
     meta = getattr(fn, "__s2s_tool__", {})
     fields: dict[str, Any] = {}
-    for p in inspect.signature(fn).parameters.values():
+    # eval_str: a module with `from __future__ import annotations` names its types as text
+    for p in inspect.signature(fn, eval_str=True).parameters.values():
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
         annotation = p.annotation if p.annotation is not p.empty else str

@@ -66,7 +66,8 @@ class ToolTurns:
             return
         if toolset and decide:
             request = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-            made = await decision.decide(backend, toolset, request, sid, turn)
+            made = await decision.decide(backend, toolset, request, sid, turn,
+                                         s.llm_tool_none_bias)
             if made:
                 yield made
                 return
@@ -84,6 +85,7 @@ class ToolTurns:
         """Record the calls in the history, then run them: yields ToolCall frames (client
         tools) or, if they take long, the filler ReplyText; fills ``result``."""
         frame = speaker.frame
+        frame.stamp("tool_decided")  # the answer's chunks carry where its time went
         await speaker.save(history.add_tool_calls(speaker.ctx, frame.turn,
                                                   " ".join(speaker.spoken),
                                                   [c.openai() for c in calls]))
@@ -118,6 +120,7 @@ class ToolTurns:
         finally:
             if not running.done():
                 running.cancel()  # barge-in: each call's own task still ends and records
+        frame.stamp("tool_done")
         for c, outcome in zip(mine, outcomes):
             await speaker.save(history.add_tool_result(
                 speaker.ctx, frame.turn, c.id, c.name,
