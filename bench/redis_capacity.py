@@ -390,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="sessions per STT, per LLM and per TTS worker")
     p.add_argument("--gw-conns", type=int, default=8,
                    help="pooled command connections per gateway")
-    p.add_argument("--slots", type=int, default=8, help="items a stage worker holds at once")
+    p.add_argument("--slots", type=int, default=32,
+                   help="items a stage worker holds at once (its batch slots)")
     p.add_argument("--message-ms", type=int, default=20, choices=(20, 40, 60, 80, 100),
                    help="the clients' audio messages (the web client's 20 ms; the profile's)")
     p.add_argument("--utterance-kb", type=int, default=Model.utterance_kb)
