@@ -234,7 +234,6 @@ def test_held_turns_do_not_block_other_sessions(workers, settings):
         got = replies_of("asked")
         time.sleep(0.05)
     assert got and got[-1].final and "Paris" in " ".join(r.text for r in got)
-    assert not any(replies_of(sid) for sid in held), "a held turn was answered first"
     # and the held turns are still answered once their silence has lasted
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not all(replies_of(sid) for sid in held):
@@ -242,3 +241,6 @@ def test_held_turns_do_not_block_other_sessions(workers, settings):
     for sid in held:
         first = replies_of(sid)[0]
         assert first.marks["llm_first"] >= now + hold_ms / 1000
+        # the question's answer began while they all still waited (its whole reply may
+        # end after their hold on a loaded machine: the marks say what came first)
+        assert got[0].marks["llm_first"] < first.marks["llm_first"], "a held turn went first"
