@@ -19,8 +19,9 @@ own codec's, the fenced writes the Bus's own Lua scripts.
 Latency: a probe process sends one XADD of an audio frame every 10 ms on its own
 connection and times it (client-side p50/p99); Redis' own ``INFO latencystats`` and
 ``commandstats`` give the server-side view.  Redis CPU: /proc deltas.  The ramp stops
-when the probe's p99 passes ``--p99-ms`` (5 ms), or when the load process cannot keep up
-(then Redis was not the limit: the table says so).
+when the probe's p99 passes ``--p99-ms`` (5 ms) or the frames are not all sent (Redis did
+not take them, or the load's own core was full: the verdict says which); ``--past-bound``
+goes on with the larger steps to show what they do.
 
     python -m s2s.bench.redis_capacity --sessions 500,1000,1500,2000,2500,3000
 
