@@ -183,8 +183,8 @@ def format_summary(s: dict) -> str:
 # minute or two instead of a stack's eval.  A tool turn's first answer chunk against a
 # turn that calls none is the round trip's added time at the LLM stage.
 
-async def stages(bias_modes: list[bool], tools_spec: str, cache_dir: str, only: str = ""
-                 ) -> dict:
+async def stages(bias_modes: list[bool], tools_spec: str, cache_dir: str, only: str = "",
+                 overrides: dict | None = None) -> dict:
     import os
     import time
     from pathlib import Path
@@ -205,7 +205,7 @@ async def stages(bias_modes: list[bool], tools_spec: str, cache_dir: str, only: 
     audio = {c.id: voices.turn_audio(c.voice, c.turns[0])[0] for c in convs}
     out: dict = {}
     with RedisServer() as server:
-        base = {"redis_url": server.url, "metrics_port": 0}
+        base = {"redis_url": server.url, "metrics_port": 0, **(overrides or {})}
         mcp = tools_spec.startswith(("stdio:", "http"))
         tools = {"llm_mcp_servers" if mcp else "llm_tools": tools_spec}
         llm = LlmStage(config.load({**base, **tools, "llm_tool_filler_ms": 0}, environ={}))
@@ -297,9 +297,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "s2s" / "eval-audio"))
     parser.add_argument("--only", default="", help="only requests whose id contains this")
     parser.add_argument("--json", help="write the rows and summaries here")
+    parser.add_argument("--set", action="append", default=[], metavar="SETTING=VALUE",
+                        help="a setting of both stages, e.g. llm_tool_none_bias=0")
     args = parser.parse_args(argv)
     modes = {"on": [True], "off": [False], "both": [False, True]}[args.bias]
-    out = aio.run(stages(modes, args.tools, args.cache_dir, args.only))
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)  # numbers and booleans as such
+        except ValueError:
+            overrides[key] = value
+    out = aio.run(stages(modes, args.tools, args.cache_dir, args.only, overrides))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1, default=str))
 

@@ -420,3 +420,24 @@ def test_prompted_utterances_batch_together(stt, jfk_pieces):
                    h.text) <= 0.2, h.text
     with pytest.raises(ValueError):
         stt.whisper.decode_jobs([Job(audio, "ask not"), Job(audio)])
+
+
+@pytest.mark.slow
+async def test_tool_bias_leads_whisper_to_the_words_the_tools_expect():
+    """With the example tools' names, descriptions and unit enum as its prompt
+    (stt_tool_bias), tiny.en hears the units of a conversion it mishears without ("How
+    many leaders are in Fort Gatland?"); a request it hears either way stays as it was."""
+    from s2s.bench.eval_set import espeak
+
+    tools = "examples.voice_tools.tools:TOOLS"
+    plain = SttStage(config.load({"llm_tools": tools}, environ={}))
+    biased = SttStage(config.load({"llm_tools": tools, "stt_tool_bias": True}, environ={}))
+    plain.setup()
+    biased.setup()
+    units = utterance(espeak("en-us", "How many liters are in four gallons?"))
+    heard_plain = (await transcribe(plain, units))[0].text.lower()
+    heard = (await transcribe(biased, units))[0].text.lower()
+    assert "liters" not in heard_plain and "gallons" not in heard_plain
+    assert "liters" in heard and "gallons" in heard
+    jfk = utterance(load_pcm16(DATA / "jfk.wav", 16000))
+    assert wer(JFK_TEXT, (await transcribe(biased, jfk))[0].text) < 0.1

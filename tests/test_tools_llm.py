@@ -122,3 +122,22 @@ async def test_client_tool_goes_to_the_client_and_its_output_is_answered(rt):
     assert [m["role"] for m in h] == ["user", "assistant", "tool", "assistant"]
     assert h[1]["tool_calls"][0]["id"] == calls[0].call_id == h[2]["tool_call_id"]
     assert "24" in said or "sunny" in said.lower()
+
+
+@pytest.mark.slow
+async def test_spoken_numbers_reach_the_calculator_as_arithmetic(rt):
+    """"fifteen times four" as a transcript says it, the session's tool_choice naming the
+    calculator: the decision reads 15 times 4 (spoken numbers as digits), the
+    calculator's schema pattern lets it write only arithmetic, and the answer says the
+    result."""
+    await rt.bus.set_prefs("calc", tool_choice="calculate")
+    outcome, got = await ask(rt, "calc", 1, "What is fifteen times four?")
+    said = spoken(got)
+    h = await history(rt, "calc")
+    print("\n", said, json.dumps(h)[:600])
+    assert outcome == "ok"
+    call = next(m for m in h if m.get("tool_calls"))["tool_calls"][0]
+    assert call["function"]["name"] == "calculate"
+    expression = json.loads(call["function"]["arguments"])["expression"].replace(" ", "")
+    assert expression in ("15*4", "4*15")
+    assert "60" in said

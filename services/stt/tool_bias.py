@@ -18,6 +18,18 @@ MAX_WORDS = 48        # ~64 tokens: whisper's prompt keeps the last PROMPT_TOKEN
 MAX_ENUM_VALUES = 24  # of all the tools' enums together: names to hear, not a catalogue
 
 
+def undoubled(text: str) -> str:
+    """The utterance once: prompted with words it does not hear, whisper (tiny.en, a short
+    window) sometimes says the whole utterance twice ("What time is it in Tokyo? What time
+    is it in Tokyo?")."""
+    said = text.split()
+    half = len(said) // 2
+    plain = [re.sub(r"\W", "", w.lower()) for w in said]
+    if half >= 2 and len(said) % 2 == 0 and plain[:half] == plain[half:]:
+        return " ".join(said[:half])
+    return text
+
+
 def _enums(schema, found: list[str]) -> list[str]:
     if isinstance(schema, dict):
         for value in schema.get("enum", []) or []:

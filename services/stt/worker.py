@@ -49,7 +49,7 @@ from s2s.stage import Stage
 from .batching import Job, MicroBatcher, group_by_prompt, group_similar
 from .incremental import Thought, advance, join, prefix_of, same_thought, words
 from .spoken_numbers import write_digits
-from .tool_bias import ToolBias
+from .tool_bias import ToolBias, undoubled
 
 log = logging.getLogger("s2s.stt")
 
@@ -384,9 +384,12 @@ class SttStage(Stage):
             DECODES.labels("miss").inc()  # same thought, other audio: decode it whole
         if heard is None:
             known = None
-            heard = await self.heard(audio, await self._bias(frame.sid))
+            bias = await self._bias(frame.sid)
+            heard = await self.heard(audio, bias)
             if heard is None:
                 return
+            if bias:
+                heard.text = undoubled(heard.text)
             DECODES.labels("whole").inc()
             thought = Thought(frame.start_s, frame.sr, len(frame.pcm) // 2,
                               zlib.crc32(frame.pcm), heard.text, 0, "", heard.avg_logprob,
