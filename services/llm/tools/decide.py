@@ -7,7 +7,9 @@ arguments valid against that tool's schema, whatever the model would have liked 
 A model this small follows examples better than instructions, and the nearest ones most:
 the prompt lists the tools, then shows the tools' own ``examples`` and a few requests that
 need none, then again the two most like the request (shared words), just before it.
-Only the user's last message is shown."""
+Only the user's last message is shown, its spoken numbers as digits (numbers.py).  The
+model's prior for speaking is strong: the choice leans away from "none" by
+``llm_tool_none_bias`` (a logit bias on the tokens that begin it; docs/tools.md)."""
 
 from __future__ import annotations
 
