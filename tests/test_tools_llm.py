@@ -75,14 +75,19 @@ async def history(rt: Runtime, sid: str) -> list[dict]:
     return json.loads(await rt.bus.redis.get(keys.ctx(sid)))["history"]
 
 
-@pytest.mark.slow
-async def test_model_calls_an_mcp_tool_and_says_the_result(rt):
-    outcome, got = await ask(rt, "tokyo", 1, "What time is it in Tokyo?")
+async def answered_with_a_call(rt: Runtime, sid: str, text: str) -> tuple[str, list, dict]:
+    """Ask ``text`` as turn 1: what was said, the history, and the history's first call."""
+    outcome, got = await ask(rt, sid, 1, text)
     said = spoken(got)
-    h = await history(rt, "tokyo")
+    h = await history(rt, sid)
     print("\n", said, json.dumps(h)[:600])
     assert outcome == "ok"
-    call = next(m for m in h if m.get("tool_calls"))["tool_calls"][0]
+    return said, h, next(m for m in h if m.get("tool_calls"))["tool_calls"][0]
+
+
+@pytest.mark.slow
+async def test_model_calls_an_mcp_tool_and_says_the_result(rt):
+    said, h, call = await answered_with_a_call(rt, "tokyo", "What time is it in Tokyo?")
     assert call["function"]["name"] == "get_time"
     assert json.loads(call["function"]["arguments"]) == {"city": "Tokyo"}
     result = next(m for m in h if m["role"] == "tool")
@@ -131,12 +136,7 @@ async def test_spoken_numbers_reach_the_calculator_as_arithmetic(rt):
     calculator's schema pattern lets it write only arithmetic, and the answer says the
     result."""
     await rt.bus.set_prefs("calc", tool_choice="calculate")
-    outcome, got = await ask(rt, "calc", 1, "What is fifteen times four?")
-    said = spoken(got)
-    h = await history(rt, "calc")
-    print("\n", said, json.dumps(h)[:600])
-    assert outcome == "ok"
-    call = next(m for m in h if m.get("tool_calls"))["tool_calls"][0]
+    said, _, call = await answered_with_a_call(rt, "calc", "What is fifteen times four?")
     assert call["function"]["name"] == "calculate"
     expression = json.loads(call["function"]["arguments"])["expression"].replace(" ", "")
     assert expression in ("15*4", "4*15")
