@@ -116,6 +116,29 @@ async def test_a_stopped_reply_leaves_the_batch_and_the_others_go_on(backend):
     assert engine.cache is None and engine.mask is None
 
 
+@pytest.mark.slow
+async def test_an_fp32_model_says_something_new_on_a_repeated_question():
+    """fp32 (CUDA, llm_cpu_int8 off, a CPU without fast bf16): the bans on earlier
+    replies' runs write into the logits, which must not be the model's own tensor."""
+    from s2s.services.llm.backends import create
+
+    b = create(config.load({"llm_backend": "transformers", "llm_cpu_int8": False,
+                            "llm_max_batch": 1}, environ={}))
+    b.setup()
+    try:
+        assert "fp32" in b.describe()
+        question, earlier = "What is the capital of France?", "The capital of France is Paris."
+        messages = msgs(question) + [{"role": "assistant", "content": earlier},
+                                     {"role": "user", "content": question}]
+        again = "".join([piece async for piece in b.stream(messages, 30, 0.0)])
+        assert again.strip()
+        said, new = (b.tokenizer.encode(t, add_special_tokens=False) for t in (earlier, again))
+        runs = {tuple(said[i:i + 4]) for i in range(len(said) - 3)}
+        assert not any(tuple(new[i:i + 4]) in runs for i in range(len(new) - 3))
+    finally:
+        b.close()
+
+
 def kv(tokens: int, layers: int = 2) -> list:
     return [(torch.full((1, 3, tokens, 8), float(i)), torch.zeros(1, 3, tokens, 8))
             for i in range(layers)]

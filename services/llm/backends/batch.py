@@ -238,7 +238,8 @@ class BatchEngine:
 
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Choose each row's next token, send its text, retire finished rows."""
-        logits = logits.float()
+        # a copy: the bans write into it, and an fp32 model's logits are inference tensors
+        logits = logits.to(torch.float32, copy=True)
         for row, seq in enumerate(seqs):
             if seq.stop.is_set():
                 continue  # dropped below

@@ -44,10 +44,10 @@ class TransformersBackend(Backend):
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.model = AutoModelForCausalLM.from_pretrained(self.path).to(self.device).eval()
         from .batch import BatchEngine
-        from .cpu_speed import PrefixCache, int8_decode_supported, speed_up_for_cpu
+        from .cpu_speed import PrefixCache, bf16_is_fast, int8_decode_supported, speed_up_for_cpu
 
         self.fast = (self.device == "cpu" and self.settings.llm_cpu_int8
-                     and int8_decode_supported())
+                     and int8_decode_supported() and bf16_is_fast(_widest_linear(self.model)))
         if self.fast:
             self.model = speed_up_for_cpu(self.model)
         s = self.settings
@@ -80,7 +80,9 @@ class TransformersBackend(Backend):
             self.prefix.store(list(system_ids)[:n], layers, pin=True)
 
     def describe(self) -> str:
-        mode = "bf16 + int8 decode" if self.fast else "fp32"
+        mode = "bf16 + int8 decode" if self.fast else (
+            "fp32: this CPU has no fast bf16" if self.device == "cpu"
+            and self.settings.llm_cpu_int8 else "fp32")
         return (f"transformers {self.path} on {self.device} ({mode}, {self.concurrency} "
                 f"replies batched, prefix cache {self.settings.llm_prefix_cache_mb} MB)")
 
@@ -203,6 +205,15 @@ class _EndProbe:
     def choose(self, scores) -> int:
         self.p = float(scores.float().softmax(-1)[self.end_id])
         return self.end_id
+
+
+def _widest_linear(model):
+    """The MLP's up projection (the most work per token): where bf16 pays or not."""
+    import torch
+
+    return max((m for m in model.modules() if isinstance(m, torch.nn.Linear)
+                and m.weight.shape[0] < 10_000),  # not the vocabulary head
+               key=lambda m: m.weight.numel())
 
 
 def _steady_malloc() -> None:
