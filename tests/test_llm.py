@@ -11,6 +11,7 @@ import pytest
 
 from s2s import config, frames, keys
 from s2s.frames import ReplyText, Transcript
+from s2s.services.llm.turn_end import HOLDS
 from s2s.worker import Runtime
 
 # SmolLM2-135M needs a plain, explicit prompt to answer facts and use the context
@@ -158,11 +159,15 @@ async def test_pause_mid_sentence_is_held_then_merged(hf_runtime):
         await rt.bus.advance_turn("pause")
         outcome, got, _ = await ask(rt, "pause", 2, "Thank you", complete=False, speech_end=t0)
         assert outcome == "ok" and got[0].marks["llm_first"] >= t0 + 0.6
-        # a finished statement waits the shorter statement hold: a dictation may go on
+        # a finished statement waits as long as its end-of-turn signals doubt it (the
+        # LLM's own probability here): less than words that dangle, never a fixed hold
+        held_before = HOLDS._sum.get()
         t0 = time.time()
         await rt.bus.advance_turn("statement")
         outcome, got, _ = await ask(rt, "statement", 1, "I need to buy milk.", speech_end=t0)
-        assert outcome == "ok" and got[0].marks["llm_first"] >= t0 + s.llm_statement_hold_ms / 1000
+        held = HOLDS._sum.get() - held_before
+        assert 0 <= held < 0.6 < s.llm_statement_hold_ms / 1000
+        assert outcome == "ok" and got[0].marks["llm_first"] >= t0 + held
     finally:
         s.llm_turn_hold_ms = hold
         await rt.bus.close()
