@@ -8,10 +8,10 @@ import asyncio
 import time
 
 import pytest
+from prometheus_client import REGISTRY
 
 from s2s import config, frames, keys
 from s2s.frames import ReplyText, Transcript
-from s2s.services.llm.turn_end import HOLDS
 from s2s.worker import Runtime
 
 # SmolLM2-135M needs a plain, explicit prompt to answer facts and use the context
@@ -161,11 +161,11 @@ async def test_pause_mid_sentence_is_held_then_merged(hf_runtime):
         assert outcome == "ok" and got[0].marks["llm_first"] >= t0 + 0.6
         # a finished statement waits as long as its end-of-turn signals doubt it (the
         # LLM's own probability here): less than words that dangle, never a fixed hold
-        held_before = HOLDS._sum.get()
+        held_before = REGISTRY.get_sample_value("s2s_llm_turn_hold_seconds_sum")
         t0 = time.time()
         await rt.bus.advance_turn("statement")
         outcome, got, _ = await ask(rt, "statement", 1, "I need to buy milk.", speech_end=t0)
-        held = HOLDS._sum.get() - held_before
+        held = REGISTRY.get_sample_value("s2s_llm_turn_hold_seconds_sum") - held_before
         assert 0 <= held < 0.6 < s.llm_statement_hold_ms / 1000
         assert outcome == "ok" and got[0].marks["llm_first"] >= t0 + held
     finally:

@@ -208,7 +208,8 @@ class _EndProbe:
 
 
 def _widest_linear(model):
-    """The MLP's up projection (the most work per token): where bf16 pays or not."""
+    """An MLP projection (the largest matrices a token goes through, the vocabulary head
+    aside): where bf16 pays or not."""
     import torch
 
     return max((m for m in model.modules() if isinstance(m, torch.nn.Linear)
