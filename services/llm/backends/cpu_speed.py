@@ -71,10 +71,16 @@ def int8_decode_supported() -> bool:
     return hasattr(torch, "_weight_int8pack_mm")
 
 
-def bf16_is_fast(linear: torch.nn.Linear, rows: int = 64, repeats: int = 5) -> bool:
-    """Whether a prefill-sized product with this layer's weights is clearly faster in
-    bf16 than in fp32 on this CPU (without bf16 units it is emulated: ~5x slower)."""
+def bf16_is_fast(model: torch.nn.Module, rows: int = 64, repeats: int = 5) -> bool:
+    """Whether a prefill-sized product with the weights of the model's largest layer
+    (an MLP projection; the vocabulary head aside) is clearly faster in bf16 than in
+    fp32 on this CPU (without bf16 units it is emulated: ~5x slower)."""
     import time
+
+    head = model.get_output_embeddings()
+    linear = max((m for m in model.modules()
+                  if isinstance(m, torch.nn.Linear) and m is not head),
+                 key=lambda m: m.weight.numel())
 
     def best(dtype: torch.dtype) -> float:
         w = linear.weight.detach().to(dtype)

@@ -46,10 +46,15 @@ class TransformersBackend(Backend):
         from .batch import BatchEngine
         from .cpu_speed import PrefixCache, bf16_is_fast, int8_decode_supported, speed_up_for_cpu
 
-        self.fast = (self.device == "cpu" and self.settings.llm_cpu_int8
-                     and int8_decode_supported() and bf16_is_fast(_widest_linear(self.model)))
-        if self.fast:
-            self.model = speed_up_for_cpu(self.model)
+        self.mode = "fp32"
+        if self.device == "cpu" and self.settings.llm_cpu_int8:
+            if not int8_decode_supported():
+                self.mode = "fp32: this torch has no int8 one-token product"
+            elif not bf16_is_fast(self.model):
+                self.mode = "fp32: this CPU has no fast bf16"
+            else:
+                self.mode = "bf16 + int8 decode"
+                self.model = speed_up_for_cpu(self.model)
         s = self.settings
         self.prefix = PrefixCache(max_bytes=s.llm_prefix_cache_mb << 20)
         eos = {self.tokenizer.eos_token_id}
@@ -80,10 +85,7 @@ class TransformersBackend(Backend):
             self.prefix.store(list(system_ids)[:n], layers, pin=True)
 
     def describe(self) -> str:
-        mode = "bf16 + int8 decode" if self.fast else (
-            "fp32: this CPU has no fast bf16" if self.device == "cpu"
-            and self.settings.llm_cpu_int8 else "fp32")
-        return (f"transformers {self.path} on {self.device} ({mode}, {self.concurrency} "
+        return (f"transformers {self.path} on {self.device} ({self.mode}, {self.concurrency} "
                 f"replies batched, prefix cache {self.settings.llm_prefix_cache_mb} MB)")
 
     async def stream(self, messages, max_tokens, temperature,
@@ -205,16 +207,6 @@ class _EndProbe:
     def choose(self, scores) -> int:
         self.p = float(scores.float().softmax(-1)[self.end_id])
         return self.end_id
-
-
-def _widest_linear(model):
-    """An MLP projection (the largest matrices a token goes through, the vocabulary head
-    aside): where bf16 pays or not."""
-    import torch
-
-    return max((m for m in model.modules() if isinstance(m, torch.nn.Linear)
-                and m.weight.shape[0] < 10_000),  # not the vocabulary head
-               key=lambda m: m.weight.numel())
 
 
 def _steady_malloc() -> None:
